@@ -1,0 +1,2 @@
+"""neurodetox."""
+__version__ = "0.1.0"
