@@ -1,0 +1,116 @@
+"""Per-neuron activation statistics during training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+
+from ..io import atomic_save_safetensors
+from ..pooling import AttentionMaskTracker, real_tokens
+from ..runtime import in_backward_recompute
+from ..sites import LayerSpec, resolve_sites
+from ..statistics import RunningMoments
+from .base import CheckpointedCallback
+
+
+class ActivationStatsCallback(CheckpointedCallback):
+    """Running mean and variance of every neuron at chosen sites.
+
+    Counts real (non-padding) tokens of **training** forward passes only
+    (module in training mode, outside a gradient-checkpoint recompute), in
+    float64 with the Chan/Welford merge (:class:`neurodetox.statistics.RunningMoments`).
+    The moments are saved as ``neurodetox_activation_stats.safetensors`` in
+    every checkpoint and restored on resume. A summary (tokens counted, mean
+    per-neuron variance per site) is added to the training logs by
+    :class:`neurodetox.trainer.SeNDTrainer`.
+
+    Args:
+        site: ``"mlp"`` (default) or ``"residual"``.
+        layers: layer spec (see :func:`neurodetox.sites.parse_layers`), default ``"all"``.
+        module_path: explicit module path for unknown architectures.
+
+    Attributes:
+        moments: ``{site_key: RunningMoments}`` once training has begun.
+    """
+
+    state_name = "neurodetox_activation_stats"
+
+    def __init__(self, site: str = "mlp", layers: LayerSpec = "all", module_path: Optional[str] = None):
+        super().__init__()
+        self.site, self.layers, self.module_path = site, layers, module_path
+        self.moments: dict[str, RunningMoments] = {}
+        self._handles: list = []
+        self._tracker: Optional[AttentionMaskTracker] = None
+        self._sites = []
+
+    def attach(self, model) -> None:
+        """Resolve sites and install observer hooks on ``model`` (idempotent)."""
+        if self._handles:
+            return
+        from ..sites import register_site_hook
+
+        self._sites = resolve_sites(model, self.site, self.layers, self.module_path)
+        for s in self._sites:
+            self.moments.setdefault(s.key, RunningMoments(s.width))
+        self._tracker = AttentionMaskTracker(model)
+        for s in self._sites:
+            self._handles.append(register_site_hook(s, self._make_hook(s), observer=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._tracker is not None:
+            self._tracker.remove()
+            self._tracker = None
+
+    def _make_hook(self, site):
+        moments = self.moments[site.key]
+
+        def hook(activation):
+            if not site.module.training or in_backward_recompute():
+                return None
+            with torch.no_grad():
+                moments.update(real_tokens(activation.detach(), self._tracker.mask_for(activation)))
+            return None
+
+        return hook
+
+    # -- Trainer events ----------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.attach(model)
+        self._maybe_resume()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.detach()
+
+    def log_metrics(self) -> dict:
+        """Summary for the training log: tokens counted and mean variance per site."""
+        out = {}
+        for key, m in self.moments.items():
+            if m.count:
+                out[f"stats/{key}/tokens"] = m.count
+                out[f"stats/{key}/mean_variance"] = float(m.variance.mean())
+        return out
+
+    # -- persistence -------------------------------------------------------
+    def save_state(self, directory: str) -> None:
+        tensors = {}
+        for key, m in self.moments.items():
+            for name, t in m.state_dict().items():
+                tensors[f"{key}.{name}"] = t
+        meta = {"site": self.site, "layers": json.dumps(self.layers if not isinstance(self.layers, tuple) else list(self.layers))}
+        atomic_save_safetensors(Path(directory) / f"{self.state_name}.safetensors", tensors, metadata=meta)
+
+    def load_state(self, directory: str) -> None:
+        tensors = load_file(str(Path(directory) / f"{self.state_name}.safetensors"))
+        keys = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        for key in keys:
+            st = {n: tensors[f"{key}.{n}"] for n in ("count", "mean", "m2")}
+            m = self.moments.get(key) or RunningMoments(st["mean"].shape[0])
+            m.load_state_dict(st)
+            self.moments[key] = m

@@ -1,0 +1,277 @@
+"""Sensitive Neuron Dropout (SeND) as a ``TrainerCallback``.
+
+Mohammadzadeh et al., "Hallucination Detox: Sensitive Neuron Dropout (SeND)
+for Large Language Model Training", arXiv 2410.15460, Algorithm 2, as decided
+in ``shared/docs/methods.md`` §1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..dropout import NeuronDropout
+from ..io import atomic_save_safetensors, atomic_write_json
+from ..pooling import AttentionMaskTracker, sentence_embedding
+from ..sensitivity import random_fraction, sensitivity_scores, top_fraction
+from ..sites import LayerSpec, register_site_hook, resolve_sites
+from .base import CheckpointedCallback
+
+logger = logging.getLogger(__name__)
+
+SEND_MODES = ("send", "random", "off")
+
+
+class SensitiveNeuronDropoutCallback(CheckpointedCallback):
+    """Find sensitive neurons on a tracking set and drop them deterministically.
+
+    Training runs in **windows** (``window_steps`` optimizer steps, or one
+    epoch when ``window_steps == 0``). At the start of training (checkpoint 0)
+    and at the end of every window, each tracking item's sentence embedding
+    ``½(mean over real tokens + last real token)`` is recorded at the site,
+    in eval mode and with no mask. Once ``num_checkpoints`` (``C``) recordings
+    exist, the sensitivity ``V_i`` (:func:`neurodetox.sensitivity.sensitivity_scores`)
+    over the last ``C`` picks the top ``drop_fraction`` (``K``) of neurons per
+    layer, which are zeroed in every training forward pass for the next
+    ``drop_windows`` (``T``) windows; then the selection is recomputed from
+    the newest ``C`` recordings.
+
+    Modes: ``"send"`` (the paper), ``"random"`` (same K, same schedule,
+    uniformly random neurons: the paper's control), ``"off"`` (nothing is
+    recorded or dropped: plain fine-tuning).
+
+    Everything needed to resume exactly (recorded embeddings, selections,
+    current mask, windows left) is saved with each checkpoint, so a resumed
+    run selects the same neurons as an uninterrupted one.
+
+    Args:
+        tracking_dataset: tokenised tracking items (sequence of dicts with
+            ``input_ids`` and optionally ``attention_mask``). Must be non-empty
+            unless ``mode == "off"``.
+        collator: turns a list of items into a batch dict of tensors.
+        mode: ``"send"`` (default), ``"random"`` or ``"off"``.
+        site: ``"residual"`` (default, as the paper) or ``"mlp"``.
+        layers: layer spec; default ``"penultimate"`` (the paper).
+        drop_fraction: ``K`` in (0, 1); default 0.2.
+        num_checkpoints: ``C ≥ 2``; default 3.
+        drop_windows: ``T ≥ 1``; default 3.
+        window_steps: steps per window; 0 (default) = one epoch.
+        rescale: scale kept neurons by ``1/(1−K)``; default ``False`` (paper).
+        batch_size: tracking forward batch size; default 16.
+        seed: seeds the ``random`` mode's draws (per window).
+        module_path: explicit module path for unknown architectures.
+
+    Attributes:
+        selections: list of ``{"step", "window", "neurons": {site_key: [indices]}}``.
+
+    Raises:
+        ValueError: bad mode, fraction, C, T, window or empty tracking set.
+    """
+
+    state_name = "neurodetox_send_state"
+
+    def __init__(
+        self,
+        tracking_dataset: Sequence[dict],
+        collator: Callable[[list], dict],
+        *,
+        mode: str = "send",
+        site: str = "residual",
+        layers: LayerSpec = "penultimate",
+        drop_fraction: float = 0.2,
+        num_checkpoints: int = 3,
+        drop_windows: int = 3,
+        window_steps: int = 0,
+        rescale: bool = False,
+        batch_size: int = 16,
+        seed: int = 0,
+        module_path: Optional[str] = None,
+        show_progress: bool = False,
+    ):
+        super().__init__()
+        if mode not in SEND_MODES:
+            raise ValueError(f"send mode {mode!r} is not one of {', '.join(SEND_MODES)}")
+        if not 0.0 < drop_fraction < 1.0:
+            raise ValueError(f"drop fraction must be in (0, 1), got {drop_fraction}")
+        if num_checkpoints < 2:
+            raise ValueError(f"num_checkpoints (C) must be at least 2, got {num_checkpoints}")
+        if drop_windows < 1:
+            raise ValueError(f"drop_windows (T) must be at least 1, got {drop_windows}")
+        if window_steps < 0:
+            raise ValueError(f"window_steps must be ≥ 0 (0 = one epoch), got {window_steps}")
+        if mode != "off" and len(tracking_dataset) == 0:
+            raise ValueError("the SeND tracking set is empty: SeND needs held-out tracking items")
+        if batch_size < 1:
+            raise ValueError(f"tracking batch size must be ≥ 1, got {batch_size}")
+        self.tracking_dataset = tracking_dataset
+        self.collator = collator
+        self.mode, self.site, self.layers, self.module_path = mode, site, layers, module_path
+        self.drop_fraction, self.num_checkpoints, self.drop_windows = drop_fraction, num_checkpoints, drop_windows
+        self.window_steps, self.rescale, self.batch_size, self.seed = window_steps, rescale, batch_size, seed
+        self.show_progress = show_progress
+        # state
+        self.history: deque = deque(maxlen=num_checkpoints)  # of {site_key: [N, n] float32}
+        self.history_steps: deque = deque(maxlen=num_checkpoints)
+        self.windows_done = 0
+        self.windows_left = 0
+        self.selections: list[dict] = []
+        self.current: dict[str, list[int]] = {}
+        self._sites: list = []
+        self._dropout: Optional[NeuronDropout] = None
+        self._model = None
+
+    # -- setup ---------------------------------------------------------------
+    def attach(self, model) -> None:
+        """Resolve sites and install the mask hooks (idempotent)."""
+        if self.mode == "off" or self._dropout is not None:
+            return
+        self._model = model
+        self._sites = resolve_sites(model, self.site, self.layers, self.module_path)
+        self._dropout = NeuronDropout(self._sites, rescale=self.rescale)
+        if self.current:
+            self._dropout.set(self.current)
+
+    def detach(self) -> None:
+        if self._dropout is not None:
+            self._dropout.remove()
+            self._dropout = None
+
+    # -- recording -------------------------------------------------------------
+    @torch.no_grad()
+    def record_embeddings(self, model) -> dict[str, torch.Tensor]:
+        """Sentence embeddings of every tracking item at each site.
+
+        Returns:
+            ``{site_key: [N, n] float32}`` in tracking-set order.
+        """
+        sites = self._sites or resolve_sites(model, self.site, self.layers, self.module_path)
+        was_training = model.training
+        model.eval()
+        device = next(p for p in model.parameters()).device
+        out: dict[str, list] = {s.key: [] for s in sites}
+        tracker = AttentionMaskTracker(model)
+        handles = []
+        for s in sites:
+            def grab(act, key=s.key):
+                out[key].append(sentence_embedding(act, tracker.mask_for(act)).cpu())
+            handles.append(register_site_hook(s, grab, observer=True))
+        try:
+            n = len(self.tracking_dataset)
+            starts = range(0, n, self.batch_size)
+            for i in tqdm(starts, desc="SeND tracking", leave=False, disable=not self.show_progress):
+                items = [self.tracking_dataset[j] for j in range(i, min(i + self.batch_size, n))]
+                batch = self.collator(items)
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        finally:
+            for h in handles:
+                h.remove()
+            tracker.remove()
+            model.train(was_training)
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    # -- selection -------------------------------------------------------------
+    def _select(self) -> dict[str, list[int]]:
+        chosen = {}
+        for s in self._sites:
+            if self.mode == "send":
+                hist = torch.stack([h[s.key] for h in self.history])
+                chosen[s.key] = top_fraction(sensitivity_scores(hist), self.drop_fraction).tolist()
+            else:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.windows_done * 7919 + s.layer)
+                chosen[s.key] = random_fraction(s.width, self.drop_fraction, g).tolist()
+        return chosen
+
+    def _window_end(self, model, step: int, final: bool) -> None:
+        if self.mode == "off":
+            return
+        self.windows_done += 1
+        if final:
+            return  # nothing left to train: skip the recording cost
+        self.history.append(self.record_embeddings(model))
+        self.history_steps.append(step)
+        if self.windows_left > 0:
+            self.windows_left -= 1
+        if self.windows_left == 0 and len(self.history) >= self.num_checkpoints:
+            self.current = self._select()
+            self._dropout.set(self.current)
+            self.windows_left = self.drop_windows
+            self.selections.append({"step": step, "window": self.windows_done, "neurons": self.current})
+            logger.info("SeND (%s) at step %d: dropping %s", self.mode, step,
+                        {k: len(v) for k, v in self.current.items()})
+        elif self.windows_left == 0 and self.current:
+            self.current = {}
+            self._dropout.clear()
+
+    # -- Trainer events ----------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.attach(model)
+        resumed = self._maybe_resume()
+        if self.mode != "off" and not resumed and not self.history:
+            self.history.append(self.record_embeddings(model))
+            self.history_steps.append(state.global_step)
+        if self.window_steps and state.max_steps and self.window_steps > state.max_steps:
+            raise ValueError(
+                f"send_window_steps={self.window_steps} is longer than the run ({state.max_steps} steps): "
+                "no window would ever end; use a smaller window or 0 (one epoch)"
+            )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.window_steps and state.global_step % self.window_steps == 0:
+            self._window_end(model, state.global_step, final=state.global_step >= state.max_steps)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if not self.window_steps:
+            self._window_end(model, state.global_step, final=state.global_step >= state.max_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.detach()
+
+    def log_metrics(self) -> dict:
+        """For the training log: neurons currently dropped and windows left."""
+        if self.mode == "off":
+            return {}
+        return {"send/dropped": sum(len(v) for v in self.current.values()), "send/windows_left": self.windows_left}
+
+    # -- persistence ---------------------------------------------------------------
+    def save_state(self, directory: str) -> None:
+        d = Path(directory)
+        tensors = {}
+        for t, h in enumerate(self.history):
+            for key, e in h.items():
+                tensors[f"history.{t}.{key}"] = e
+        meta = {
+            "mode": self.mode, "site": self.site, "layers": self.layers if isinstance(self.layers, (str, int)) else list(self.layers),
+            "drop_fraction": self.drop_fraction, "num_checkpoints": self.num_checkpoints,
+            "drop_windows": self.drop_windows, "window_steps": self.window_steps,
+            "history_steps": list(self.history_steps), "windows_done": self.windows_done,
+            "windows_left": self.windows_left, "current": self.current, "selections": self.selections,
+        }
+        if tensors:
+            atomic_save_safetensors(d / f"{self.state_name}.safetensors", tensors)
+        atomic_write_json(d / f"{self.state_name}.json", meta)
+
+    def load_state(self, directory: str) -> None:
+        d = Path(directory)
+        meta = json.loads((d / f"{self.state_name}.json").read_text())
+        for k in ("mode", "site", "drop_fraction", "num_checkpoints"):
+            if meta[k] != getattr(self, k):
+                raise ValueError(f"cannot resume from {d}: it was saved with {k}={meta[k]!r}, "
+                                 f"this run has {k}={getattr(self, k)!r}")
+        tensors = load_file(str(d / f"{self.state_name}.safetensors")) if (d / f"{self.state_name}.safetensors").exists() else {}
+        self.history.clear()
+        self.history_steps.clear()
+        for t, step in enumerate(meta["history_steps"]):
+            prefix = f"history.{t}."
+            self.history.append({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            self.history_steps.append(step)
+        self.windows_done, self.windows_left = meta["windows_done"], meta["windows_left"]
+        self.current, self.selections = meta["current"], meta["selections"]
+        if self._dropout is not None:
+            self._dropout.set(self.current)

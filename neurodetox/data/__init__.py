@@ -1,0 +1,31 @@
+"""Fact data: the built-in geonames facts and user fact files, in one schema."""
+
+from .facts import (
+    CONTINENT_NAMES,
+    FACT_FEATURES,
+    RELATION_TEMPLATES,
+    RELATIONS,
+    SPLITS,
+    RelationTemplate,
+    ascii_fold,
+    build_fact_dataset,
+    expand_aliases,
+    write_fact_dataset,
+)
+from .files import SUPPORTED_EXTENSIONS, load_fact_file, load_facts
+
+__all__ = [
+    "CONTINENT_NAMES",
+    "FACT_FEATURES",
+    "RELATIONS",
+    "RELATION_TEMPLATES",
+    "RelationTemplate",
+    "SPLITS",
+    "SUPPORTED_EXTENSIONS",
+    "ascii_fold",
+    "build_fact_dataset",
+    "expand_aliases",
+    "load_fact_file",
+    "load_facts",
+    "write_fact_dataset",
+]

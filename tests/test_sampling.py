@@ -1,0 +1,252 @@
+"""sample_answers / greedy_answers on a tiny random Llama with an offline tokenizer."""
+
+import warnings
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import neurodetox.sampling as sampling
+from neurodetox.sampling import SampledAnswers, greedy_answers, sample_answers
+
+WORDS = (
+    "the capital of france is paris berlin rome city river what who where when how many one two three "
+    "four five six seven eight nine ten red blue green yes no"
+).split()
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+PROMPTS = ["the capital of france is", "what", "who is the city of rome a river", "two three"]
+
+
+def make_tokenizer(with_pad: bool = True) -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": UNK}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    kw = dict(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if with_pad:
+        kw["pad_token"] = "<pad>"
+    return PreTrainedTokenizerFast(**kw)
+
+
+def make_model(vocab_size: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=64,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= 4.0  # EOS is sampled often enough to exercise every case
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting makes
+    # them 10-100x slower when other processes load the CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return make_model(len(tok))
+
+
+class GenerateSpy:
+    """Wraps model.generate, recording each call's kwargs and returned sequences."""
+
+    def __init__(self, model, drop_cache: bool = False):
+        self.model, self.orig, self.drop_cache = model, model.generate, drop_cache
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        out = self.orig(*args, **kwargs)
+        seqs = out.sequences if hasattr(out, "sequences") else out
+        self.calls.append((kwargs, kwargs["input_ids"].clone(), kwargs["attention_mask"].clone(), seqs.clone()))
+        if self.drop_cache and hasattr(out, "past_key_values"):
+            out.past_key_values = None
+        return out
+
+    def sampled(self):
+        return [c for c in self.calls if c[0].get("do_sample")]
+
+
+def reference_embeddings(model, spy, k, layer):
+    """Independent reference: for every sampled sequence, a plain unpadded forward over
+    prompt + real generated tokens, read at the last position via output_hidden_states."""
+    refs, answers_ids = [], []
+    for kwargs, ids, mask, seqs in spy.sampled():
+        t = ids.shape[1]
+        for row in range(seqs.shape[0]):
+            p = row // k
+            prompt = ids[p][mask[p].bool()].tolist()
+            gen = seqs[row, t:].tolist()
+            real = []
+            for tid in gen:
+                if tid == EOS:
+                    break
+                real.append(tid)
+            answers_ids.append(real)
+            with torch.no_grad():
+                hs = model(torch.tensor([prompt + real]), output_hidden_states=True).hidden_states
+            refs.append(hs[layer + 1][0, -1])
+    return torch.stack(refs), answers_ids
+
+
+@pytest.mark.parametrize("drop_cache", [False, True], ids=["extra_step", "full_forward_fallback"])
+def test_embeddings_match_full_forward(model, tok, monkeypatch, drop_cache):
+    k = 5
+    lengths, paths = [], set()
+    for seed in range(4):  # until every case has occurred: no real token, EOS mid-way, full length
+        spy = GenerateSpy(model, drop_cache=drop_cache)
+        monkeypatch.setattr(model, "generate", spy)
+        res = sample_answers(model, tok, PROMPTS, k=k, batch_size=3, seed=seed, max_new_tokens=6)
+        assert isinstance(res, SampledAnswers)
+        paths.update(res._extra["embedding_paths"])
+        assert res.layer == 1  # "middle" of 4 blocks -> block 1 -> hidden_states[2] = hidden_states[5 // 2]
+        assert res.embeddings.shape == (len(PROMPTS), k, 32) and res.embeddings.dtype == torch.float32
+        assert len(res.samples) == len(PROMPTS) and all(len(s) == k for s in res.samples)
+        assert len(res.greedy) == len(PROMPTS)
+        assert tok.padding_side == "right"  # restored
+        # One sampled generate per batch, with all K samples in it, no output_hidden_states.
+        sampled = spy.sampled()
+        assert len(sampled) == 2
+        assert all(c[0]["num_return_sequences"] == k and c[0]["return_dict_in_generate"] for c in sampled)
+        assert not any(c[0].get("output_hidden_states") for c in spy.calls)
+
+        ref, answers_ids = reference_embeddings(model, spy, k, res.layer)
+        torch.testing.assert_close(res.embeddings.reshape(-1, 32), ref, atol=1e-4, rtol=1e-4)
+        flat = [s for per in res.samples for s in per]
+        assert flat == [tok.decode(a, skip_special_tokens=True) for a in answers_ids]
+        lengths += [len(a) for a in answers_ids]
+        if 0 in lengths and 6 in lengths and any(0 < n < 6 for n in lengths):
+            break
+    assert 0 in lengths and 6 in lengths and any(0 < n < 6 for n in lengths), lengths
+    # The last token of full-length samples came from the extra cached step (or the fallback).
+    assert ("full_forward" if drop_cache else "hook+extra_step") in paths
+    assert paths <= {"hook", "full_forward" if drop_cache else "hook+extra_step"}
+
+
+def test_other_layer_and_padding_side_restored(model, tok, monkeypatch):
+    spy = GenerateSpy(model)
+    monkeypatch.setattr(model, "generate", spy)
+    tok.padding_side = "right"
+    # Block 2 (not the last: HF's last hidden_states entry has the final norm applied).
+    res = sample_answers(model, tok, PROMPTS[:2], k=3, layer=-2, seed=3, greedy=False, max_new_tokens=4)
+    assert tok.padding_side == "right"
+    assert res.layer == 2 and res.greedy == []
+    ref, _ = reference_embeddings(model, spy, 3, 2)
+    torch.testing.assert_close(res.embeddings.reshape(-1, 32), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_seed_reproducible(model, tok):
+    a = sample_answers(model, tok, PROMPTS, k=4, seed=123, max_new_tokens=5)
+    b = sample_answers(model, tok, PROMPTS, k=4, seed=123, max_new_tokens=5)
+    c = sample_answers(model, tok, PROMPTS, k=4, seed=7, max_new_tokens=5)
+    assert a.samples == b.samples and a.greedy == b.greedy
+    assert torch.equal(a.embeddings, b.embeddings)
+    assert a.samples != c.samples
+    assert a.greedy == c.greedy
+
+
+def test_greedy_answers_consistent(model, tok, monkeypatch):
+    g = greedy_answers(model, tok, PROMPTS, max_new_tokens=6, batch_size=3)
+    assert g == sample_answers(model, tok, PROMPTS, k=2, max_new_tokens=6, batch_size=2).greedy
+    assert g == greedy_answers(model, tok, PROMPTS, max_new_tokens=6, batch_size=1)  # padding-independent
+    # Against a hand-rolled argmax loop, prompt by prompt.
+    for prompt, ans in zip(PROMPTS, g):
+        ids = tok(prompt)["input_ids"]
+        out = []
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+                if nxt == EOS:
+                    break
+                out.append(nxt)
+        assert ans == tok.decode(out, skip_special_tokens=True)
+
+
+def test_training_mode_restored(model, tok):
+    model.train()
+    model.model.layers[0].eval()  # a mixed state must come back exactly
+    before = [m.training for m in model.modules()]
+    sample_answers(model, tok, PROMPTS[:1], k=2, max_new_tokens=2)
+    assert [m.training for m in model.modules()] == before
+    model.eval()
+    sample_answers(model, tok, PROMPTS[:1], k=2, max_new_tokens=2)
+    assert not any(m.training for m in model.modules())
+    assert torch.is_grad_enabled()
+
+
+def test_tokenizer_without_pad_token(model):
+    tok = make_tokenizer(with_pad=False)
+    assert tok.pad_token is None
+    res = sample_answers(model, tok, PROMPTS, k=3, seed=0, max_new_tokens=4)
+    assert tok.pad_token is None and tok.padding_side == "right"
+    assert res.embeddings.shape == (len(PROMPTS), 3, 32)
+    assert torch.isfinite(res.embeddings).all()
+
+
+def test_errors(model, tok):
+    with pytest.raises(ValueError, match="empty"):
+        sample_answers(model, tok, [])
+    with pytest.raises(ValueError, match="empty"):
+        greedy_answers(model, tok, [])
+    with pytest.raises(TypeError, match="single string"):
+        sample_answers(model, tok, "what")
+    for k in (1, 0, 2.0):
+        with pytest.raises(ValueError, match="k must be"):
+            sample_answers(model, tok, PROMPTS, k=k)
+    long_prompt = " ".join(["red"] * 60)  # 61 tokens with <s>; 64 - 10 = 54 allowed
+    with pytest.raises(ValueError, match=r"prompt 1 is 61 tokens long.*context is 64.*max_new_tokens=10.*at most 54"):
+        sample_answers(model, tok, ["what", long_prompt], k=2)
+    with pytest.raises(ValueError, match="prompt 1 is 61 tokens"):
+        greedy_answers(model, tok, ["what", long_prompt])
+    with pytest.raises(ValueError, match="exactly one"):
+        sample_answers(model, tok, PROMPTS, k=2, layer="all")
+    with pytest.raises(ValueError, match="out of range"):
+        sample_answers(model, tok, PROMPTS, k=2, layer=9)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_answers(model, tok, PROMPTS, k=2, temperature=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample_answers(model, tok, PROMPTS, k=2, max_new_tokens=0)
+
+
+def test_non_finite_embeddings_warn(model, tok, monkeypatch):
+    real = sampling._sample_batch
+
+    def poisoned(*args, **kwargs):
+        answers, emb, path = real(*args, **kwargs)
+        emb = emb.clone()
+        emb[0, 0] = float("nan")
+        return answers, emb, path
+
+    monkeypatch.setattr(sampling, "_sample_batch", poisoned)
+    with pytest.warns(UserWarning, match=r"prompt index\(es\) \[0, 2\]"):
+        sample_answers(model, tok, PROMPTS[:3], k=2, batch_size=2, max_new_tokens=2)
+
+
+def test_progress_bar_runs(model, tok):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        res = sample_answers(model, tok, PROMPTS[:2], k=2, max_new_tokens=2, show_progress=True)
+    assert res.embeddings.shape == (2, 2, 32)
