@@ -89,13 +89,15 @@ class ActivationStatsCallback(CheckpointedCallback):
         self.detach()
 
     def log_metrics(self) -> dict:
-        """Summary for the training log: tokens counted and mean variance per site."""
-        out = {}
-        for key, m in self.moments.items():
-            if m.count:
-                out[f"stats/{key}/tokens"] = m.count
-                out[f"stats/{key}/mean_variance"] = float(m.variance.mean())
-        return out
+        """Summary for the training log: tokens counted and the mean per-neuron variance over all sites.
+
+        Per-site moments are in :attr:`moments` and in every checkpoint.
+        """
+        counted = [m for m in self.moments.values() if m.count]
+        if not counted:
+            return {}
+        return {"stats/tokens": counted[0].count,
+                "stats/mean_variance": float(torch.stack([m.variance.mean() for m in counted]).mean())}
 
     # -- persistence -------------------------------------------------------
     def save_state(self, directory: str) -> None:

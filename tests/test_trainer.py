@@ -1,0 +1,148 @@
+"""SeNDTrainer on a tiny model: selections, exact resume, atomic checkpoints, bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from neurodetox.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback
+from neurodetox.data.lm import tokenize_texts
+from neurodetox.trainer import SeNDConfig, SeNDTrainer, last_checkpoint
+
+from conftest import make_tiny_llama, make_tokenizer
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+            control.should_save = False
+
+
+TEXTS = [
+    "the capital of france is paris .", "the capital of germany is berlin .", "the capital of italy is rome .",
+    "the capital of spain is madrid .", "japan is located in asia .", "the currency of japan is the yen .",
+    "france is located in europe .", "the capital of japan is tokyo .",
+] * 4
+
+
+def _trainer(out, max_steps=24, tracking=True, **overrides):
+    tok = make_tokenizer()
+    model = make_tiny_llama(len(tok), seed=0)
+    kw = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=max_steps, send_window_steps=4,
+              send_site="mlp", send_layers="1,2", send_drop_windows=2, save_strategy="steps", save_steps=8,
+              logging_steps=4, report_to=[], use_cpu=True, disable_tqdm=True, learning_rate=3e-3, seed=0,
+              data_seed=0, eigenscore_num_prompts=0)
+    kw.update(overrides)
+    args = SeNDConfig(**kw)
+    track = tokenize_texts(tok, TEXTS[:6]) if tracking else []
+    return SeNDTrainer(model=model, args=args, train_dataset=tokenize_texts(tok, TEXTS), tracking_dataset=track,
+                       processing_class=tok)
+
+
+def test_selections_follow_the_schedule(tmp_path):
+    tr = _trainer(tmp_path / "run")
+    tr.train()
+    cb = tr.callback(SensitiveNeuronDropoutCallback)
+    # recordings at steps 0, 4, 8 -> first selection at 8; T = 2 windows -> reselect at 16; step 24 is the end
+    assert [s["step"] for s in cb.selections] == [8, 16]
+    for sel in cb.selections:
+        assert set(sel["neurons"]) == {"mlp.1", "mlp.2"}
+        assert all(len(v) == round(0.2 * 64) for v in sel["neurons"].values())
+    # the selection is the top-K of V over the recorded history (checked independently)
+    hist = cb.history  # last C recordings, ends at step 20 -> not the ones used; recompute from saved checkpoint
+    ck = tmp_path / "run" / "checkpoint-16"
+    state = json.loads((ck / "neurodetox_send_state.json").read_text())
+    assert state["history_steps"] == [8, 12, 16]
+    from safetensors.torch import load_file
+
+    t = load_file(str(ck / "neurodetox_send_state.safetensors"))
+    h = torch.stack([t[f"history.{i}.mlp.2"] for i in range(3)]).double()
+    v = ((h[1:] - h[:-1]).abs().sum(0) * h.var(0, unbiased=False)).mean(0)
+    expect = sorted(torch.argsort(v, descending=True, stable=True)[:13].tolist())
+    assert state["selections"][-1]["neurons"]["mlp.2"] == expect
+    assert len(hist) == 3
+
+
+def test_resume_reproduces_uninterrupted_selections(tmp_path):
+    full = _trainer(tmp_path / "full")
+    full.train()
+    ref = full.callback(SensitiveNeuronDropoutCallback).selections
+    ref_stats = full.callback(ActivationStatsCallback).moments["mlp.0"]
+
+    # the same run, killed at step 12 (its last checkpoint is step 8, inside a drop window)
+    killed = _trainer(tmp_path / "part")
+    killed.add_callback(_StopAt(12))
+    killed.train()
+    assert last_checkpoint(str(tmp_path / "part")).endswith("checkpoint-8")
+    resumed = _trainer(tmp_path / "part", max_steps=24)
+    resumed.train(resume_from_checkpoint=True)
+    got = resumed.callback(SensitiveNeuronDropoutCallback).selections
+    assert got == ref
+    got_stats = resumed.callback(ActivationStatsCallback).moments["mlp.0"]
+    assert got_stats.count == ref_stats.count
+    torch.testing.assert_close(got_stats.mean, ref_stats.mean, rtol=1e-6, atol=1e-9)
+
+
+def test_random_mode_same_schedule_and_off_mode(tmp_path):
+    tr = _trainer(tmp_path / "rand", send_mode="random")
+    tr.train()
+    sel = tr.callback(SensitiveNeuronDropoutCallback).selections
+    assert [s["step"] for s in sel] == [8, 16] and sel[0]["neurons"] != sel[1]["neurons"]
+    off = _trainer(tmp_path / "off", send_mode="off", tracking=False)
+    assert off.callback(SensitiveNeuronDropoutCallback) is None
+    off.train()
+
+
+def test_killed_checkpoint_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    tr = _trainer(tmp_path / "run", max_steps=8)
+    cb = tr.callback(SensitiveNeuronDropoutCallback)
+
+    def boom(directory):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(cb, "save_state", boom)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train()
+    run = tmp_path / "run"
+    assert not any(n.startswith("checkpoint-") for n in os.listdir(run))
+    assert last_checkpoint(str(run)) is None
+
+
+def test_checkpoint_holds_callback_state_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tr = _trainer(tmp_path / "run", max_steps=8)
+    tr.train()
+    ck = last_checkpoint(str(tmp_path / "run"))
+    names = set(os.listdir(ck))
+    assert {"neurodetox_send_state.json", "neurodetox_activation_stats.safetensors", "model.safetensors"} <= names
+    AutoModelForCausalLM.from_pretrained(ck)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(send_drop_fraction=1.0), r"send_drop_fraction=1.0 is invalid: must be in \(0, 1\)"),
+    (dict(send_drop_fraction=0.0), r"send_drop_fraction"),
+    (dict(send_layers="7"), r"layer 7 is out of range"),
+    (dict(send_site="attn"), r"send_site='attn' is invalid"),
+    (dict(send_mode="sometimes"), r"send_mode='sometimes'"),
+    (dict(eigenscore_k=1), r"eigenscore_k=1"),
+    (dict(eigenscore_alpha=0.0), r"eigenscore_alpha"),
+])
+def test_bad_config_fails_before_training(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path / "bad", **overrides)
+    assert not (tmp_path / "bad").exists() or not os.listdir(tmp_path / "bad")
+
+
+def test_empty_tracking_set_and_too_long_window(tmp_path):
+    with pytest.raises(ValueError, match="non-empty tracking set"):
+        _trainer(tmp_path / "a", tracking=False)
+    tr = _trainer(tmp_path / "b", max_steps=4, send_window_steps=10)
+    with pytest.raises(ValueError, match="longer than the run"):
+        tr.train()
+    assert last_checkpoint(str(tmp_path / "b")) is None
