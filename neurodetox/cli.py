@@ -2,6 +2,8 @@
 
     neurodetox train --config recipes/smollm2-facts-send.yaml [--field value ...]
     neurodetox data facts --out DIR [--seed N] [--relations ...]
+    neurodetox eval --model PATH --data facts|FILE
+    neurodetox patch find|apply|revert|show|eval ...
 """
 
 from __future__ import annotations
@@ -87,7 +89,19 @@ def cmd_data(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data}
+def cmd_eval(argv: Sequence[str]) -> int:
+    from .detection import cmd_eval as run
+
+    return run(argv)
+
+
+def cmd_patch(argv: Sequence[str]) -> int:
+    from .patching.cli import cmd_patch as run
+
+    return run(argv)
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "patch": cmd_patch}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -31,15 +31,21 @@ def plot_training_curves(metrics_jsonl, out_png) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_jsonl(metrics_jsonl)
-    panels = [("loss", "training loss"), ("eval_loss", "eval loss (tracking set)"),
-              ("eval_eigenscore", "EigenScore (test probes)"), ("eval_factual_accuracy", "factual accuracy (test probes)")]
+    panels = [("loss", "training loss", None), ("eval_loss", "eval loss (tracking set)", None),
+              ("eval_eigenscore", "EigenScore (test probes)", "test_eigenscore"),
+              ("eval_factual_accuracy", "factual accuracy (test probes)", "test_factual_accuracy")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title, full_key) in zip(axes, panels):
         pts = [(r["step"], r[key]) for r in rows if key in r]
+        full = [(r["step"], r[full_key]) for r in rows if full_key and full_key in r]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None)
-        else:
+            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, label="during training (probe subset)")
+        if full:
+            xs, ys = zip(*full)
+            ax.plot(xs, ys, "r*", markersize=12, label="before / after (full test split)")
+            ax.legend(fontsize=7)
+        if not pts and not full:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -39,6 +40,34 @@ def _prepare_output_dir(args: SeNDConfig, run: RunArguments) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def planned_steps(args: SeNDConfig, n_train: int) -> int:
+    """Optimizer steps the run will take (``max_steps`` or epochs × steps per epoch)."""
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+    return math.ceil(n_train / per_step) * math.ceil(args.num_train_epochs)
+
+
+def check_schedule(args: SeNDConfig, n_train: int) -> None:
+    """Fail before training if the SeND window does not fit the run; warn if no selection can happen.
+
+    Raises:
+        ValueError: ``send_window_steps`` longer than the run.
+    """
+    if args.send_mode == "off":
+        return
+    steps = planned_steps(args, n_train)
+    if args.send_window_steps > steps:
+        raise ValueError(f"send_window_steps={args.send_window_steps} is longer than the run ({steps} steps): "
+                         "no window would ever end; use a smaller window or 0 (one epoch)")
+    windows = steps // args.send_window_steps if args.send_window_steps else math.ceil(args.num_train_epochs)
+    # recordings at step 0 and at every window end but the last: a selection needs C of them
+    if windows < args.send_num_checkpoints:
+        logger.warning("only %d SeND windows fit in %d steps: with send_num_checkpoints=%d no neuron will ever "
+                       "be dropped; shorten send_window_steps or train longer", windows, steps,
+                       args.send_num_checkpoints)
+
+
 def load_run_data(data: DataArguments, seed_fallback: int = 0):
     """Build the DatasetDict (train/tracking/test) named by ``data``."""
     kwargs = dict(seed=data.facts_seed, tracking_fraction=data.tracking_fraction, test_fraction=data.test_fraction)
@@ -46,6 +75,15 @@ def load_run_data(data: DataArguments, seed_fallback: int = 0):
         kwargs["relations"] = tuple(r.strip() for r in data.relations.split(",") if r.strip())
         kwargs["max_facts_per_relation"] = data.max_facts_per_relation
     return load_facts(data.data, **kwargs)
+
+
+def _log_test_metrics(output_dir: str, step: int, metrics: dict) -> None:
+    """Append the full-test-split probe metrics to metrics.jsonl (keys ``test_*``)."""
+    line = {"step": step, "time": time.time(), **{f"test_{k}": v for k, v in metrics.items()}}
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _probes(split, cap=None):
@@ -67,6 +105,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
     for split in ("train", "tracking", "test"):
         if split not in ds or len(ds[split]) == 0:
             raise ValueError(f"the {split!r} split is empty; adjust tracking_fraction/test_fraction or the data")
+    check_schedule(args, len(ds["train"]))
     _prepare_output_dir(args, run_args)
 
     model, tok = load_model(model_args.model_name_or_path, dtype=model_args.model_dtype)
@@ -95,6 +134,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
         before = {**result.metrics(), "records": result.records}
         if trainer.is_world_process_zero():
             atomic_write_json(before_file, before)
+            _log_test_metrics(args.output_dir, 0, result.metrics())
 
     t_train = time.time()
     trainer.train(resume_from_checkpoint=resume or None)
@@ -109,6 +149,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
         os.replace(tmp, final_dir)
 
     after = evaluate_probes(trainer.model, tok, test_prompts, test_aliases, settings, show_progress=True)
+    if trainer.is_world_process_zero():
+        _log_test_metrics(args.output_dir, trainer.state.global_step, after.metrics())
     send_cb = trainer.callback(SensitiveNeuronDropoutCallback)
     es_cb = trainer.callback(EigenScoreCallback)
     summary = {
