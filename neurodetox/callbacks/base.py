@@ -35,6 +35,9 @@ class CheckpointedCallback(TrainerCallback):
     def load_state(self, directory: str) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Collective step run on **every** rank before rank 0 saves (default: nothing)."""
+
     def has_state(self, directory: str) -> bool:
         return any(Path(directory).glob(f"{self.state_name}.*"))
 
@@ -50,13 +53,16 @@ class CheckpointedCallback(TrainerCallback):
             return True
         return False
 
-    def save_into_checkpoint(self, directory: str, step: int) -> None:
-        self.save_state(directory)
+    def save_into_checkpoint(self, directory: str, step: int, write: bool = True) -> None:
+        """Called by SeNDTrainer on every rank (after :meth:`sync`); only the writer writes."""
+        if write:
+            self.save_state(directory)
         self._saved_steps.add(step)
 
     def on_save(self, args, state, control, **kwargs):
-        if state.global_step in self._saved_steps or not state.is_world_process_zero:
+        if state.global_step in self._saved_steps:
             return
+        self.sync()  # plain Trainer: every rank gets here
         d = checkpoint_dir(args.output_dir, state.global_step)
-        if os.path.isdir(d):
+        if state.is_world_process_zero and os.path.isdir(d):
             self.save_state(d)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 from transformers import TrainerCallback
 
+from ..distributed import all_gather_objects, is_distributed, shard, unshard
 from ..evaluation import EigenScoreSettings, ProbeResult, evaluate_probes
 
 
@@ -40,7 +42,21 @@ class EigenScoreCallback(TrainerCallback):
         self.history: list[tuple[int, ProbeResult]] = []
 
     def compute_metrics(self, model, step: int = 0) -> dict:
-        """Run the probes now; returns ``{"eigenscore": …, "factual_accuracy": …}``."""
-        result = evaluate_probes(model, self.tokenizer, self.prompts, self.aliases, self.settings)
+        """Run the probes now; returns ``{"eigenscore": …, "factual_accuracy": …}``.
+
+        With several processes, prompts are dealt to ranks (padded so every
+        rank makes the same number of ``generate`` calls, which ZeRO-3 needs)
+        and the per-prompt records gathered back in order: call it on every rank.
+        """
+        if not is_distributed():
+            result = evaluate_probes(model, self.tokenizer, self.prompts, self.aliases, self.settings)
+        else:
+            idx, n_real = shard(len(self.prompts))
+            part = evaluate_probes(model, self.tokenizer, [self.prompts[i] for i in idx],
+                                   [self.aliases[i] for i in idx], self.settings)
+            records = unshard([g for g in all_gather_objects(part.records[:n_real])], len(self.prompts))
+            scores = [r["eigenscore"] for r in records if not math.isnan(r["eigenscore"])]
+            result = ProbeResult(factual_accuracy=sum(r["correct"] for r in records) / len(records),
+                                 eigenscore=sum(scores) / len(scores) if scores else float("nan"), records=records)
         self.history.append((step, result))
         return result.metrics()

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..distributed import all_gather_objects, broadcast_object, is_distributed, rank, shard, unshard
 from ..dropout import NeuronDropout
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..pooling import AttentionMaskTracker, sentence_embedding
@@ -164,9 +165,10 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
             handles.append(register_site_hook(s, grab, observer=True))
         try:
             n = len(self.tracking_dataset)
-            starts = range(0, n, self.batch_size)
-            for i in tqdm(starts, desc="SeND tracking", leave=False, disable=not self.show_progress):
-                items = [self.tracking_dataset[j] for j in range(i, min(i + self.batch_size, n))]
+            indices, n_real = shard(n)  # every rank runs the same number of forwards (ZeRO-3)
+            starts = range(0, len(indices), self.batch_size)
+            for i in tqdm(starts, desc="SeND tracking", leave=False, disable=not self.show_progress or rank() != 0):
+                items = [self.tracking_dataset[j] for j in indices[i:i + self.batch_size]]
                 batch = self.collator(items)
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         finally:
@@ -174,7 +176,11 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
                 h.remove()
             tracker.remove()
             model.train(was_training)
-        return {k: torch.cat(v) for k, v in out.items()}
+        local = {k: torch.cat(v)[:n_real] for k, v in out.items()}
+        if not is_distributed():
+            return local
+        gathered = all_gather_objects(local)
+        return {k: torch.stack(unshard([list(g[k]) for g in gathered], n)) for k in local}
 
     # -- selection -------------------------------------------------------------
     def _select(self) -> dict[str, list[int]]:
@@ -199,7 +205,7 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         if self.windows_left > 0:
             self.windows_left -= 1
         if self.windows_left == 0 and len(self.history) >= self.num_checkpoints:
-            self.current = self._select()
+            self.current = broadcast_object(self._select())  # identical by construction; rank 0 decides
             self._dropout.set(self.current)
             self.windows_left = self.drop_windows
             self.selections.append({"step": step, "window": self.windows_done, "neurons": self.current})

@@ -135,10 +135,11 @@ class SeNDTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
-        if self.args.should_save:
-            for cb in self.callback_handler.callbacks:
-                if isinstance(cb, CheckpointedCallback):
-                    cb.save_into_checkpoint(os.path.join(staging, name), self.state.global_step)
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, CheckpointedCallback):
+                cb.sync()  # collectives on every rank
+                cb.save_into_checkpoint(os.path.join(staging, name), self.state.global_step,
+                                        write=self.args.should_save)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)

@@ -1,0 +1,587 @@
+"""MINT: the plan / patch loop (``shared/docs/methods.md`` §4, steps 3–4).
+
+Gu, Aleti, Chen, Zhang, "Neuron Patching: Semantic-based Neuron-level Language
+Model Repair for Code Generation", arXiv 2312.05356. For each edit (a prompt and
+its desired continuation, as token ids), every teacher-forced failure (target
+token ``t``, wrong argmax ``a``) is repaired in order:
+
+1. direction ``τ = δ / (max δ − min δ)``, ``δ = G⁻¹ (u_t − u_a)``
+   (:mod:`~neurodetox.patching.direction`);
+2. candidates: the global top-``k`` FFN neurons of the searched layers by the
+   locator (:mod:`~neurodetox.patching.locate`);
+3. plan (gain-guided): each candidate's patch is tried and ``p_a − p_t`` (``a``
+   the strongest competitor of ``t``) measured; the best one is kept. All
+   candidates are measured in ONE batched forward: patching neuron ``j`` of a
+   layer adds exactly ``a_j · Δw_j`` to that layer's FFN output, so each batch
+   row gets its own rank-one correction through a forward hook;
+4. patch the value vector ``w ← (w + α s τ) / (1 + α)`` and repeat 2–4 until
+   the argmax is ``t``. After ``max_patches`` (10) patches without success the
+   failure's patches are undone and it is reported skipped.
+
+``s`` is ``+1`` in the paper. With ``signed=True`` (default) it is the sign of
+the neuron's activation at the failure position: gated FFNs (SwiGLU) have
+signed activations, and a neuron with ``a_j < 0`` would move the output along
+``−τ`` under the unsigned rule.
+
+Edits are repaired in sequence on the same model; with ``recheck`` an edit
+that a later edit broke is repaired once more at the end. The model is changed
+in place during the call and restored before it returns; the result is a
+:class:`~neurodetox.patching.patchfile.PatchSet` (apply it to keep the fix).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..sites import NeuronSite, base_model, resolve_sites, value_vector_parameter
+from .analysis import entropy_neurons
+from .direction import semantic_space
+from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures
+from .locate import LOCATORS, Candidate, locate
+from .patchfile import ParamPatch, PatchSet
+
+__all__ = ["MintSettings", "FailureResult", "EditResult", "RepairReport", "repair", "update_rule"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def update_rule(w: torch.Tensor, tau: torch.Tensor, alpha: float, sign: float = 1.0) -> torch.Tensor:
+    """MINT's value-vector update ``(w + α·sign·τ) / (1 + α)`` (float32 math)."""
+    return (w.float() + (alpha * sign) * tau.float()) / (1.0 + alpha)
+
+
+@dataclass
+class MintSettings:
+    """Settings of :func:`repair`.
+
+    Attributes:
+        alpha: step ``α`` of the update rule. Default 0.1 (the authors'
+            benchmark path; methods.md lists 0.01 for the paper's prose).
+        locator: ``"grad_x_act"`` (default), ``"contrastive"`` or ``"activation"``.
+        candidates: size of the candidate pool (global top-k). Default 10.
+        max_patches: patches per failure before it is undone and skipped. Default 10.
+        layers: layers searched (site ``mlp``). Default ``"second_half"``.
+        fold_norm: fold the final norm's gain into ``W_U`` for ``δ``. Default True.
+        orthogonalize: project ``τ`` off directions already used in the same
+            layer by earlier repairs of this call. Default False.
+        signed: orient ``τ`` by the sign of the neuron's activation. Default True.
+        entropy_guard: never patch last-layer entropy neurons (Stolfo et al.,
+            arXiv 2406.16254). Default True.
+        storage_dtype: the dtype the patched values will be stored in (e.g.
+            ``"bfloat16"`` for a bf16 checkpoint): every update is rounded to it
+            while repairing, so what is verified is what will be written.
+            ``None``: the parameter's own dtype.
+        recheck: after all edits, re-verify earlier edits and repair broken
+            ones once more. Default True.
+        max_failures_per_edit: most failure repairs attempted per edit. Default 16.
+    """
+
+    alpha: float = 0.1
+    locator: str = "grad_x_act"
+    candidates: int = 10
+    max_patches: int = 10
+    layers: Union[str, Sequence[int]] = "second_half"
+    fold_norm: bool = True
+    orthogonalize: bool = False
+    signed: bool = True
+    entropy_guard: bool = True
+    storage_dtype: Optional[str] = None
+    recheck: bool = True
+    max_failures_per_edit: int = 16
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field and what is valid."""
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if self.locator not in LOCATORS:
+            raise ValueError(f"unknown locator {self.locator!r}; valid locators are {', '.join(LOCATORS)}")
+        for name in ("candidates", "max_patches", "max_failures_per_edit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.storage_dtype is not None and str(self.storage_dtype) not in _DTYPES:
+            raise ValueError(f"unknown storage_dtype {self.storage_dtype!r}; valid: {', '.join(_DTYPES)} or None")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not isinstance(d["layers"], str):
+            d["layers"] = list(d["layers"])
+        return d
+
+
+@dataclass
+class FailureResult:
+    """Outcome of one teacher-forced failure (see :class:`~neurodetox.patching.failures.Failure`)."""
+
+    step: int
+    position: int
+    target_id: int
+    argmax_id: int
+    target_token: str = ""
+    argmax_token: str = ""
+    status: str = "skipped"  # "fixed" | "skipped"
+    patches: list[dict[str, Any]] = field(default_factory=list)
+    gap_before: float = 0.0
+    gap_after: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def neurons(self) -> list[tuple[int, int]]:
+        seen = []
+        for p in self.patches:
+            key = (p["layer"], p["index"])
+            if key not in seen:
+                seen.append(key)
+        return seen
+
+
+@dataclass
+class EditResult:
+    """Outcome of one edit: ``status`` is ``"fixed"``, ``"skipped"`` (a failure
+    could not be fixed within ``max_patches``; all its patches were undone),
+    ``"nothing_to_fix"`` (the model already produces the target) or
+    ``"broken"`` (fixed, then undone by a later edit and not re-fixed)."""
+
+    index: int
+    edit: Edit
+    status: str
+    failures: list[FailureResult] = field(default_factory=list)
+    seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def neurons(self) -> list[tuple[int, int]]:
+        """Distinct ``(layer, index)`` neurons kept for this edit."""
+        if self.status not in ("fixed", "broken"):
+            return []
+        seen = []
+        for f in self.failures:
+            for key in f.neurons:
+                if f.status == "fixed" and key not in seen:
+                    seen.append(key)
+        return seen
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.edit.to_json(),
+            "status": self.status,
+            "message": self.message,
+            "seconds": round(self.seconds, 4),
+            "neurons": [list(n) for n in self.neurons],
+            "failures": [{**{k: v for k, v in asdict(f).items()}, "neurons": [list(n) for n in f.neurons]}
+                         for f in self.failures],
+        }
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair` did.
+
+    Attributes:
+        edits: one :class:`EditResult` per requested edit, in order.
+        settings: the settings used.
+        seconds: wall time of the call.
+        cast_error: largest ``|new − stored|`` from rounding to ``storage_dtype``.
+    """
+
+    edits: list[EditResult]
+    settings: MintSettings
+    seconds: float = 0.0
+    cast_error: float = 0.0
+
+    def _with(self, status: str) -> list[EditResult]:
+        return [e for e in self.edits if e.status == status]
+
+    @property
+    def fixed(self) -> list[EditResult]:
+        return self._with("fixed")
+
+    @property
+    def needing_fix(self) -> list[EditResult]:
+        """Edits that had at least one failure."""
+        return [e for e in self.edits if e.status != "nothing_to_fix"]
+
+    @property
+    def success_rate(self) -> float:
+        """Fixed / edits with a failure (``nan`` when none had one)."""
+        n = len(self.needing_fix)
+        return len(self.fixed) / n if n else float("nan")
+
+    @property
+    def neurons_per_fix(self) -> list[int]:
+        return [len(e.neurons) for e in self.fixed]
+
+    @property
+    def median_neurons_per_fix(self) -> float:
+        v = sorted(self.neurons_per_fix)
+        if not v:
+            return float("nan")
+        m = len(v) // 2
+        return float(v[m]) if len(v) % 2 else (v[m - 1] + v[m]) / 2
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requested": len(self.edits),
+            "needing_fix": len(self.needing_fix),
+            "fixed": len(self.fixed),
+            "skipped": len(self._with("skipped")),
+            "broken": len(self._with("broken")),
+            "nothing_to_fix": len(self._with("nothing_to_fix")),
+            "success_rate": self.success_rate,
+            "neurons_per_fix": self.neurons_per_fix,
+            "median_neurons_per_fix": self.median_neurons_per_fix,
+            "seconds": round(self.seconds, 3),
+            "seconds_per_fix": round(self.seconds / max(1, len(self.needing_fix)), 3),
+            "cast_error": self.cast_error,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "settings": self.settings.to_json(),
+                "edits": [e.to_json() for e in self.edits]}
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+class _Tracker:
+    """Touched value vectors: originals, writes, snapshots and undo."""
+
+    def __init__(self, model: nn.Module, sites: Sequence[NeuronSite], storage: Optional[torch.dtype]):
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.entries: dict[int, tuple[str, torch.Tensor, int]] = {}
+        for s in sites:
+            weight, axis = value_vector_parameter(s)
+            if id(weight) not in names:
+                raise ValueError(f"the value-vector weight of layer {s.layer} is not a named parameter of the model")
+            self.entries[s.layer] = (names[id(weight)], weight, axis)
+        self.storage = storage
+        self.originals: dict[tuple[int, int], torch.Tensor] = {}
+
+    def column(self, layer: int, index: int) -> torch.Tensor:
+        _, w, axis = self.entries[layer]
+        return w.detach().select(axis, index).float().cpu().clone()
+
+    def round(self, col: torch.Tensor, layer: int) -> torch.Tensor:
+        _, w, _ = self.entries[layer]
+        dtype = self.storage or w.dtype
+        return col.to(dtype).float()
+
+    def write(self, layer: int, index: int, col: torch.Tensor) -> None:
+        key = (layer, index)
+        if key not in self.originals:
+            self.originals[key] = self.column(layer, index)
+        _, w, axis = self.entries[layer]
+        with torch.no_grad():
+            w.select(axis, index).copy_(col.to(w.device, w.dtype))
+
+    def snapshot(self) -> dict[tuple[int, int], torch.Tensor]:
+        return {k: self.column(*k) for k in self.originals}
+
+    def restore(self, snap: dict[tuple[int, int], torch.Tensor]) -> None:
+        for key in list(self.originals):
+            _, w, axis = self.entries[key[0]]
+            value = snap.get(key, self.originals[key])
+            with torch.no_grad():
+                w.select(axis, key[1]).copy_(value.to(w.device, w.dtype))
+            if key not in snap:
+                del self.originals[key]
+
+    def to_params(self) -> list[ParamPatch]:
+        by_layer: dict[int, list[int]] = defaultdict(list)
+        for (layer, index), orig in self.originals.items():
+            if not torch.equal(self.column(layer, index), orig):
+                by_layer[layer].append(index)
+        out = []
+        for layer, idx in sorted(by_layer.items()):
+            name, w, axis = self.entries[layer]
+            idx = sorted(idx)
+            t = torch.tensor(idx, dtype=torch.long)
+            orig = torch.stack([self.originals[(layer, i)] for i in idx], dim=axis)
+            new = w.detach().index_select(axis, t.to(w.device)).float().cpu()
+            out.append(ParamPatch(name=name, axis=axis, indices=t, original=orig, new=new, layer=layer))
+        return out
+
+    def full_originals(self, params: Sequence[ParamPatch]) -> dict[str, torch.Tensor]:
+        """Full original tensors (in the storage dtype) of the touched parameters."""
+        out = {}
+        for p in params:
+            _, w, _ = self.entries[p.layer]
+            full = w.detach().cpu().clone()
+            p.write(full, p.original)
+            out[p.name] = full.to(self.storage) if self.storage is not None else full
+        return out
+
+
+def _gaps_from_logits(logits: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p_best_other − p_t, argmax)`` per row of ``logits [B, V]``."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    p_t = probs[:, target].clone()
+    probs[:, target] = -1.0
+    return probs.max(dim=-1).values - p_t, logits.argmax(dim=-1)
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, ids: Sequence[int], target: int) -> tuple[float, int]:
+    x = torch.tensor([list(ids)], device=next(model.parameters()).device)
+    logits = model(input_ids=x, use_cache=False).logits[:, -1]
+    gap, arg = _gaps_from_logits(logits, target)
+    return float(gap[0]), int(arg[0])
+
+
+@torch.no_grad()
+def _plan(model, sites_by_layer, ids, target, cands: list[Candidate], deltas: list[torch.Tensor]):
+    """Gaps ``p_a − p_t`` after each candidate's patch, in one batched forward."""
+    device = next(model.parameters()).device
+    B = len(cands)
+    x = torch.tensor([list(ids)] * B, device=device)
+    rows_by_layer: dict[int, list[int]] = defaultdict(list)
+    for r, c in enumerate(cands):
+        rows_by_layer[c.layer].append(r)
+    handles = []
+    for layer, rows in rows_by_layer.items():
+        site = sites_by_layer[layer]
+        r_idx = torch.tensor(rows, device=device)
+        j_idx = torch.tensor([cands[r].index for r in rows], device=device)
+        dw = torch.stack([deltas[r] for r in rows]).to(device)  # [n, d]
+
+        def hook(module, args, output, r_idx=r_idx, j_idx=j_idx, dw=dw):
+            inp = args[0]
+            out = output
+            inp3 = inp.reshape(B, -1, inp.shape[-1])
+            out3 = out.reshape(B, -1, out.shape[-1])
+            a = inp3[r_idx, :, j_idx]  # [n, T]
+            corr = a[:, :, None].float() * dw[:, None, :]  # [n, T, d]
+            out3 = out3.clone()
+            out3[r_idx] = (out3[r_idx].float() + corr).to(out3.dtype)
+            return out3.reshape(out.shape)
+
+        handles.append(site.module.register_forward_hook(hook))
+    try:
+        logits = model(input_ids=x, use_cache=False).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    gaps, args = _gaps_from_logits(logits, target)
+    return gaps.cpu(), args.cpu()
+
+
+def _decode(tokenizer, token: int) -> str:
+    try:
+        return tokenizer.decode([int(token)])
+    except Exception:  # noqa: BLE001 - a label only
+        return f"#{token}"
+
+
+class _Repairer:
+    def __init__(self, model, tokenizer, settings: MintSettings, show_progress: bool):
+        self.model = model
+        self.tok = tokenizer
+        self.s = settings
+        self.sites = resolve_sites(model, "mlp", settings.layers)
+        self.sites_by_layer = {s.layer: s for s in self.sites}
+        self.space = semantic_space(model, settings.fold_norm)
+        storage = _DTYPES[str(settings.storage_dtype)] if settings.storage_dtype is not None else None
+        self.tracker = _Tracker(model, self.sites, storage)
+        self.exclude: list[tuple[int, int]] = []
+        if settings.entropy_guard:
+            last = resolve_sites(model, "mlp", "last")[0].layer
+            if last in self.sites_by_layer:
+                self.exclude = entropy_neurons(model, last)
+        self.used: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.show_progress = show_progress
+
+    def repair_failure(self, edit: Edit, f: Failure) -> FailureResult:
+        s = self.s
+        t0 = time.perf_counter()
+        ids = list(edit.prompt_ids) + list(edit.target_ids[: f.step])
+        t = f.target_id
+        res = FailureResult(step=f.step, position=f.position, target_id=t, argmax_id=f.argmax_id,
+                            target_token=_decode(self.tok, t), argmax_token=_decode(self.tok, f.argmax_id))
+        snap = self.tracker.snapshot()
+        gap, arg = _measure(self.model, ids, t)
+        res.gap_before = gap
+        taus: dict[int, torch.Tensor] = {}
+        for _ in range(s.max_patches):
+            if arg == t:
+                break
+            a = arg
+            cands = locate(self.model, self.sites, ids, t, a, s.locator, s.candidates, self.space, self.exclude)
+            if not cands:
+                break
+            taus = {}
+            deltas, news = [], []
+            for c in cands:
+                if c.layer not in taus:
+                    used = self.used[c.layer] if s.orthogonalize else ()
+                    taus[c.layer] = self.space.tau(t, a, used)
+                sign = (1.0 if c.activation >= 0 else -1.0) if s.signed else 1.0
+                old = self.tracker.column(c.layer, c.index)
+                new = self.tracker.round(update_rule(old, taus[c.layer], s.alpha, sign), c.layer)
+                news.append((new, sign))
+                deltas.append(new - old)
+            gaps, _ = _plan(self.model, self.sites_by_layer, ids, t, cands, deltas)
+            best = int(torch.argmin(gaps))
+            c = cands[best]
+            self.tracker.write(c.layer, c.index, news[best][0])
+            gap, arg = _measure(self.model, ids, t)
+            res.patches.append({"layer": c.layer, "index": c.index, "sign": news[best][1], "score": c.score,
+                                "competitor": int(a), "gap_after": gap})
+        res.gap_after = gap
+        if arg == t:
+            res.status = "fixed"
+            if s.orthogonalize:
+                for layer in {p["layer"] for p in res.patches}:
+                    if layer in taus:
+                        self.used[layer].append(taus[layer])
+        else:
+            res.status = "skipped"
+            self.tracker.restore(snap)
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def repair_edit(self, i: int, edit: Edit, previous: Optional[EditResult] = None) -> EditResult:
+        t0 = time.perf_counter()
+        failures = find_failures(self.model, edit, i)
+        if not failures:
+            status = "fixed" if previous is not None else "nothing_to_fix"
+            msg = "" if previous is not None else (
+                f"nothing to fix: the model already predicts {edit.target!r} after {edit.prompt!r}")
+            return previous if previous is not None else EditResult(i, edit, status, message=msg)
+        snap = self.tracker.snapshot()
+        result = previous or EditResult(i, edit, "skipped")
+        attempts = 0
+        while failures:
+            if attempts >= self.s.max_failures_per_edit:
+                result.message = f"gave up after {attempts} failure repairs"
+                break
+            attempts += 1
+            fr = self.repair_failure(edit, failures[0])
+            result.failures.append(fr)
+            if fr.status != "fixed":
+                result.message = (f"target step {fr.step} ({fr.target_token!r} instead of {fr.argmax_token!r}) "
+                                  f"not fixed within {self.s.max_patches} patches; all patches of this edit undone")
+                break
+            failures = find_failures(self.model, edit, i)
+        if failures:
+            self.tracker.restore(snap)
+            result.status = "skipped" if previous is None else "broken"
+            for fr in result.failures:
+                if fr.status == "fixed":
+                    fr.status = "undone"
+        else:
+            result.status = "fixed"
+            result.message = ""
+        result.seconds += time.perf_counter() - t0
+        return result
+
+
+def repair(
+    model: nn.Module,
+    tokenizer,
+    edits: Sequence[Union[Edit, dict]],
+    settings: Optional[MintSettings] = None,
+    *,
+    show_progress: bool = True,
+    base: Optional[dict[str, Any]] = None,
+) -> tuple[PatchSet, RepairReport]:
+    """Repair ``edits`` with MINT and return the patch (the model is left unchanged).
+
+    Args:
+        model: a transformers causal LM of a family known to
+            :mod:`neurodetox.sites` (patched: the value vectors of FFN neurons
+            of ``settings.layers``; compute in the model's dtype, updates in
+            float32).
+        tokenizer: its tokenizer (targets are tokenised once, see
+            :func:`~neurodetox.patching.failures.encode_edit`).
+        edits: :class:`~neurodetox.patching.failures.Edit` objects or dicts with
+            ``prompt`` and ``target`` (or ``answer``), optional ``fact_id``,
+            ``paraphrases``, ``aliases``. Repaired in sequence.
+        settings: :class:`MintSettings` (defaults if ``None``).
+        show_progress: a tqdm bar over edits.
+        base: base-checkpoint identity for the manifest (default: from the
+            model's config).
+
+    Returns:
+        ``(patch, report)``: a :class:`~neurodetox.patching.patchfile.PatchSet`
+        with every kept change (``patch.apply(model)`` reproduces the repaired
+        model; it may be empty when nothing was fixed) and a
+        :class:`RepairReport`.
+
+    Raises:
+        ValueError: bad settings or edits (names the field / edit).
+    """
+    from tqdm.auto import tqdm
+
+    s = settings or MintSettings()
+    s.validate()
+    edits = [encode_edit(tokenizer, e) for e in coerce_edits(edits)]
+    t0 = time.perf_counter()
+    was = model.training
+    model.eval()
+    rep = _Repairer(model, tokenizer, s, show_progress)
+    results: list[EditResult] = []
+    try:
+        for i, e in enumerate(tqdm(edits, desc="MINT repair", unit="edit", disable=not show_progress)):
+            results.append(rep.repair_edit(i, e))
+        if s.recheck:
+            for r in results:
+                if r.status == "fixed" and find_failures(model, r.edit, r.index):
+                    logger.info("edit %d (%r) was broken by a later edit; repairing it again", r.index, r.edit.prompt)
+                    rep.repair_edit(r.index, r.edit, previous=r)
+            # a re-repair can break another edit: report the final state honestly
+            for r in results:
+                if r.status == "fixed" and find_failures(model, r.edit, r.index):
+                    r.status = "broken"
+        params = rep.tracker.to_params()
+        originals = rep.tracker.full_originals(params)
+    finally:
+        rep.tracker.restore({})
+        model.train(was)
+    report = RepairReport(results, s, seconds=time.perf_counter() - t0)
+    report.cast_error = 0.0
+    storage = rep.tracker.storage
+    if storage is not None:
+        # the updates were rounded to the storage dtype; the error is that rounding
+        report.cast_error = max((p.cast_error(storage) for p in params), default=0.0)
+    patch = PatchSet(params, _manifest(model, report, base))
+    patch.set_hashes(originals)
+    return patch, report
+
+
+def _manifest(model: nn.Module, report: RepairReport, base: Optional[dict[str, Any]]) -> dict[str, Any]:
+    from datetime import datetime, timezone
+
+    cfg = getattr(base_model(model), "config", None)
+    ident = {
+        "name_or_path": getattr(cfg, "_name_or_path", None),
+        "model_type": getattr(cfg, "model_type", None),
+        "architectures": getattr(cfg, "architectures", None),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "intermediate_size": getattr(cfg, "intermediate_size", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+    }
+    if base:
+        ident.update(base)
+    neurons = []
+    for r in report.edits:
+        for layer, index in r.neurons:
+            neurons.append({"layer": layer, "index": index, "edit": r.index, "fact_id": r.edit.fact_id})
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base": ident,
+        "settings": report.settings.to_json(),
+        "summary": report.summary(),
+        "edits": [e.to_json() for e in report.edits],
+        "neurons": neurons,
+    }
