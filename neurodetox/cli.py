@@ -43,7 +43,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(list(argv))
     try:
-        model_args, data_args, run_args, train_args = parse_recipe(known.config, rest)
+        model_args, data_args, run_args, train_args, peft_config = parse_recipe(known.config, rest)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     _setup_logging()
@@ -53,7 +53,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     from .run import run_training
 
     try:
-        summary = run_training(model_args, data_args, run_args, train_args)
+        summary = run_training(model_args, data_args, run_args, train_args, peft_config)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
         return _fail(str(e))
     if train_args.process_index == 0:

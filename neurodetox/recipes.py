@@ -96,7 +96,10 @@ def load_recipe(path: Optional[str]) -> dict:
 
 
 def parse_recipe(config: Optional[str], overrides: Sequence[str] = ()):
-    """Recipe file plus ``--field value`` overrides → ``(model, data, run, training)`` dataclasses.
+    """Recipe file plus ``--field value`` overrides → ``(model, data, run, training, peft)``.
+
+    ``peft`` is the recipe's optional ``peft:`` mapping (``peft.LoraConfig``
+    fields, e.g. ``r``, ``lora_alpha``, ``target_modules``) or ``None``.
 
     Overrides win over the recipe.
 
@@ -106,6 +109,9 @@ def parse_recipe(config: Optional[str], overrides: Sequence[str] = ()):
     """
     parser = make_parser()
     recipe = load_recipe(config)
+    peft_config = recipe.pop("peft", None)
+    if peft_config is not None and not isinstance(peft_config, dict):
+        raise ValueError(f"the recipe's peft section must be a mapping of peft.LoraConfig fields, got {peft_config!r}")
     known = _known_fields(parser)
     unknown = [k for k in recipe if k not in known]
     over_keys = [o[2:].split("=", 1)[0].replace("-", "_") for o in overrides if o.startswith("--")]
@@ -122,4 +128,4 @@ def parse_recipe(config: Optional[str], overrides: Sequence[str] = ()):
         args=argv, return_remaining_strings=True)
     if rest:
         raise ValueError(f"could not parse these arguments: {' '.join(rest)}")
-    return model_args, data_args, run_args, train_args
+    return model_args, data_args, run_args, train_args, peft_config

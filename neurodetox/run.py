@@ -15,11 +15,12 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 from .callbacks import EigenScoreCallback, JsonlMetricsCallback, SensitiveNeuronDropoutCallback
+from .callbacks.eigenscore import evaluate_probes_all_ranks
 from .data import load_facts
 from .data.lm import tokenize_texts
-from .evaluation import evaluate_probes
 from .io import atomic_write_json
 from .models import load_model
 from .recipes import DataArguments, ModelArguments, RunArguments
@@ -93,8 +94,107 @@ def _probes(split, cap=None):
     return [r["prompt"] for r in rows], [r["aliases"] for r in rows]
 
 
+def check_deepspeed_config(args: SeNDConfig) -> None:
+    """Fail before training when a DeepSpeed config contradicts the Trainer's arguments.
+
+    Raises:
+        FileNotFoundError: the config file is missing.
+        ValueError: a batch-size or accumulation value that differs from the
+            Trainer's (use ``"auto"``), or a ``train_batch_size`` that is not
+            micro-batch × accumulation × world size.
+    """
+    if not args.deepspeed:
+        return
+    cfg = args.deepspeed
+    if isinstance(cfg, str):
+        if not os.path.isfile(cfg):
+            raise FileNotFoundError(f"DeepSpeed config not found: {cfg}")
+        with open(cfg) as f:
+            cfg = json.load(f)
+    world = max(args.world_size, 1)
+    checks = [("train_micro_batch_size_per_gpu", "per_device_train_batch_size", args.per_device_train_batch_size),
+              ("gradient_accumulation_steps", "gradient_accumulation_steps", args.gradient_accumulation_steps)]
+    for ds_key, arg_name, value in checks:
+        v = cfg.get(ds_key, "auto")
+        if v != "auto" and int(v) != int(value):
+            raise ValueError(f"DeepSpeed config {ds_key}={v} contradicts {arg_name}={value}; "
+                             f"set it to \"auto\" (recommended) or to {value}")
+    tbs = cfg.get("train_batch_size", "auto")
+    expect = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    if tbs != "auto" and int(tbs) != expect:
+        raise ValueError(f"DeepSpeed config train_batch_size={tbs} is not per_device_train_batch_size × "
+                         f"gradient_accumulation_steps × world size = {args.per_device_train_batch_size} × "
+                         f"{args.gradient_accumulation_steps} × {world} = {expect}; remove the key or set it to \"auto\"")
+
+
+def wrap_peft(model, peft_config: dict, args: SeNDConfig):
+    """Wrap ``model`` with a LoRA adapter from the recipe's ``peft`` section (``peft.LoraConfig`` fields).
+
+    With gradient checkpointing, inputs are made to require grads (needed by
+    reentrant checkpointing) and, under DeepSpeed ZeRO-3, ``use_reentrant``
+    is forced to ``True``: PEFT + ZeRO-3 + non-reentrant checkpointing
+    crashes (``CheckpointError … shape [0]``, platform-notes.md).
+
+    Raises:
+        ValueError: an unknown LoRA field (the message lists the valid ones).
+    """
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+
+    valid = {f.name for f in dataclasses.fields(LoraConfig)}
+    bad = sorted(set(peft_config) - valid)
+    if bad:
+        raise ValueError(f"unknown peft field(s) {bad} in the recipe; valid LoraConfig fields include "
+                         f"r, lora_alpha, lora_dropout, target_modules, bias, modules_to_save")
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **peft_config))
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+        ds = args.deepspeed if isinstance(args.deepspeed, dict) else None
+        if args.deepspeed and ds is None:
+            with open(args.deepspeed) as f:
+                ds = json.load(f)
+        if ds and ds.get("zero_optimization", {}).get("stage") == 3:
+            kwargs = dict(args.gradient_checkpointing_kwargs or {})
+            if kwargs.get("use_reentrant") is False:
+                logger.warning("PEFT + ZeRO-3 + non-reentrant checkpointing crashes: forcing use_reentrant=True")
+            kwargs["use_reentrant"] = True
+            args.gradient_checkpointing_kwargs = kwargs
+    return model
+
+
+def save_final_model(trainer, tok, output_dir: Path, merge_adapter: bool) -> Path:
+    """Write ``output_dir/final`` (a full HF checkpoint) atomically; call on every rank.
+
+    ``save_model`` runs on every rank (ZeRO-3 gathers weights collectively);
+    rank 0 then renames the folder into place. A LoRA run also keeps its
+    adapter in ``final-adapter/`` and merges it into ``final/``.
+    """
+    final_dir = output_dir / "final"
+    tmp = output_dir / (".final-adapter.partial" if merge_adapter else ".final.partial")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        if merge_adapter:
+            from peft import AutoPeftModelForCausalLM
+
+            adapter_dir = output_dir / "final-adapter"
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            os.replace(tmp, adapter_dir)
+            merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).merge_and_unload()
+            tmp = output_dir / ".final.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            merged.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp, final_dir)
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
 def run_training(model_args: ModelArguments, data_args: DataArguments, run_args: RunArguments,
-                 args: SeNDConfig) -> dict:
+                 args: SeNDConfig, peft_config: Optional[dict] = None) -> dict:
     """Fine-tune with SeND and write the run folder; returns the summary dict.
 
     Every input is validated (data, sites, layers, window, tracking set)
@@ -106,9 +206,14 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
         if split not in ds or len(ds[split]) == 0:
             raise ValueError(f"the {split!r} split is empty; adjust tracking_fraction/test_fraction or the data")
     check_schedule(args, len(ds["train"]))
-    _prepare_output_dir(args, run_args)
+    check_deepspeed_config(args)
+    with args.main_process_first(desc="prepare the run folder"):
+        if args.process_index == 0:
+            _prepare_output_dir(args, run_args)
 
     model, tok = load_model(model_args.model_name_or_path, dtype=model_args.model_dtype)
+    if peft_config:
+        model = wrap_peft(model, peft_config, args)
     train_set = tokenize_texts(tok, ds["train"]["statement"], data_args.max_length)
     tracking_set = tokenize_texts(tok, ds["tracking"]["statement"], data_args.max_length)
     test_prompts, test_aliases = _probes(ds["test"], data_args.max_test_probes)
@@ -130,7 +235,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
         before = json.loads(before_file.read_text())
     else:
         logger.info("scoring %d test probes before training", len(test_prompts))
-        result = evaluate_probes(model, tok, test_prompts, test_aliases, settings, show_progress=True)
+        result = evaluate_probes_all_ranks(model, tok, test_prompts, test_aliases, settings, show_progress=True)
         before = {**result.metrics(), "records": result.records}
         if trainer.is_world_process_zero():
             atomic_write_json(before_file, before)
@@ -140,15 +245,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
     trainer.train(resume_from_checkpoint=resume or None)
     train_seconds = time.time() - t_train
 
-    final_dir = Path(args.output_dir) / "final"
-    if trainer.is_world_process_zero():
-        tmp = Path(args.output_dir) / ".final.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.save_model(str(tmp))
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
+    final_dir = save_final_model(trainer, tok, Path(args.output_dir), merge_adapter=bool(peft_config))
 
-    after = evaluate_probes(trainer.model, tok, test_prompts, test_aliases, settings, show_progress=True)
+    after = evaluate_probes_all_ranks(trainer.model, tok, test_prompts, test_aliases, settings, show_progress=True)
     if trainer.is_world_process_zero():
         _log_test_metrics(args.output_dir, trainer.state.global_step, after.metrics())
     send_cb = trainer.callback(SensitiveNeuronDropoutCallback)
@@ -159,6 +258,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
         "send_mode": args.send_mode,
         "send_site": args.send_site,
         "send_layers": args.send_layers,
+        "peft": peft_config,
+        "world_size": args.world_size,
         "splits": {k: len(v) for k, v in ds.items()},
         "test_probes": len(test_prompts),
         "factual_accuracy_before": before["factual_accuracy"],

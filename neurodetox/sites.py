@@ -400,3 +400,38 @@ def value_vector_parameter(site: NeuronSite) -> tuple[nn.Parameter, int]:
         raise ValueError(f"value vectors exist only for 'mlp' sites, not {site.kind!r}")
     w = getattr(site.module, "base_layer", site.module)
     return w.weight, (0 if hasattr(w, "nx") else 1)
+
+
+def assert_sites_reached(model: nn.Module, sites: Sequence[NeuronSite], input_ids: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor] = None) -> None:
+    """Run one no-grad forward and check that every site's hook fires.
+
+    A wrapper (a PEFT method, a custom module) that bypasses the hooked
+    module would otherwise make statistics and masks silently do nothing.
+
+    Args:
+        input_ids: ``[B, T]`` token ids (one short example is enough).
+
+    Raises:
+        ValueError: naming each site that the forward pass never reached.
+    """
+    hit: set[str] = set()
+    handles = [register_site_hook(s, (lambda key: (lambda a: hit.add(key)))(s.key), observer=True) for s in sites]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model(input_ids=input_ids.to(device),
+                  attention_mask=None if attention_mask is None else attention_mask.to(device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    missed = [f"{s.key} ({s.module_name or type(s.module).__name__})" for s in sites if s.key not in hit]
+    if missed:
+        raise ValueError(
+            f"the forward pass never reached site(s) {', '.join(missed)}: a wrapper (e.g. a PEFT method) hides "
+            "them. Name the module that really runs with module_path (send_module_path), or change the wrapper's "
+            "target modules."
+        )

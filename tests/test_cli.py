@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from neurodetox.cli import main
 from neurodetox.trainer import SeNDConfig
@@ -115,3 +116,40 @@ def test_data_facts_command(tmp_path, capsys):
     assert main(["data", "facts", "--out", str(out)]) == 2
     assert main(["data", "facts", "--out", str(tmp_path / "x"), "--relations", "capital_of,population_of"]) == 2
     assert "population_of" in capsys.readouterr().err
+
+
+def test_peft_section_trains_lora_and_final_is_merged(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(RECIPE.read_text() + "\npeft:\n  r: 4\n  lora_alpha: 8\n  target_modules: [q_proj, v_proj, down_proj]\n")
+    out = tmp_path / "run"
+    argv = _tiny_args(tiny_model_dir, out, "--send_site", "mlp", "--send_layers", "all", "--learning_rate", "0.05")
+    argv[2] = str(recipe)
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["peft"]["r"] == 4
+    assert summary["sensitive_neurons"] and set(summary["sensitive_neurons"][0]["neurons"]) == {f"mlp.{i}" for i in range(4)}
+    assert (out / "final-adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    w_m = merged.model.layers[0].mlp.down_proj.weight
+    w_b = base.model.layers[0].mlp.down_proj.weight
+    assert w_m.shape == w_b.shape and not torch.equal(w_m, w_b), "the LoRA update must be merged into final/"
+
+
+def test_bad_peft_field_and_contradicting_deepspeed_config(tiny_model_dir, tmp_path, capsys):
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(RECIPE.read_text() + "\npeft:\n  rank: 4\n")
+    argv = _tiny_args(tiny_model_dir, tmp_path / "a")
+    argv[2] = str(recipe)
+    assert main(argv) == 2
+    assert "unknown peft field(s) ['rank']" in capsys.readouterr().err
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
+    assert main(_tiny_args(tiny_model_dir, tmp_path / "b", "--deepspeed", str(ds))) == 2
+    assert "train_micro_batch_size_per_gpu=2 contradicts per_device_train_batch_size=4" in capsys.readouterr().err
+    ds.write_text(json.dumps({"train_batch_size": 16, "zero_optimization": {"stage": 2}}))
+    assert main(_tiny_args(tiny_model_dir, tmp_path / "c", "--deepspeed", str(ds))) == 2
+    assert "train_batch_size=16 is not per_device_train_batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "metrics.jsonl").exists()

@@ -146,3 +146,18 @@ def test_empty_tracking_set_and_too_long_window(tmp_path):
     with pytest.raises(ValueError, match="longer than the run"):
         tr.train()
     assert last_checkpoint(str(tmp_path / "b")) is None
+
+
+def test_site_hidden_by_a_wrapper_is_refused(tmp_path):
+    import torch.nn.functional as F
+
+    tok = make_tokenizer()
+    model = make_tiny_llama(len(tok))
+    mlp = model.model.layers[1].mlp
+    # a wrapper that computes the FFN without calling its down_proj module: hooks there never fire
+    mlp.forward = lambda x: F.linear(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj.weight)
+    args = SeNDConfig(output_dir=str(tmp_path), max_steps=4, send_site="mlp", send_layers="all", report_to=[],
+                      use_cpu=True, eigenscore_num_prompts=0, activation_stats_site="none")
+    with pytest.raises(ValueError, match=r"never reached site\(s\) mlp.1 \(model.layers.1.mlp.down_proj\)"):
+        SeNDTrainer(model=model, args=args, train_dataset=tokenize_texts(tok, TEXTS),
+                    tracking_dataset=tokenize_texts(tok, TEXTS[:4]), processing_class=tok)

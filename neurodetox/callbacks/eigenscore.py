@@ -7,8 +7,30 @@ from typing import Optional, Sequence
 
 from transformers import TrainerCallback
 
-from ..distributed import all_gather_objects, is_distributed, shard, unshard
+from ..distributed import all_gather_objects, is_distributed, rank, shard, unshard
 from ..evaluation import EigenScoreSettings, ProbeResult, evaluate_probes
+
+
+def evaluate_probes_all_ranks(model, tokenizer, prompts, aliases, settings: Optional[EigenScoreSettings] = None,
+                              show_progress: bool = False) -> ProbeResult:
+    """:func:`neurodetox.evaluation.evaluate_probes` that also works on several processes.
+
+    Single process: a plain call. Distributed: prompts are dealt to ranks
+    (padded so every rank makes the same number of ``generate`` calls, which
+    ZeRO-3 needs) and the per-prompt records gathered back in order; every
+    rank returns the same result, so call it on every rank.
+    """
+    if not is_distributed():
+        return evaluate_probes(model, tokenizer, prompts, aliases, settings, show_progress=show_progress)
+    if len(prompts) == 0:
+        raise ValueError("no probe prompts to evaluate (empty probe set)")
+    idx, n_real = shard(len(prompts))
+    part = evaluate_probes(model, tokenizer, [prompts[i] for i in idx], [aliases[i] for i in idx], settings,
+                           show_progress=show_progress and rank() == 0)
+    records = unshard(all_gather_objects(part.records[:n_real]), len(prompts))
+    scores = [r["eigenscore"] for r in records if not math.isnan(r["eigenscore"])]
+    return ProbeResult(factual_accuracy=sum(r["correct"] for r in records) / len(records),
+                       eigenscore=sum(scores) / len(scores) if scores else float("nan"), records=records)
 
 
 class EigenScoreCallback(TrainerCallback):
@@ -48,15 +70,6 @@ class EigenScoreCallback(TrainerCallback):
         rank makes the same number of ``generate`` calls, which ZeRO-3 needs)
         and the per-prompt records gathered back in order: call it on every rank.
         """
-        if not is_distributed():
-            result = evaluate_probes(model, self.tokenizer, self.prompts, self.aliases, self.settings)
-        else:
-            idx, n_real = shard(len(self.prompts))
-            part = evaluate_probes(model, self.tokenizer, [self.prompts[i] for i in idx],
-                                   [self.aliases[i] for i in idx], self.settings)
-            records = unshard([g for g in all_gather_objects(part.records[:n_real])], len(self.prompts))
-            scores = [r["eigenscore"] for r in records if not math.isnan(r["eigenscore"])]
-            result = ProbeResult(factual_accuracy=sum(r["correct"] for r in records) / len(records),
-                                 eigenscore=sum(scores) / len(scores) if scores else float("nan"), records=records)
+        result = evaluate_probes_all_ranks(model, self.tokenizer, self.prompts, self.aliases, self.settings)
         self.history.append((step, result))
         return result.metrics()

@@ -97,9 +97,11 @@ class SeNDTrainer(Trainer):
                 window_steps=args.send_window_steps, rescale=args.send_rescale,
                 batch_size=args.send_tracking_batch_size, seed=args.seed, module_path=args.send_module_path,
                 show_progress=not args.disable_tqdm)
-            from ..sites import resolve_sites
+            from ..sites import assert_sites_reached, resolve_sites
 
-            resolve_sites(self.model, args.send_site, args.send_layers, args.send_module_path)
+            sites = resolve_sites(self.model, args.send_site, args.send_layers, args.send_module_path)
+            example = self.data_collator([tracking_dataset[0]])
+            assert_sites_reached(self.model, sites, example["input_ids"], example["attention_mask"])
             self.add_callback(cb)
         if probe_prompts and args.eigenscore_num_prompts > 0:
             n = args.eigenscore_num_prompts
