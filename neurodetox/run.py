@@ -94,6 +94,24 @@ def _probes(split, cap=None):
     return [r["prompt"] for r in rows], [r["aliases"] for r in rows]
 
 
+def deepspeed_config(args: SeNDConfig) -> Optional[dict]:
+    """The DeepSpeed config in force: ``--deepspeed`` (file or dict), else the one ``accelerate launch`` passes
+    (``ACCELERATE_DEEPSPEED_CONFIG_FILE``), else ``None``.
+
+    Raises:
+        FileNotFoundError: the named config file is missing.
+    """
+    cfg = args.deepspeed
+    if not cfg and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        cfg = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+    if isinstance(cfg, str):
+        if not os.path.isfile(cfg):
+            raise FileNotFoundError(f"DeepSpeed config not found: {cfg}")
+        with open(cfg) as f:
+            cfg = json.load(f)
+    return cfg or None
+
+
 def check_deepspeed_config(args: SeNDConfig) -> None:
     """Fail before training when a DeepSpeed config contradicts the Trainer's arguments.
 
@@ -103,14 +121,9 @@ def check_deepspeed_config(args: SeNDConfig) -> None:
             Trainer's (use ``"auto"``), or a ``train_batch_size`` that is not
             micro-batch × accumulation × world size.
     """
-    if not args.deepspeed:
+    cfg = deepspeed_config(args)
+    if not cfg:
         return
-    cfg = args.deepspeed
-    if isinstance(cfg, str):
-        if not os.path.isfile(cfg):
-            raise FileNotFoundError(f"DeepSpeed config not found: {cfg}")
-        with open(cfg) as f:
-            cfg = json.load(f)
     world = max(args.world_size, 1)
     checks = [("train_micro_batch_size_per_gpu", "per_device_train_batch_size", args.per_device_train_batch_size),
               ("gradient_accumulation_steps", "gradient_accumulation_steps", args.gradient_accumulation_steps)]
@@ -150,10 +163,7 @@ def wrap_peft(model, peft_config: dict, args: SeNDConfig):
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **peft_config))
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
-        ds = args.deepspeed if isinstance(args.deepspeed, dict) else None
-        if args.deepspeed and ds is None:
-            with open(args.deepspeed) as f:
-                ds = json.load(f)
+        ds = deepspeed_config(args)
         if ds and ds.get("zero_optimization", {}).get("stage") == 3:
             kwargs = dict(args.gradient_checkpointing_kwargs or {})
             if kwargs.get("use_reentrant") is False:

@@ -161,3 +161,26 @@ def test_site_hidden_by_a_wrapper_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"never reached site\(s\) mlp.1 \(model.layers.1.mlp.down_proj\)"):
         SeNDTrainer(model=model, args=args, train_dataset=tokenize_texts(tok, TEXTS),
                     tracking_dataset=tokenize_texts(tok, TEXTS[:4]), processing_class=tok)
+
+
+def test_stopping_rule_loss_and_ees(tmp_path):
+    from neurodetox.metrics.ees import exact_log_det_mean
+
+    # thresholds no run can meet: trains to the end, but the EES monitor is logged at every recording
+    tr = _trainer(tmp_path / "a", send_stop_loss=-1.0, send_stop_ees=-1e9)
+    tr.train()
+    cb = tr.callback(SensitiveNeuronDropoutCallback)
+    assert tr.state.global_step == 24
+    assert [r["step"] for r in cb.ees_history] == [0, 4, 8, 12, 16, 20]
+    # the monitored value is the exact dataset-level EigenScore of the last recording (N=6 ≤ d: exact route)
+    last = torch.cat([cb.history[-1][k] for k in sorted(cb.history[-1])], dim=1)
+    assert abs(cb.ees_history[-1]["ees"] - exact_log_det_mean(last, alpha=1e-3)) < 1e-6
+    # thresholds every run meets: stops at the first window end with a logged loss (logged at step 4,
+    # after that step's window end), i.e. step 8
+    tr = _trainer(tmp_path / "b", send_stop_loss=1e9, send_stop_ees=1e9)
+    tr.train()
+    assert tr.state.global_step == 8
+    # only the EES condition: stops at the very first window end
+    tr = _trainer(tmp_path / "c", send_stop_ees=1e9)
+    tr.train()
+    assert tr.state.global_step == 4

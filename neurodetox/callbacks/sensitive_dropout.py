@@ -65,6 +65,11 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         drop_windows: ``T ≥ 1``; default 3.
         window_steps: steps per window; 0 (default) = one epoch.
         rescale: scale kept neurons by ``1/(1−K)``; default ``False`` (paper).
+        stop_loss, stop_ees: the paper's stopping rule: stop training at a
+            window end when the last logged training loss < ``stop_loss`` and
+            the dataset-level EES of the tracking embeddings < ``stop_ees``
+            (either may be ``None`` = not required; both ``None`` = never stop).
+        ees_alpha: α of the dataset-level EES (default 1e-3).
         batch_size: tracking forward batch size; default 16.
         seed: seeds the ``random`` mode's draws (per window).
         module_path: explicit module path for unknown architectures.
@@ -95,6 +100,9 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         seed: int = 0,
         module_path: Optional[str] = None,
         show_progress: bool = False,
+        stop_loss: Optional[float] = None,
+        stop_ees: Optional[float] = None,
+        ees_alpha: float = 1e-3,
     ):
         super().__init__()
         if mode not in SEND_MODES:
@@ -117,6 +125,8 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         self.drop_fraction, self.num_checkpoints, self.drop_windows = drop_fraction, num_checkpoints, drop_windows
         self.window_steps, self.rescale, self.batch_size, self.seed = window_steps, rescale, batch_size, seed
         self.show_progress = show_progress
+        self.stop_loss, self.stop_ees, self.ees_alpha = stop_loss, stop_ees, ees_alpha
+        self.ees_history: list[dict] = []  # {"step", "ees", "error"} at every recording
         # state
         self.history: deque = deque(maxlen=num_checkpoints)  # of {site_key: [N, n] float32}
         self.history_steps: deque = deque(maxlen=num_checkpoints)
@@ -194,14 +204,34 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
                 chosen[s.key] = random_fraction(s.width, self.drop_fraction, g).tolist()
         return chosen
 
+    def _record(self, model, step: int) -> None:
+        emb = self.record_embeddings(model)
+        self.history.append(emb)
+        self.history_steps.append(step)
+        from ..metrics.ees import dataset_ees
+
+        res = dataset_ees(torch.cat([emb[k] for k in sorted(emb)], dim=1), alpha=self.ees_alpha)
+        self.ees_history.append({"step": step, "ees": float(res.value), "error": float(res.error)})
+
+    def _should_stop(self, state) -> bool:
+        if self.stop_loss is None and self.stop_ees is None or not self.ees_history:
+            return False
+        losses = [r["loss"] for r in state.log_history if "loss" in r]
+        if self.stop_loss is not None and not (losses and losses[-1] < self.stop_loss):
+            return False
+        if self.stop_ees is not None and not self.ees_history[-1]["ees"] < self.stop_ees:
+            return False
+        logger.info("SeND stopping rule met at step %d: loss %s < %s and EES %.4f < %s", state.global_step,
+                    losses[-1] if losses else None, self.stop_loss, self.ees_history[-1]["ees"], self.stop_ees)
+        return True
+
     def _window_end(self, model, step: int, final: bool) -> None:
         if self.mode == "off":
             return
         self.windows_done += 1
         if final:
             return  # nothing left to train: skip the recording cost
-        self.history.append(self.record_embeddings(model))
-        self.history_steps.append(step)
+        self._record(model, step)
         if self.windows_left > 0:
             self.windows_left -= 1
         if self.windows_left == 0 and len(self.history) >= self.num_checkpoints:
@@ -220,8 +250,7 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         self.attach(model)
         resumed = self._maybe_resume()
         if self.mode != "off" and not resumed and not self.history:
-            self.history.append(self.record_embeddings(model))
-            self.history_steps.append(state.global_step)
+            self._record(model, state.global_step)
         if self.window_steps and state.max_steps and self.window_steps > state.max_steps:
             raise ValueError(
                 f"send_window_steps={self.window_steps} is longer than the run ({state.max_steps} steps): "
@@ -231,10 +260,14 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.window_steps and state.global_step % self.window_steps == 0:
             self._window_end(model, state.global_step, final=state.global_step >= state.max_steps)
+            if self._should_stop(state):
+                control.should_training_stop = True
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if not self.window_steps:
             self._window_end(model, state.global_step, final=state.global_step >= state.max_steps)
+            if self._should_stop(state):
+                control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()
@@ -243,7 +276,10 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         """For the training log: neurons currently dropped and windows left."""
         if self.mode == "off":
             return {}
-        return {"send/dropped": sum(len(v) for v in self.current.values()), "send/windows_left": self.windows_left}
+        out = {"send/dropped": sum(len(v) for v in self.current.values()), "send/windows_left": self.windows_left}
+        if self.ees_history:
+            out["send/tracking_ees"] = self.ees_history[-1]["ees"]
+        return out
 
     # -- persistence ---------------------------------------------------------------
     def save_state(self, directory: str) -> None:
@@ -258,6 +294,7 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
             "drop_windows": self.drop_windows, "window_steps": self.window_steps,
             "history_steps": list(self.history_steps), "windows_done": self.windows_done,
             "windows_left": self.windows_left, "current": self.current, "selections": self.selections,
+            "ees_history": self.ees_history,
         }
         if tensors:
             atomic_save_safetensors(d / f"{self.state_name}.safetensors", tensors)
@@ -279,5 +316,6 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
             self.history_steps.append(step)
         self.windows_done, self.windows_left = meta["windows_done"], meta["windows_left"]
         self.current, self.selections = meta["current"], meta["selections"]
+        self.ees_history = meta.get("ees_history", [])
         if self._dropout is not None:
             self._dropout.set(self.current)

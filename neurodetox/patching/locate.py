@@ -30,11 +30,177 @@ import torch
 from torch import nn
 
 from ..sites import NeuronSite, register_site_hook, value_vector_parameter
-from .direction import SemanticSpace
+from .direction import SemanticSpace, final_norm
 
-__all__ = ["LOCATORS", "Candidate", "neuron_scores", "locate"]
+__all__ = ["LOCATORS", "DEFAULT_REFERENCE_PROMPTS", "Candidate", "ReferenceStats", "neuron_scores", "top_candidates",
+           "locate", "reference_stats", "reference_rms"]
 
 LOCATORS = ("grad_x_act", "contrastive", "activation")
+
+#: Generic prompts whose activations define a neuron's background level for the
+#: selectivity weighting of :func:`neurodetox.patching.repair` (used when no
+#: reference prompts are given). Varied topics and templates, no fact probes.
+DEFAULT_REFERENCE_PROMPTS: tuple[str, ...] = (
+    "The weather today is",
+    "My favourite food is",
+    "The capital of France is",
+    "The largest planet in the solar system is",
+    "Water boils at a temperature of",
+    "The author of Romeo and Juliet is",
+    "The currency of Japan is the",
+    "Mount Everest is located in",
+    "The chemical symbol for gold is",
+    "The first president of the United States was",
+    "A week has seven",
+    "The opposite of hot is",
+    "Python is a programming language that",
+    "The speed of light is about",
+    "In the morning I usually",
+    "The main ingredient of bread is",
+    "The Amazon river flows through",
+    "The official language of Brazil is",
+    "Cats and dogs are",
+    "The Eiffel Tower is in",
+    "Germany is a country in",
+    "The capital of Italy is",
+    "The continent of Kenya is",
+    "The currency of the United Kingdom is the",
+    "Photosynthesis converts sunlight into",
+    "The tallest animal in the world is the",
+    "She opened the door and",
+    "The number after nine is",
+    "Shakespeare was born in",
+    "The Pacific Ocean is the",
+    "Tokyo is the capital of",
+    "The human heart has four",
+)
+
+
+@dataclass
+class ReferenceStats:
+    """Activations of reference prompts: what a patch must not disturb.
+
+    Attributes:
+        rms: float32 ``[S, d_ff]``: root-mean-square activation of every neuron
+            of the ``S`` sites over all real tokens of the prompts.
+        last_acts: float32 ``[N, S, d_ff]``: activations at each prompt's last token.
+        last_logits: float32 ``[N, V]``: the model's logits there.
+        norm_scale: float32 ``[N]``: the final norm's scale at that token
+            (``norm(x) = g ⊙ scale · x`` for RMSNorm), so a change ``Δx`` of the
+            residual stream moves the logits by about ``scale · W_U (g ⊙ Δx)``.
+        layers: the sites' layers, in order.
+    """
+
+    rms: torch.Tensor
+    last_acts: torch.Tensor
+    last_logits: torch.Tensor
+    norm_scale: torch.Tensor
+    layers: list[int]
+
+    def predicted_flips(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
+                        cands: Sequence["Candidate"], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+        """How many reference prompts would change their next-token argmax if each
+        candidate's value vector moved by ``deltas[i]`` (``[d]``), to first order
+        through the direct path ``a_j · Δw_j`` → final norm → LM head.
+
+        Returns:
+            int64 ``[len(cands)]``.
+        """
+        if not cands:
+            return torch.zeros(0, dtype=torch.long)
+        W = unembedding.detach().float().cpu()
+        D = torch.stack([d.float().cpu() for d in deltas], dim=1)  # [d, C]
+        if gain is not None:
+            D = D * gain.float().cpu()[:, None]
+        dlog = (W @ D).T  # [C, V]
+        pos = {layer: i for i, layer in enumerate(self.layers)}
+        coef = torch.stack([self.last_acts[:, pos[c.layer], c.index] for c in cands], dim=0)  # [C, N]
+        coef = coef * self.norm_scale[None, :]
+        top = self.last_logits.argmax(dim=-1)  # [N]
+        flips = []
+        for i in range(len(cands)):
+            new = self.last_logits + coef[i][:, None] * dlog[i][None, :]  # [N, V]
+            flips.append(int((new.argmax(dim=-1) != top).sum()))
+        return torch.tensor(flips, dtype=torch.long)
+
+
+@torch.no_grad()
+def reference_stats(model: nn.Module, tokenizer, sites: Sequence[NeuronSite], prompts: Sequence[str],
+                    batch_size: int = 16) -> ReferenceStats:
+    """Collect :class:`ReferenceStats` for ``prompts`` (right-padded batches;
+    padding excluded from the RMS).
+
+    Raises:
+        ValueError: no non-empty prompts.
+    """
+    prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
+    if not prompts:
+        raise ValueError("reference prompts: need at least one non-empty prompt")
+    device = next(model.parameters()).device
+    width = sites[0].width if sites else 0
+    sums = torch.zeros(len(sites), width, dtype=torch.float64)
+    count = 0
+    box: dict = {}
+    last_acts: list[list[torch.Tensor]] = [[] for _ in sites]
+    scales: list[torch.Tensor] = []
+    logits_out: list[torch.Tensor] = []
+
+    def make_hook(i):
+        def hook(x):
+            m = box["mask"]
+            sums[i] += ((x.detach().double() ** 2) * m[:, :, None]).sum(dim=(0, 1)).cpu()
+            last_acts[i].append(x.detach()[torch.arange(x.shape[0]), box["last"]].float().cpu())
+            return None
+
+        return hook
+
+    def norm_hook(module, args, output):
+        x = args[0].detach().float()[torch.arange(args[0].shape[0]), box["last"]]
+        y = output.detach().float()[torch.arange(output.shape[0]), box["last"]]
+        g = getattr(module, "weight", None)
+        if isinstance(g, torch.Tensor) and g.dim() == 1:
+            gg = g.detach().float()
+            if "gemma" in type(module).__name__.lower():
+                gg = 1.0 + gg
+            y = y / torch.where(gg == 0, torch.ones_like(gg), gg)
+        scales.append(((y * x).sum(-1) / (x * x).sum(-1).clamp_min(1e-12)).cpu())
+
+    handles = [register_site_hook(s, make_hook(i), observer=True) for i, s in enumerate(sites)]
+    norm = final_norm(model)
+    if norm is not None:
+        handles.append(norm.register_forward_hook(norm_hook))
+    was = model.training
+    model.eval()
+    side = getattr(tokenizer, "padding_side", "right")
+    try:
+        tokenizer.padding_side = "right"
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+            box["mask"] = enc["attention_mask"].double()
+            box["last"] = enc["attention_mask"].sum(dim=1) - 1
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+            logits_out.append(out.logits[torch.arange(out.logits.shape[0]), box["last"]].float().cpu())
+            count += int(enc["attention_mask"].sum())
+    finally:
+        tokenizer.padding_side = side
+        for h in handles:
+            h.remove()
+        model.train(was)
+    n = len(prompts)
+    return ReferenceStats(
+        rms=(sums / max(count, 1)).sqrt().float(),
+        last_acts=torch.stack([torch.cat(a) for a in last_acts], dim=1) if sites else torch.zeros(n, 0, 0),
+        last_logits=torch.cat(logits_out),
+        norm_scale=torch.cat(scales) if scales else torch.ones(n),
+        layers=[s.layer for s in sites],
+    )
+
+
+def reference_rms(model: nn.Module, tokenizer, sites: Sequence[NeuronSite], prompts: Sequence[str],
+                  batch_size: int = 16) -> torch.Tensor:
+    """Root-mean-square activation of every neuron of ``sites`` over the real
+    tokens of ``prompts`` (padding excluded): float32 ``[len(sites), d_ff]``."""
+    return reference_stats(model, tokenizer, sites, prompts, batch_size).rms
 
 
 @dataclass(frozen=True)
@@ -66,7 +232,7 @@ def neuron_scores(
     argmax_id: int,
     method: str = "grad_x_act",
     space: Optional[SemanticSpace] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every neuron of ``sites`` for one failure.
 
     Args:
@@ -79,8 +245,9 @@ def neuron_scores(
             (needed by ``contrastive``).
 
     Returns:
-        ``(scores, activations)``, both float32 ``[len(sites), d_ff]`` on CPU:
-        the scores and the activations at the failure position.
+        ``(scores, activations, logits)``: scores and activations at the
+        failure position, both float32 ``[len(sites), d_ff]`` on CPU, and the
+        float32 logits ``[V]`` at the failure position.
 
     Raises:
         ValueError: unknown ``method``; ``contrastive`` without ``space``.
@@ -109,6 +276,7 @@ def neuron_scores(
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 logits = model(inputs_embeds=emb, use_cache=False).logits[0, -1].float()
                 p_t = torch.softmax(logits, dim=-1)[int(target_id)]
+                logits = logits.detach()
                 grads = torch.autograd.grad(p_t, acts, allow_unused=True)
             scores = torch.stack([
                 (a[0].detach().float() * (g[0].float() if g is not None else 0.0)).norm(dim=0)
@@ -116,7 +284,7 @@ def neuron_scores(
             ])
         else:
             with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
+                logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
             if method == "activation":
                 scores = torch.stack([a[0].float().norm(dim=0) for a in acts])
             else:
@@ -133,7 +301,7 @@ def neuron_scores(
         for h in handles:
             h.remove()
         model.train(was)
-    return scores.detach().cpu(), last.cpu()
+    return scores.detach().cpu(), last.cpu(), logits.cpu()
 
 
 def locate(
@@ -160,13 +328,34 @@ def locate(
     Raises:
         ValueError: ``top_k < 1``, no sites, or see :func:`neuron_scores`.
     """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
     if not sites:
         raise ValueError("no neuron sites to search: check the layers setting")
-    scores, last = neuron_scores(model, sites, input_ids, target_id, argmax_id, method, space)
+    scores, last, _ = neuron_scores(model, sites, input_ids, target_id, argmax_id, method, space)
+    return top_candidates(scores, last, sites, top_k, exclude)
+
+
+def top_candidates(
+    scores: torch.Tensor,
+    activations: torch.Tensor,
+    sites: Sequence[NeuronSite],
+    top_k: int = 10,
+    exclude: Collection[tuple[int, int]] = (),
+) -> list[Candidate]:
+    """Rank neurons by ``scores`` (``[len(sites), d_ff]``) into the global top-``top_k``.
+
+    Neurons in ``exclude`` and neurons whose activation at the failure
+    position (``activations``, same shape) is zero are skipped. Ties are
+    broken by layer, then index.
+
+    Raises:
+        ValueError: ``top_k < 1``.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    last = activations
     scores = scores.clone()
     scores[last == 0] = float("-inf")
+    scores[torch.isnan(scores)] = float("-inf")
     layer_pos = {s.layer: i for i, s in enumerate(sites)}
     for layer, idx in exclude:
         if layer in layer_pos and 0 <= idx < scores.shape[1]:

@@ -13,7 +13,11 @@ token ``t``, wrong argmax ``a``) is repaired in order:
    the strongest competitor of ``t``) measured; the best one is kept. All
    candidates are measured in ONE batched forward: patching neuron ``j`` of a
    layer adds exactly ``a_j · Δw_j`` to that layer's FFN output, so each batch
-   row gets its own rank-one correction through a forward hook;
+   row gets its own rank-one correction through a forward hook. Step-size
+   search (our addition; ``alpha_steps=(1,)`` turns it off): candidates are
+   compared at the largest step ``α·max(alpha_steps)``; if the best one fixes
+   the failure, the smallest step of ``α·alpha_steps`` that still fixes it is
+   used (the smallest change that works), else the largest;
 4. patch the value vector ``w ← (w + α s τ) / (1 + α)`` and repeat 2–4 until
    the argmax is ``t``. After ``max_patches`` (10) patches without success the
    failure's patches are undone and it is reported skipped.
@@ -44,7 +48,8 @@ from ..sites import NeuronSite, base_model, resolve_sites, value_vector_paramete
 from .analysis import entropy_neurons
 from .direction import semantic_space
 from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures
-from .locate import LOCATORS, Candidate, locate
+from .direction import final_norm_gain
+from .locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, neuron_scores, reference_stats, top_candidates
 from .patchfile import ParamPatch, PatchSet
 
 __all__ = ["MintSettings", "FailureResult", "EditResult", "RepairReport", "repair", "update_rule"]
@@ -67,6 +72,9 @@ class MintSettings:
     Attributes:
         alpha: step ``α`` of the update rule. Default 0.1 (the authors'
             benchmark path; methods.md lists 0.01 for the paper's prose).
+        alpha_steps: multipliers of ``alpha`` the planner may use (step-size
+            search, see the module docstring). Default ``(1, 2.5, 5, 10)``,
+            i.e. ``α ∈ {0.1, 0.25, 0.5, 1}``; ``(1,)`` is the fixed-step rule.
         locator: ``"grad_x_act"`` (default), ``"contrastive"`` or ``"activation"``.
         candidates: size of the candidate pool (global top-k). Default 10.
         max_patches: patches per failure before it is undone and skipped. Default 10.
@@ -84,9 +92,20 @@ class MintSettings:
         recheck: after all edits, re-verify earlier edits and repair broken
             ones once more. Default True.
         max_failures_per_edit: most failure repairs attempted per edit. Default 16.
+        selectivity: multiply the locator score by the neuron's relative
+            activation ``|a_j(p)| / rms_ref(a_j)`` (RMS over reference prompts),
+            so neurons that fire for this prompt and not in general are
+            preferred (specificity). Default True.
+        guard: in the plan, prefer the candidate whose patch is predicted to
+            flip the fewest reference prompts' next token (first-order direct
+            effect through the final norm and LM head), then the best gain.
+            Default True.
+        share_neurons: let an edit patch a neuron that an earlier edit of the
+            same call patched. Default False (edits would fight over it).
     """
 
     alpha: float = 0.1
+    alpha_steps: tuple[float, ...] = (1.0, 2.5, 5.0, 10.0)
     locator: str = "grad_x_act"
     candidates: int = 10
     max_patches: int = 10
@@ -98,11 +117,18 @@ class MintSettings:
     storage_dtype: Optional[str] = None
     recheck: bool = True
     max_failures_per_edit: int = 16
+    selectivity: bool = True
+    guard: bool = True
+    share_neurons: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field and what is valid."""
         if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        steps = tuple(self.alpha_steps) if not isinstance(self.alpha_steps, (int, float)) else (self.alpha_steps,)
+        if not steps or any(not isinstance(m, (int, float)) or not m > 0 for m in steps):
+            raise ValueError(f"alpha_steps must be positive numbers, got {self.alpha_steps!r}")
+        self.alpha_steps = tuple(float(m) for m in steps)
         if self.locator not in LOCATORS:
             raise ValueError(f"unknown locator {self.locator!r}; valid locators are {', '.join(LOCATORS)}")
         for name in ("candidates", "max_patches", "max_failures_per_edit"):
@@ -114,6 +140,7 @@ class MintSettings:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        d["alpha_steps"] = list(d["alpha_steps"])
         if not isinstance(d["layers"], str):
             d["layers"] = list(d["layers"])
         return d
@@ -383,7 +410,8 @@ def _decode(tokenizer, token: int) -> str:
 
 
 class _Repairer:
-    def __init__(self, model, tokenizer, settings: MintSettings, show_progress: bool):
+    def __init__(self, model, tokenizer, settings: MintSettings, show_progress: bool,
+                 reference_prompts: Optional[Sequence[str]] = None):
         self.model = model
         self.tok = tokenizer
         self.s = settings
@@ -398,7 +426,33 @@ class _Repairer:
             if last in self.sites_by_layer:
                 self.exclude = entropy_neurons(model, last)
         self.used: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.owner: dict[tuple[int, int], int] = {}  # neuron -> edit that patched it
         self.show_progress = show_progress
+        self.ref = None
+        if settings.selectivity or settings.guard:
+            self.ref = reference_stats(model, tokenizer, self.sites, reference_prompts or DEFAULT_REFERENCE_PROMPTS)
+        self.head = base_model(model).get_output_embeddings().weight
+        self.gain = final_norm_gain(model)
+
+    def _proposals(self, cands: list[Candidate], t: int, a: int, alphas: Sequence[float]):
+        """``(candidate, alpha, sign, new column, delta)`` rows for the batched plan."""
+        rows = []
+        for c in cands:
+            if c.layer not in self._taus:
+                used = self.used[c.layer] if self.s.orthogonalize else ()
+                self._taus[c.layer] = self.space.tau(t, a, used)
+            sign = (1.0 if c.activation >= 0 else -1.0) if self.s.signed else 1.0
+            old = self.tracker.column(c.layer, c.index)
+            for alpha in alphas:
+                new = self.tracker.round(update_rule(old, self._taus[c.layer], alpha, sign), c.layer)
+                rows.append((c, alpha, sign, new, new - old))
+        return rows
+
+    def _flips(self, rows) -> torch.Tensor:
+        """Predicted next-token flips of the reference prompts, per plan row (zeros without the guard)."""
+        if not self.s.guard or self.ref is None:
+            return torch.zeros(len(rows), dtype=torch.long)
+        return self.ref.predicted_flips(self.head, self.gain, [r[0] for r in rows], [r[4] for r in rows])
 
     def repair_failure(self, edit: Edit, f: Failure) -> FailureResult:
         s = self.s
@@ -408,41 +462,51 @@ class _Repairer:
         res = FailureResult(step=f.step, position=f.position, target_id=t, argmax_id=f.argmax_id,
                             target_token=_decode(self.tok, t), argmax_token=_decode(self.tok, f.argmax_id))
         snap = self.tracker.snapshot()
+        alphas = sorted({float(s.alpha) * float(m) for m in s.alpha_steps})
+        used_taus: dict[int, torch.Tensor] = {}
         gap, arg = _measure(self.model, ids, t)
         res.gap_before = gap
-        taus: dict[int, torch.Tensor] = {}
         for _ in range(s.max_patches):
             if arg == t:
                 break
             a = arg
-            cands = locate(self.model, self.sites, ids, t, a, s.locator, s.candidates, self.space, self.exclude)
+            scores, acts, _ = neuron_scores(self.model, self.sites, ids, t, a, s.locator, self.space)
+            if s.selectivity:
+                scores = scores * acts.abs() / (self.ref.rms + 1e-6)
+            exclude = list(self.exclude)
+            if not s.share_neurons:
+                exclude += [k for k, owner in self.owner.items() if owner != f.edit]
+            cands = top_candidates(scores, acts, self.sites, s.candidates, exclude)
             if not cands:
                 break
-            taus = {}
-            deltas, news = [], []
-            for c in cands:
-                if c.layer not in taus:
-                    used = self.used[c.layer] if s.orthogonalize else ()
-                    taus[c.layer] = self.space.tau(t, a, used)
-                sign = (1.0 if c.activation >= 0 else -1.0) if s.signed else 1.0
-                old = self.tracker.column(c.layer, c.index)
-                new = self.tracker.round(update_rule(old, taus[c.layer], s.alpha, sign), c.layer)
-                news.append((new, sign))
-                deltas.append(new - old)
-            gaps, _ = _plan(self.model, self.sites_by_layer, ids, t, cands, deltas)
-            best = int(torch.argmin(gaps))
-            c = cands[best]
-            self.tracker.write(c.layer, c.index, news[best][0])
+            self._taus = {}
+            # plan, stage 1: every candidate at the largest step
+            rows = self._proposals(cands, t, a, alphas[-1:])
+            gaps, args = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in rows], [r[4] for r in rows])
+            flips = self._flips(rows)
+            best = min(range(len(rows)), key=lambda i: (int(flips[i]), float(gaps[i]), i))
+            chosen = (rows[best], float(gaps[best]), int(args[best]))
+            # plan, stage 2: the best candidate at smaller steps; keep the smallest step that fixes
+            if len(alphas) > 1 and int(args[best]) == t:
+                small = self._proposals([rows[best][0]], t, a, alphas[:-1])
+                g2, a2 = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in small], [r[4] for r in small])
+                f2 = self._flips(small)
+                for r, g, ar, fl in zip(small, g2.tolist(), a2.tolist(), f2.tolist()):
+                    if ar == t and fl <= int(flips[best]):
+                        chosen = (r, g, ar)
+                        break
+            (c, alpha, sign, new, _), planned_gap, _ = chosen
+            self.tracker.write(c.layer, c.index, new)
+            used_taus[c.layer] = self._taus[c.layer]
             gap, arg = _measure(self.model, ids, t)
-            res.patches.append({"layer": c.layer, "index": c.index, "sign": news[best][1], "score": c.score,
-                                "competitor": int(a), "gap_after": gap})
+            res.patches.append({"layer": c.layer, "index": c.index, "alpha": alpha, "sign": sign,
+                                "score": c.score, "competitor": int(a), "gap_after": gap})
         res.gap_after = gap
         if arg == t:
             res.status = "fixed"
             if s.orthogonalize:
-                for layer in {p["layer"] for p in res.patches}:
-                    if layer in taus:
-                        self.used[layer].append(taus[layer])
+                for layer, tau in used_taus.items():
+                    self.used[layer].append(tau)
         else:
             res.status = "skipped"
             self.tracker.restore(snap)
@@ -481,6 +545,8 @@ class _Repairer:
         else:
             result.status = "fixed"
             result.message = ""
+            for key in result.neurons:
+                self.owner.setdefault(key, i)
         result.seconds += time.perf_counter() - t0
         return result
 
@@ -493,6 +559,7 @@ def repair(
     *,
     show_progress: bool = True,
     base: Optional[dict[str, Any]] = None,
+    reference_prompts: Optional[Sequence[str]] = None,
 ) -> tuple[PatchSet, RepairReport]:
     """Repair ``edits`` with MINT and return the patch (the model is left unchanged).
 
@@ -510,6 +577,10 @@ def repair(
         show_progress: a tqdm bar over edits.
         base: base-checkpoint identity for the manifest (default: from the
             model's config).
+        reference_prompts: prompts that define each neuron's background
+            activation for ``settings.selectivity`` (default
+            :data:`~neurodetox.patching.locate.DEFAULT_REFERENCE_PROMPTS`);
+            use prompts like the ones that must not change.
 
     Returns:
         ``(patch, report)``: a :class:`~neurodetox.patching.patchfile.PatchSet`
@@ -528,7 +599,7 @@ def repair(
     t0 = time.perf_counter()
     was = model.training
     model.eval()
-    rep = _Repairer(model, tokenizer, s, show_progress)
+    rep = _Repairer(model, tokenizer, s, show_progress, reference_prompts)
     results: list[EditResult] = []
     try:
         for i, e in enumerate(tqdm(edits, desc="MINT repair", unit="edit", disable=not show_progress)):

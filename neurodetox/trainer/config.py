@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from transformers import TrainingArguments
 
@@ -50,6 +51,13 @@ class SeNDConfig(TrainingArguments):
     send_module_path: str = field(default=None, metadata={
         "help": "Explicit site module path with '{layer}' for architectures neurodetox does not know, "
                 "e.g. 'model.layers.{layer}.mlp.down_proj'."})
+
+    send_stop_loss: Optional[float] = field(default=None, metadata={
+        "help": "Stopping rule (SeND paper): stop at a window end once the training loss is below this ε "
+                "(and the tracking-set EES below send_stop_ees, if set). Default: off."})
+    send_stop_ees: Optional[float] = field(default=None, metadata={
+        "help": "Stopping rule: stop at a window end once the dataset-level EES (mean log-eigenvalue, nats) of "
+                "the tracking-set embeddings is below this δ (and the loss below send_stop_loss, if set)."})
 
     activation_stats_site: str = field(default="mlp", metadata={
         "help": "Site of the per-neuron activation statistics: 'mlp', 'residual' or 'none' (off)."})

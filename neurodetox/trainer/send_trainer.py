@@ -96,7 +96,8 @@ class SeNDTrainer(Trainer):
                 num_checkpoints=args.send_num_checkpoints, drop_windows=args.send_drop_windows,
                 window_steps=args.send_window_steps, rescale=args.send_rescale,
                 batch_size=args.send_tracking_batch_size, seed=args.seed, module_path=args.send_module_path,
-                show_progress=not args.disable_tqdm)
+                show_progress=not args.disable_tqdm, stop_loss=args.send_stop_loss, stop_ees=args.send_stop_ees,
+                ees_alpha=args.eigenscore_alpha)
             from ..sites import assert_sites_reached, resolve_sites
 
             sites = resolve_sites(self.model, args.send_site, args.send_layers, args.send_module_path)

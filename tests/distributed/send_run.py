@@ -68,7 +68,8 @@ def main():
         learning_rate=a.lr, lr_scheduler_type="constant", seed=0, data_seed=0, eigenscore_num_prompts=0,
         deepspeed=a.deepspeed, gradient_checkpointing=a.gc,
         gradient_checkpointing_kwargs={"use_reentrant": True} if a.gc else None,
-        dataloader_num_workers=0, ddp_backend="gloo" if w > 1 and not a.deepspeed else None,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if w > 1 and not a.deepspeed and not os.environ.get("ACCELERATE_USE_DEEPSPEED") else None,
     )
     trainer = SeNDTrainer(model=model, args=args, train_dataset=tokenize_texts(tok, texts(64, 1)),
                           tracking_dataset=tokenize_texts(tok, texts(a.tracking, 2)), processing_class=tok)

@@ -1,0 +1,221 @@
+"""How good is a patch: success, generalisation, specificity, perplexity drift.
+
+The measures of Gu et al., "Neuron Patching: Semantic-based Neuron-level
+Language Model Repair for Code Generation" (arXiv 2312.05356) and their code,
+adapted to fact probes (``shared/docs/methods.md`` §4):
+
+``success``
+    the edit's target is produced under teacher forcing (every target token is
+    the argmax): the failure is fixed. ``success_greedy`` also checks the
+    greedy answer with :func:`neurodetox.metrics.factual.is_correct`.
+``generalisation``
+    fraction of the edited facts' paraphrase prompts whose greedy answer is
+    correct after the patch (reported with the value before it).
+``specificity``
+    fraction of unrelated prompts whose greedy answer (``max_new_tokens``
+    tokens) is exactly unchanged; also the next-token argmax agreement.
+``perplexity drift``
+    ``ppl_after / ppl_before − 1`` on reference texts (mean token NLL).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..metrics.factual import is_correct
+from ..sampling import greedy_answers
+from .failures import Edit, coerce_edits, encode_edit, teacher_forced_argmax
+from .patchfile import PatchSet
+
+__all__ = ["measure_model", "compare", "evaluate_patch", "perplexity"]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16) -> float:
+    """``exp(mean token NLL)`` of ``texts`` (padding excluded; each text scored
+    from its second token on).
+
+    Raises:
+        ValueError: no texts.
+    """
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("perplexity needs at least one non-empty reference text")
+    device = next(model.parameters()).device
+    side = getattr(tokenizer, "padding_side", "right")
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        tokenizer.padding_side = "right"
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+            logits = model(**enc, use_cache=False).logits[:, :-1].float()
+            labels = enc["input_ids"][:, 1:]
+            mask = enc["attention_mask"][:, 1:].bool()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            total += float(nll[mask].sum())
+            count += int(mask.sum())
+    finally:
+        tokenizer.padding_side = side
+        model.train(was)
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def _next_tokens(model, tokenizer, prompts: Sequence[str], batch_size: int = 32) -> list[int]:
+    device = next(model.parameters()).device
+    side = getattr(tokenizer, "padding_side", "right")
+    was = model.training
+    model.eval()
+    out: list[int] = []
+    try:
+        tokenizer.padding_side = "left"
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+            logits = model(**enc, use_cache=False).logits[:, -1]
+            out.extend(logits.argmax(-1).tolist())
+    finally:
+        tokenizer.padding_side = side
+        model.train(was)
+    return out
+
+
+def measure_model(model: nn.Module, tokenizer, edits: Sequence[Edit], unrelated: Sequence[str],
+                  reference_texts: Sequence[str], *, max_new_tokens: int = 8, batch_size: int = 16,
+                  show_progress: bool = False) -> dict[str, Any]:
+    """Everything :func:`compare` needs from one model state.
+
+    Returns:
+        dict with ``teacher_forced`` (per edit: all target tokens are the
+        argmax), ``edit_answers``, ``paraphrase_answers`` (per edit, a list),
+        ``unrelated_answers``, ``unrelated_next`` (next-token argmax ids) and
+        ``perplexity`` (``nan`` without reference texts).
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=5, desc="evaluating", disable=not show_progress)
+    tf = [bool(torch.equal(teacher_forced_argmax(model, e.prompt_ids, e.target_ids),
+                           torch.tensor(e.target_ids))) for e in edits]
+    bar.update()
+    edit_answers = greedy_answers(model, tokenizer, [e.prompt for e in edits], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size) if edits else []
+    bar.update()
+    para_flat = [p for e in edits for p in e.paraphrases]
+    para = greedy_answers(model, tokenizer, para_flat, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size) if para_flat else []
+    para_answers, k = [], 0
+    for e in edits:
+        para_answers.append(para[k:k + len(e.paraphrases)])
+        k += len(e.paraphrases)
+    bar.update()
+    unrelated = list(unrelated)
+    un = greedy_answers(model, tokenizer, unrelated, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size) if unrelated else []
+    un_next = _next_tokens(model, tokenizer, unrelated) if unrelated else []
+    bar.update()
+    ppl = perplexity(model, tokenizer, reference_texts) if reference_texts else float("nan")
+    bar.update()
+    bar.close()
+    return {"teacher_forced": tf, "edit_answers": edit_answers, "paraphrase_answers": para_answers,
+            "unrelated_answers": un, "unrelated_next": un_next, "perplexity": ppl}
+
+
+def _frac(flags: Sequence[bool]) -> float:
+    return sum(bool(f) for f in flags) / len(flags) if flags else float("nan")
+
+
+def compare(before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit],
+            unrelated: Sequence[str]) -> dict[str, Any]:
+    """Success, generalisation, specificity and perplexity drift from two
+    :func:`measure_model` results (same edits and prompts)."""
+    per_edit = []
+    for i, e in enumerate(edits):
+        ok = e.answers
+        per_edit.append({
+            "fact_id": e.fact_id, "prompt": e.prompt, "target": e.target,
+            "fixed": after["teacher_forced"][i], "was_right": before["teacher_forced"][i],
+            "answer_before": before["edit_answers"][i], "answer_after": after["edit_answers"][i],
+            "greedy_correct": is_correct(after["edit_answers"][i], ok),
+            "paraphrases_correct_before": [is_correct(a, ok) for a in before["paraphrase_answers"][i]],
+            "paraphrases_correct_after": [is_correct(a, ok) for a in after["paraphrase_answers"][i]],
+        })
+    para_before = [f for r in per_edit for f in r["paraphrases_correct_before"]]
+    para_after = [f for r in per_edit for f in r["paraphrases_correct_after"]]
+    same = [a == b for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
+    same_next = [a == b for a, b in zip(before["unrelated_next"], after["unrelated_next"])]
+    changed = [{"prompt": p, "before": a, "after": b}
+               for p, a, b in zip(unrelated, before["unrelated_answers"], after["unrelated_answers"]) if a != b]
+    ppl_b, ppl_a = before["perplexity"], after["perplexity"]
+    return {
+        "edits": len(edits),
+        "success": _frac([r["fixed"] for r in per_edit]),
+        "success_greedy": _frac([r["greedy_correct"] for r in per_edit]),
+        "generalisation_before": _frac(para_before),
+        "generalisation": _frac(para_after),
+        "paraphrases": len(para_after),
+        "specificity": _frac(same),
+        "specificity_next_token": _frac(same_next),
+        "unrelated_prompts": len(same),
+        "perplexity_before": ppl_b,
+        "perplexity_after": ppl_a,
+        "perplexity_drift": (ppl_a / ppl_b - 1.0) if ppl_b == ppl_b and ppl_b > 0 else float("nan"),
+        "per_edit": per_edit,
+        "changed_unrelated": changed[:50],
+    }
+
+
+def evaluate_patch(
+    model: nn.Module,
+    tokenizer,
+    patch: PatchSet,
+    edits: Optional[Sequence[Any]] = None,
+    unrelated: Sequence[str] = (),
+    reference_texts: Sequence[str] = (),
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 16,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``patch`` on ``model`` by toggling it in memory.
+
+    The model may hold the original or the patched values; it is measured in
+    both states and left in the state it came in.
+
+    Args:
+        edits: the edits to score (default: the manifest's edits).
+        unrelated: prompts that must not change (the issue asks for >= 200).
+        reference_texts: texts for perplexity drift.
+        max_new_tokens: greedy answer length. Default 8.
+
+    Returns:
+        The :func:`compare` dict plus ``neurons_per_fix`` and ``parameters_changed``.
+
+    Raises:
+        PatchMismatchError: the model is neither in the original nor the
+            patched state of ``patch``.
+    """
+    edits = coerce_edits(edits if edits is not None else patch.manifest.get("edits", []))
+    edits = [encode_edit(tokenizer, e) for e in edits]
+    states = set(patch.states(model).values())
+    if states - {"original", "patched"}:
+        patch.verify(model, "original")  # raises with the tensor's name
+    was_patched = states == {"patched"}
+    try:
+        patch.revert(model)
+        before = measure_model(model, tokenizer, edits, unrelated, reference_texts, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, show_progress=show_progress)
+        patch.apply(model)
+        after = measure_model(model, tokenizer, edits, unrelated, reference_texts, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, show_progress=show_progress)
+    finally:
+        (patch.apply if was_patched else patch.revert)(model)
+    out = compare(before, after, edits, unrelated)
+    out["neurons_per_fix"] = [len(e.get("neurons", [])) for e in patch.manifest.get("edits", [])
+                              if e.get("status") == "fixed"]
+    out["parameters_changed"] = patch.num_values
+    return out
