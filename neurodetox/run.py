@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from transformers import TrainerCallback
+
 from .callbacks import EigenScoreCallback, JsonlMetricsCallback, SensitiveNeuronDropoutCallback
 from .callbacks.eigenscore import evaluate_probes_all_ranks
 from .data import load_facts
@@ -76,6 +78,22 @@ def load_run_data(data: DataArguments, seed_fallback: int = 0):
         kwargs["relations"] = tuple(r.strip() for r in data.relations.split(",") if r.strip())
         kwargs["max_facts_per_relation"] = data.max_facts_per_relation
     return load_facts(data.data, **kwargs)
+
+
+class _ProbesBeforeTraining(TrainerCallback):
+    """Score the test probes once training has been set up, before the first step."""
+
+    def __init__(self, tok, prompts, aliases, settings, path: Path, into: dict):
+        self.tok, self.prompts, self.aliases, self.settings, self.path, self.into = tok, prompts, aliases, settings, path, into
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        logger.info("scoring %d test probes before training", len(self.prompts))
+        result = evaluate_probes_all_ranks(model, self.tok, self.prompts, self.aliases, self.settings,
+                                           show_progress=True)
+        self.into.update({**result.metrics(), "records": result.records})
+        if state.is_world_process_zero:
+            atomic_write_json(self.path, self.into)
+            _log_test_metrics(args.output_dir, state.global_step, result.metrics())
 
 
 def _log_test_metrics(output_dir: str, step: int, metrics: dict) -> None:
@@ -241,15 +259,13 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
     if isinstance(resume, str) and resume.lower() in ("true", "1", "yes"):
         resume = True
     before_file = Path(args.output_dir) / "probes_before.json"
+    before: dict = {}
     if resume and before_file.is_file():
-        before = json.loads(before_file.read_text())
+        before.update(json.loads(before_file.read_text()))
     else:
-        logger.info("scoring %d test probes before training", len(test_prompts))
-        result = evaluate_probes_all_ranks(model, tok, test_prompts, test_aliases, settings, show_progress=True)
-        before = {**result.metrics(), "records": result.records}
-        if trainer.is_world_process_zero():
-            atomic_write_json(before_file, before)
-            _log_test_metrics(args.output_dir, 0, result.metrics())
+        # scored from on_train_begin: after DeepSpeed has wrapped the model (ZeRO-3 weights are partitioned
+        # until then), before the first optimizer step
+        trainer.add_callback(_ProbesBeforeTraining(tok, test_prompts, test_aliases, settings, before_file, before))
 
     t_train = time.time()
     trainer.train(resume_from_checkpoint=resume or None)

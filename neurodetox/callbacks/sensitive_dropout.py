@@ -186,6 +186,10 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
                 h.remove()
             tracker.remove()
             model.train(was_training)
+        missed = [k for k, v in out.items() if not v]
+        if missed:
+            raise ValueError(f"the tracking forward passes never reached site(s) {', '.join(missed)}: a wrapper "
+                             "(e.g. a PEFT method) hides them; name the module that runs with send_module_path")
         local = {k: torch.cat(v)[:n_real] for k, v in out.items()}
         if not is_distributed():
             return local

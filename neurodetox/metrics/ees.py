@@ -297,7 +297,13 @@ def _t_quantile(p: int) -> float:
 
 
 class _Deflated:
-    """The Schur-complement operator on Q⊥ (plus c·QQᵀ on range Q for stability)."""
+    """The Schur-complement operator S on range(P⊥), extended by c·QQᵀ on range(Q).
+
+    ``S̃ v = P⊥ A P⊥ v − W Wᵀ P⊥ v + c Q Qᵀ v`` with ``W = P⊥ A Q L⁻ᵀ``,
+    ``C = Qᵀ A Q = L Lᵀ``. On range(P⊥) it is the Schur complement of ``C`` in
+    ``A`` (so ``ln det A = ln det C + ln det S``); the ``c`` block (``c = a``,
+    the lower spectral bound) only keeps round-off components inside ``[a, b]``.
+    """
 
     def __init__(self, matvec, m, q, aq, dtype):
         self.matvec, self.m, self.dtype = matvec, m, dtype
@@ -305,6 +311,7 @@ class _Deflated:
         self.c = 0.0
         self.logdet_c = 0.0
         self.w = None
+        self.qw = None
         if q is not None and q.shape[1] > 0:
             cmat = q.T @ aq
             cmat = 0.5 * (cmat + cmat.T)
@@ -312,7 +319,10 @@ class _Deflated:
             self.logdet_c = float(2.0 * torch.log(torch.diagonal(chol)).sum())
             r = aq - q @ (q.T @ aq)  # P⊥ A Q
             # W = R L^{-T}  (solve L Wᵀ = Rᵀ)
-            self.w = torch.linalg.solve_triangular(chol, r.T, upper=False).T
+            self.w = torch.linalg.solve_triangular(chol, r.T, upper=False).T.contiguous()
+            self.qw = torch.cat([q, self.w], dim=1).contiguous()
+            self.qt = q.T.contiguous()
+            self.wt = self.w.T.contiguous()
 
     @property
     def k(self) -> int:
@@ -321,22 +331,25 @@ class _Deflated:
     def project(self, v: torch.Tensor) -> torch.Tensor:
         if self.k == 0:
             return v
-        return v - self.q @ (self.q.T @ v)
+        return v - self.q @ (self.qt @ v)
 
     def perp(self, v: torch.Tensor) -> torch.Tensor:
-        """S applied to vectors of range(P⊥) (result re-projected)."""
-        av = self.project(self.matvec(v))
-        if self.w is not None:
-            av = av - self.w @ (self.w.T @ v)
-        return av
-
-    def full(self, v: torch.Tensor) -> torch.Tensor:
-        """S̃ v = S P⊥ v + c Q Qᵀ v (keeps round-off components inside [a, b])."""
+        """S applied to vectors of range(P⊥) (result in range(P⊥))."""
         if self.k == 0:
             return self.matvec(v)
-        qv = self.q.T @ v
+        u = self.matvec(v)
+        coef = torch.cat([self.qt @ u, self.wt @ v], dim=0)
+        return u - self.qw @ coef
+
+    def full(self, v: torch.Tensor) -> torch.Tensor:
+        """S̃ v for any v (5 thin matmuls besides the mat-vec of A)."""
+        if self.k == 0:
+            return self.matvec(v)
+        qv = self.qt @ v
         vp = v - self.q @ qv
-        return self.perp(vp) + self.c * (self.q @ qv)
+        u = self.matvec(vp)
+        coef = torch.cat([self.qt @ u - self.c * qv, self.wt @ vp], dim=0)
+        return u - self.qw @ coef
 
 
 def _range_finder(matvec, m, basis, k, oversample, power_iters, gen, dtype):
@@ -399,38 +412,40 @@ def _lanczos_bounds(op: _Deflated, m_eff: int, steps: int, gen, dtype):
 
 
 def _moments_block(op: _Deflated, v0: torch.Tensor, a: float, b: float, half: int):
-    """Chebyshev moments zᵀ T_m(B) z, m = 0..2·half, for every column z of v0.
+    """Chebyshev moments zᵀ T_m(B) z, m = 0..2·half, for every column z of ``v0``.
 
-    Returns (mu [2·half + 1, P] float64 numpy, max ‖T_j z‖² / ‖z‖²)."""
+    ``B = (2 S̃ − (a + b) I)/(b − a)``; ``half`` mat-vecs give ``2·half + 1``
+    moments through ``T_{2j} = 2 T_j² − T_0`` and ``T_{2j+1} = 2 T_{j+1} T_j − T_1``.
+
+    Returns ``(mu [2·half + 1, P] float64 numpy, max_j ‖T_j z‖² / ‖z‖²)``.
+    """
     scale = 2.0 / (b - a)
     shift = (a + b) / (b - a)
-
-    def bmul(v):
-        return scale * op.full(v) - shift * v
-
     p = v0.shape[1]
-    mu = np.zeros((2 * half + 1, p))
+    mu = torch.zeros(2 * half + 1, p, dtype=torch.float64)
     n0 = (v0 * v0).sum(0)
-    mu[0] = n0.cpu().numpy()
-    v_prev, v = v0, bmul(v0)
+    mu[0] = n0
+    v_prev = v0
+    v = scale * op.full(v0) - shift * v0
     mu1 = (v0 * v).sum(0)
-    mu[1] = mu1.cpu().numpy()
-    growth = 1.0
-    safe0 = n0.clamp_min(1e-300)
-    # j = 1: mu_2 = 2 <v1, v1> - mu_0
+    mu[1] = mu1
+    norms = torch.empty(half, p, dtype=torch.float64)
     for j in range(1, half + 1):
         nj = (v * v).sum(0)
-        growth = max(growth, float((nj / safe0).max()))
-        mu[2 * j] = (2.0 * nj - n0).cpu().numpy()
+        norms[j - 1] = nj
+        mu[2 * j] = 2.0 * nj - n0
         if j == half:
             break
-        v_next = 2.0 * bmul(v) - v_prev
-        mu[2 * j + 1] = (2.0 * (v_next * v).sum(0) - mu1).cpu().numpy()
+        # v_next = 2 B v - v_prev = 2 scale S̃ v - 2 shift v - v_prev
+        v_next = op.full(v).mul_(2.0 * scale).sub_(v, alpha=2.0 * shift).sub_(v_prev)
+        mu[2 * j + 1] = 2.0 * (v_next * v).sum(0) - mu1
         v_prev, v = v, v_next
-    return mu, growth
+    growth = float((norms / n0.clamp_min(1e-300)).max()) if half > 0 else 1.0
+    return mu.numpy(), max(growth, 1.0)
 
 
 _GROWTH_LIMIT = 1.05
+_MAX_BLOCK = 256
 
 
 def _run_probes(op, m, m_eff, a, b, half, coef, probes, tol_stoch, max_probes, gen, dtype):
@@ -443,7 +458,7 @@ def _run_probes(op, m, m_eff, a, b, half, coef, probes, tol_stoch, max_probes, g
         out = []
         eye = torch.eye(m, dtype=dtype)
         for s0 in range(0, m, 256):
-            blk = op.project(eye[:, s0 : s0 + 256])
+            blk = op.project(eye[:, s0 : s0 + 256].contiguous())
             mu, gr = _moments_block(op, blk, a, b, half)
             growth = max(growth, gr)
             nmv += blk.shape[1] * half
@@ -457,7 +472,7 @@ def _run_probes(op, m, m_eff, a, b, half, coef, probes, tol_stoch, max_probes, g
     count = 0
     while True:
         while count < target:
-            nb = min(_PROBE_BLOCK, target - count)
+            nb = min(_MAX_BLOCK, target - count)
             z = torch.randint(0, 2, (m, nb), generator=gen, dtype=torch.int8).to(dtype) * 2 - 1
             z = op.project(z)
             mu, gr = _moments_block(op, z, a, b, half)
@@ -490,12 +505,12 @@ def _kpm_logdet(
     exact_basis: Optional[torch.Tensor] = None,
     moments: Optional[int] = None,
     probes: Optional[int] = None,
-    deflate: int = 32,
+    deflate: int = 256,
     seed: Optional[int] = 0,
     damping: str = "none",
     max_moments: int = 20000,
     max_probes: int = 1024,
-    lanczos_steps: int = 60,
+    lanczos_steps: int = 80,
     lower_safety: float = 0.5,
     upper_margin: float = 0.01,
     dtype: torch.dtype = torch.float64,
@@ -509,14 +524,14 @@ def _kpm_logdet(
     # --- deflation basis
     basis = exact_basis
     k_basis = 0 if basis is None else int(basis.shape[1])
-    k_defl = int(deflate) if m >= 4 * (int(deflate) + 8) + k_basis else 0
+    k_defl = max(0, min(int(deflate), (m - k_basis) // 8))
     q_parts, aq_parts = [], []
     if basis is not None:
         q_parts.append(basis)
         aq_parts.append(matvec(basis))
         matvecs += k_basis
     if k_defl > 0:
-        qv, aqv, nmv = _range_finder(matvec, m, basis, k_defl, 8, 2, gen, dtype)
+        qv, aqv, nmv = _range_finder(matvec, m, basis, k_defl, 16, 2, gen, dtype)
         matvecs += nmv
         q_parts.append(qv)
         aq_parts.append(aqv)
@@ -598,7 +613,7 @@ def log_det_mean(
     tol: float = _DEFAULT_TOL,
     moments: Optional[int] = None,
     probes: Optional[int] = None,
-    deflate: int = 32,
+    deflate: int = 256,
     seed: Optional[int] = 0,
     damping: str = "none",
     max_moments: int = 20000,
@@ -627,7 +642,7 @@ def log_det_mean(
             blocks of 16 until the 95 % half-width fits 70 % of ``tol``, or uses
             deterministic probing when that is cheaper.
         deflate: Ritz vectors deflated exactly through the Schur complement
-            (``0`` = none). Default 32 (only when ``n ≥ 4 (deflate + 8)``).
+            (``0`` = none). Default 256 (at most ``n/8``).
         seed: seed of the probes and the random starts. Default 0.
         damping: ``"none"`` (default) or ``"jackson"``.
         max_moments, max_probes: caps; when hit, the error estimate grows
@@ -684,11 +699,12 @@ def _one(zc: torch.Tensor, alpha: float, method: str, kw: dict) -> tuple[float, 
         v, route = _exact(zc, alpha, method)
         return v, 0.0, route, {"seconds": time.perf_counter() - t0}
     scale = 1.0 / (d - 1)
+    zt = zc.T.contiguous()
     if n > d:
         m = d
 
         def matvec(v):
-            return (zc.T @ (zc @ v)) * scale + alpha * v
+            return torch.addmm(v, zt, zc @ v, beta=alpha, alpha=scale)
 
         ones = torch.full((d, 1), 1.0 / math.sqrt(d), dtype=zc.dtype)
         basis = ones
@@ -696,7 +712,7 @@ def _one(zc: torch.Tensor, alpha: float, method: str, kw: dict) -> tuple[float, 
         m = n
 
         def matvec(v):
-            return (zc @ (zc.T @ v)) * scale + alpha * v
+            return torch.addmm(v, zc, zt @ v, beta=alpha, alpha=scale)
 
         basis = None
     tol = kw.pop("tol", _DEFAULT_TOL)
@@ -714,7 +730,7 @@ def efficient_eigenscore(
     tol: float = _DEFAULT_TOL,
     moments: Optional[int] = None,
     probes: Optional[int] = None,
-    deflate: int = 32,
+    deflate: int = 256,
     seed: Optional[int] = 0,
     damping: str = "none",
     max_moments: int = 20000,

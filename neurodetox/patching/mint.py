@@ -99,7 +99,11 @@ class MintSettings:
         guard: in the plan, prefer the candidate whose patch is predicted to
             flip the fewest reference prompts' next token (first-order direct
             effect through the final norm and LM head), then the best gain.
-            Default True.
+            Default False (on the fact probes it cost success without a
+            measurable specificity gain).
+        prune: once an edit is fixed, undo each of its patched neurons in
+            turn and keep it undone when the edit stays fixed without it
+            (the smallest verifiable fix). Default True.
         share_neurons: let an edit patch a neuron that an earlier edit of the
             same call patched. Default False (edits would fight over it).
     """
@@ -118,7 +122,8 @@ class MintSettings:
     recheck: bool = True
     max_failures_per_edit: int = 16
     selectivity: bool = True
-    guard: bool = True
+    guard: bool = False
+    prune: bool = True
     share_neurons: bool = False
 
     def validate(self) -> None:
@@ -146,6 +151,14 @@ class MintSettings:
         return d
 
 
+def _median(values: Sequence[float]) -> float:
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    m = len(v) // 2
+    return float(v[m]) if len(v) % 2 else (v[m - 1] + v[m]) / 2
+
+
 @dataclass
 class FailureResult:
     """Outcome of one teacher-forced failure (see :class:`~neurodetox.patching.failures.Failure`)."""
@@ -167,7 +180,7 @@ class FailureResult:
         seen = []
         for p in self.patches:
             key = (p["layer"], p["index"])
-            if key not in seen:
+            if not p.get("pruned") and key not in seen:
                 seen.append(key)
         return seen
 
@@ -246,15 +259,23 @@ class RepairReport:
 
     @property
     def neurons_per_fix(self) -> list[int]:
+        """Distinct neurons kept per fixed edit (fact)."""
         return [len(e.neurons) for e in self.fixed]
 
     @property
+    def failures(self) -> list[FailureResult]:
+        """Every token-level failure repair attempted (re-repairs included)."""
+        return [f for e in self.edits for f in e.failures]
+
+    @property
+    def neurons_per_failure(self) -> list[int]:
+        """Neurons kept per fixed token-level failure of the fixed edits (the
+        paper's "neurons per failure")."""
+        return [len(f.neurons) for e in self.fixed for f in e.failures if f.status == "fixed"]
+
+    @property
     def median_neurons_per_fix(self) -> float:
-        v = sorted(self.neurons_per_fix)
-        if not v:
-            return float("nan")
-        m = len(v) // 2
-        return float(v[m]) if len(v) % 2 else (v[m - 1] + v[m]) / 2
+        return _median(self.neurons_per_fix)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -267,6 +288,12 @@ class RepairReport:
             "success_rate": self.success_rate,
             "neurons_per_fix": self.neurons_per_fix,
             "median_neurons_per_fix": self.median_neurons_per_fix,
+            "failures": len(self.failures),
+            "failures_fixed": sum(f.status in ("fixed", "undone") for f in self.failures),
+            "failure_success_rate": (sum(f.status in ("fixed", "undone") for f in self.failures) / len(self.failures)
+                                     if self.failures else float("nan")),
+            "neurons_per_failure": self.neurons_per_failure,
+            "median_neurons_per_failure": _median(self.neurons_per_failure),
             "seconds": round(self.seconds, 3),
             "seconds_per_fix": round(self.seconds / max(1, len(self.needing_fix)), 3),
             "cast_error": self.cast_error,
@@ -513,6 +540,27 @@ class _Repairer:
         res.seconds = time.perf_counter() - t0
         return res
 
+    def _prune(self, result: EditResult, snap: dict[tuple[int, int], torch.Tensor]) -> None:
+        """Undo neurons of a fixed edit that it does not need (one forward each)."""
+        edit, i = result.edit, result.index
+        mine = [k for k in self.tracker.originals if not torch.equal(self.tracker.column(*k), snap.get(k, self.tracker.originals[k]))]
+        removed = set()
+        # last patched first: later patches often compensate for earlier ones
+        order = [k for f in reversed(result.failures) if f.status == "fixed" for k in reversed(f.neurons)]
+        for key in dict.fromkeys(order):
+            if key not in mine:
+                continue
+            current = self.tracker.column(*key)
+            before = snap.get(key, self.tracker.originals[key])
+            self.tracker.write(key[0], key[1], before)
+            if find_failures(self.model, edit, i):
+                self.tracker.write(key[0], key[1], current)
+            else:
+                removed.add(key)
+        if removed:
+            for f in result.failures:
+                f.patches = [dict(p, pruned=True) if (p["layer"], p["index"]) in removed else p for p in f.patches]
+
     def repair_edit(self, i: int, edit: Edit, previous: Optional[EditResult] = None) -> EditResult:
         t0 = time.perf_counter()
         failures = find_failures(self.model, edit, i)
@@ -545,6 +593,8 @@ class _Repairer:
         else:
             result.status = "fixed"
             result.message = ""
+            if self.s.prune:
+                self._prune(result, snap)
             for key in result.neurons:
                 self.owner.setdefault(key, i)
         result.seconds += time.perf_counter() - t0

@@ -101,8 +101,11 @@ class SeNDTrainer(Trainer):
             from ..sites import assert_sites_reached, resolve_sites
 
             sites = resolve_sites(self.model, args.send_site, args.send_layers, args.send_module_path)
-            example = self.data_collator([tracking_dataset[0]])
-            assert_sites_reached(self.model, sites, example["input_ids"], example["attention_mask"])
+            if not any(hasattr(p, "ds_id") for p in self.model.parameters()):
+                # (ZeRO-3 partitioned weights cannot run outside the engine; the first tracking
+                # recording, before the first step, checks the sites there instead)
+                example = self.data_collator([tracking_dataset[0]])
+                assert_sites_reached(self.model, sites, example["input_ids"], example["attention_mask"])
             self.add_callback(cb)
         if probe_prompts and args.eigenscore_num_prompts > 0:
             n = args.eigenscore_num_prompts
