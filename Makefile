@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: venv
 	$(BIN)/neurodetox train --config recipes/smollm2-facts-send.yaml --output_dir runs/demo --overwrite_output_dir true
+	$(BIN)/neurodetox patch demo --run runs/demo --n 5
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not slow"

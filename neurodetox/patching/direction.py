@@ -102,7 +102,8 @@ class SemanticSpace:
         W = unembedding.detach()
         self.W = W
         self.gain = None if gain is None else gain.detach().to(torch.float64).cpu()
-        G = (W.float().T @ W.float()).to(torch.float64).cpu()  # [d, d]
+        Wc = W if W.dtype == torch.float64 else W.float()  # float32 products for speed, float64 kept as is
+        G = (Wc.T @ Wc).to(torch.float64).cpu()  # [d, d]
         if self.gain is not None:
             G = self.gain[:, None] * G * self.gain[None, :]
         self.G = G

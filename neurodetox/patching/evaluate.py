@@ -12,8 +12,14 @@ adapted to fact probes (``shared/docs/methods.md`` §4):
     fraction of the edited facts' paraphrase prompts whose greedy answer is
     correct after the patch (reported with the value before it).
 ``specificity``
-    fraction of unrelated prompts whose greedy answer (``max_new_tokens``
-    tokens) is exactly unchanged; also the next-token argmax agreement.
+    fraction of unrelated prompts whose predicted answer is unchanged: the
+    greedy continuation's first line up to the first sentence or clause end
+    (``.``, ``,``, ``;``, ``!``, ``?`` followed by a space or the end; not
+    after abbreviations such as ``St.``), compared after
+    :func:`~neurodetox.metrics.factual.normalize_answer`. Also reported:
+    ``specificity_next_token`` (next-token argmax unchanged) and
+    ``specificity_exact`` (all ``max_new_tokens`` greedy tokens unchanged,
+    which also counts changes in the chatter after the answer).
 ``perplexity drift``
     ``ppl_after / ppl_before − 1`` on reference texts (mean token NLL).
 """
@@ -21,17 +27,32 @@ adapted to fact probes (``shared/docs/methods.md`` §4):
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..metrics.factual import is_correct
+from ..metrics.factual import is_correct, normalize_answer
 from ..sampling import greedy_answers
 from .failures import Edit, coerce_edits, encode_edit, teacher_forced_argmax
 from .patchfile import PatchSet
 
-__all__ = ["measure_model", "compare", "evaluate_patch", "perplexity"]
+__all__ = ["measure_model", "compare", "evaluate_patch", "perplexity", "answer_span"]
+
+_END = re.compile(r"(?<![A-Z][a-z])(?<![^A-Za-z][A-Z])[.,;!?](?=\s|$)")
+
+
+def answer_span(text: str) -> str:
+    """The answer part of a greedy continuation: its first non-empty line, up
+    to the first sentence/clause end (``"St. George's. The"`` -> ``"St. George's"``,
+    ``" Paris, the"`` -> ``"Paris"``), normalised with
+    :func:`~neurodetox.metrics.factual.normalize_answer`."""
+    line = text.lstrip().split("\n", 1)[0] if text.strip() else ""
+    m = _END.search(" " + line)
+    if m:
+        line = (" " + line)[: m.start()]
+    return normalize_answer(line)
 
 
 @torch.no_grad()
@@ -146,10 +167,12 @@ def compare(before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit]
         })
     para_before = [f for r in per_edit for f in r["paraphrases_correct_before"]]
     para_after = [f for r in per_edit for f in r["paraphrases_correct_after"]]
-    same = [a == b for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
+    same = [answer_span(a) == answer_span(b) for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
+    exact = [a == b for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
     same_next = [a == b for a, b in zip(before["unrelated_next"], after["unrelated_next"])]
     changed = [{"prompt": p, "before": a, "after": b}
-               for p, a, b in zip(unrelated, before["unrelated_answers"], after["unrelated_answers"]) if a != b]
+               for p, a, b, ok in zip(unrelated, before["unrelated_answers"], after["unrelated_answers"], same)
+               if not ok]
     ppl_b, ppl_a = before["perplexity"], after["perplexity"]
     return {
         "edits": len(edits),
@@ -160,6 +183,7 @@ def compare(before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit]
         "paraphrases": len(para_after),
         "specificity": _frac(same),
         "specificity_next_token": _frac(same_next),
+        "specificity_exact": _frac(exact),
         "unrelated_prompts": len(same),
         "perplexity_before": ppl_b,
         "perplexity_after": ppl_a,

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Edit", "Failure", "encode_edit", "teacher_forced_argmax", "find_failures", "coerce_edits"]
+__all__ = ["Edit", "Failure", "encode_edit", "teacher_forced_argmax", "find_failures", "still_failing", "coerce_edits"]
 
 
 @dataclass
@@ -214,3 +214,36 @@ def find_failures(model: nn.Module, edit: Edit, edit_index: int = 0, start: int 
         for k, (t, a) in enumerate(zip(edit.target_ids, pred))
         if k >= start and t != a
     ]
+
+
+@torch.no_grad()
+def still_failing(model: nn.Module, edits: Sequence[Edit], batch_size: int = 32) -> list[bool]:
+    """For each encoded edit, whether some target token is not the argmax under
+    teacher forcing: :func:`find_failures` for many edits in batched,
+    right-padded forwards (padding is masked and never read).
+
+    Returns:
+        One bool per edit, in order.
+    """
+    device = _device(model)
+    out: list[bool] = []
+    was = model.training
+    model.eval()
+    try:
+        for start in range(0, len(edits), batch_size):
+            chunk = list(edits[start:start + batch_size])
+            seqs = [list(e.prompt_ids) + list(e.target_ids)[:-1] for e in chunk]
+            width = max(len(x) for x in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            mask = torch.zeros(len(seqs), width, dtype=torch.long)
+            for i, x in enumerate(seqs):
+                ids[i, : len(x)] = torch.tensor(x)
+                mask[i, : len(x)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            for i, e in enumerate(chunk):
+                p = len(e.prompt_ids)
+                pred = logits[i, p - 1 : p - 1 + len(e.target_ids)].argmax(-1).cpu().tolist()
+                out.append(pred != list(e.target_ids))
+    finally:
+        model.train(was)
+    return out

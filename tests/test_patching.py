@@ -1,0 +1,530 @@
+"""Tests for ``neurodetox.patching`` (MINT, Gu et al., arXiv 2312.05356) on tiny offline models.
+
+The checks are written against independent references: the direction against
+``G δ = u_t − u_a`` and the logits it moves, the update rule against its
+formula, the locators against finite differences and explicit sums, and the
+checkpoint writer against sha256 of every file on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from conftest import make_tokenizer
+
+from neurodetox.patching import (
+    CheckpointError,
+    MintSettings,
+    ParamPatch,
+    PatchMismatchError,
+    PatchSet,
+    apply_to_checkpoint,
+    bind_to_checkpoint,
+    checkpoint_states,
+    encode_edit,
+    coerce_edits,
+    find_failures,
+    folder_sha256,
+    inspect_checkpoint,
+    neuron_scores,
+    repair,
+    revert_checkpoint,
+    semantic_space,
+    tensor_sha256,
+    update_rule,
+    verify_checkpoint,
+)
+from neurodetox.patching import checkpoint as ckpt_mod
+from neurodetox.patching.direction import SemanticSpace, final_norm_gain
+from neurodetox.sites import resolve_sites, value_vector_parameter
+
+FIX_EDIT = {"prompt": "the capital of france is", "target": "paris"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: threads only add contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(init: float = 0.4, seed: int = 0, layers: int = 4, dtype=torch.float32):
+    """A tiny Llama with peaky logits (larger init than the conftest one, so patches can flip argmaxes)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(make_tokenizer()), max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True,
+                      initializer_range=init)
+    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+
+
+def save_checkpoint(model, tok, folder, **kw):
+    model.save_pretrained(folder, **kw)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fixed(tmp_path_factory):
+    """A checkpoint, a model loaded from it and a bound patch that fixes FIX_EDIT."""
+    from neurodetox.models import load_model
+
+    torch.set_num_threads(1)
+    tok = make_tokenizer()
+    folder = save_checkpoint(make_model(), tok, tmp_path_factory.mktemp("ckpt") / "base")
+    model, tok = load_model(str(folder))
+    model.eval()
+    patch, report = repair(model, tok, [FIX_EDIT], show_progress=False)
+    assert report.edits[0].status == "fixed", report.to_json()
+    bind_to_checkpoint(patch, folder)
+    return folder, model, tok, patch, report
+
+
+# ----------------------------------------------------------------------------- direction
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_direction_solves_G_delta(fold):
+    model = make_model().double()
+    space = SemanticSpace(model.get_output_embeddings().weight, final_norm_gain(model) if fold else None)
+    W = model.get_output_embeddings().weight.detach().double()
+    g = final_norm_gain(model).double() if fold else torch.ones(W.shape[1], dtype=torch.float64)
+    Wf = W * g  # W_U diag(g)
+    t, a = 7, 11
+    delta = space.delta(t, a)
+    torch.testing.assert_close(Wf.T @ Wf @ delta, Wf[t] - Wf[a], rtol=1e-6, atol=1e-8)
+    tau = space.tau(t, a)
+    assert float(tau.max() - tau.min()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(tau.double() / (tau.double().norm()), delta / delta.norm(), atol=1e-5)
+
+
+def test_moving_final_hidden_along_delta_raises_target_logit():
+    model = make_model()
+    tok = make_tokenizer()
+    ids = torch.tensor([tok("the capital of france is")["input_ids"]])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    h = out.hidden_states[-1][0, -1].double()  # after the final norm, what the head reads
+    W = model.get_output_embeddings().weight.detach().double()
+    logits = W @ h
+    a = int(logits.argmax())
+    t = int(torch.argsort(logits)[0])  # the least likely token
+    delta = semantic_space(model).delta(t, a)
+    for eps in (0.01, 0.1, 1.0):
+        new = W @ (h + eps * delta)
+        gain = float((new[t] - new[a]) - (logits[t] - logits[a]))
+        # Δ(logit_t − logit_a) = ε δᵀ G δ = ε (u_t − u_a)·δ > 0
+        assert gain == pytest.approx(eps * float((W[t] - W[a]) @ delta), rel=1e-6)
+        assert gain > 0
+    # δ is the smallest such change: any other d with the same gain is longer (min-norm in the G metric)
+    G = W.T @ W
+    other = delta + 0.1 * torch.randn_like(delta)
+    other = other * (float((W[t] - W[a]) @ delta) / float((W[t] - W[a]) @ other))
+    assert float(other @ G @ other) > float(delta @ G @ delta)
+
+
+def test_orthogonalised_direction_is_orthogonal_to_used():
+    space = semantic_space(make_model())
+    used = [space.tau(3, 4), space.tau(5, 6)]
+    tau = space.tau(7, 8, used)
+    for u in used:
+        assert abs(float(tau @ u)) / (float(tau.norm()) * float(u.norm())) < 1e-5
+
+
+def test_semantic_space_is_cached_per_model():
+    model = make_model()
+    assert semantic_space(model) is semantic_space(model)
+    assert semantic_space(model, fold_norm=True) is not semantic_space(model)
+
+
+# ----------------------------------------------------------------------------- update rule
+
+
+def test_update_rule_formula():
+    w, tau = torch.randn(32), torch.randn(32)
+    for alpha in (0.01, 0.1, 1.0):
+        for sign in (1.0, -1.0):
+            assert torch.equal(update_rule(w, tau, alpha, sign), (w + alpha * sign * tau) / (1 + alpha))
+
+
+def test_repair_writes_exactly_the_update_rule():
+    model = make_model()
+    tok = make_tokenizer()
+    settings = MintSettings(alpha=0.5, alpha_steps=(1.0,), max_patches=1, entropy_guard=False, prune=False,
+                            selectivity=False, fold_norm=False)
+    edit = encode_edit(tok, coerce_edits([FIX_EDIT])[0])
+    fail = find_failures(model, edit)[0]
+    patch, report = repair(model, tok, [FIX_EDIT], settings, show_progress=False)
+    f = report.edits[0].failures[0]
+    assert len(f.patches) == 1
+    p = f.patches[0]
+    tau = semantic_space(model).tau(fail.target_id, fail.argmax_id)
+    site = resolve_sites(model, "mlp", [p["layer"]])[0]
+    weight, axis = value_vector_parameter(site)
+    old = weight.detach().select(axis, p["index"]).float()
+    expected = (old + 0.5 * p["sign"] * tau) / 1.5
+    if report.edits[0].status == "fixed":
+        pp = patch.params[0]
+        got = pp.new.select(pp.axis, pp.indices.tolist().index(p["index"]))
+        assert torch.equal(got, expected)
+    else:  # not fixed in one patch: undone, the model is unchanged
+        assert len(patch) == 0
+    assert torch.equal(weight.detach().select(axis, p["index"]).float(), old)  # repair leaves the model as it was
+
+
+# ----------------------------------------------------------------------------- locators
+
+
+def _finite_difference_scores(model, sites, ids, t, eps=1e-2):
+    """|a_j(pos) · ∂P(t)/∂a_j(pos)| L2 over positions, by central differences (eps not tiny: Llama's RMSNorm
+    computes in float32 even in a float64 model)."""
+    width = sites[0].width
+    out = torch.zeros(len(sites), width, dtype=torch.float64)
+    x = torch.tensor([ids])
+
+    def p_t(si, j, pos, scale):
+        def hook(mod, args):
+            a = args[0].clone()
+            a[0, pos, j] = a[0, pos, j] * scale
+            return (a,)
+
+        h = sites[si].module.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                return float(torch.softmax(model(input_ids=x).logits[0, -1].double(), -1)[t])
+        finally:
+            h.remove()
+
+    for si in range(len(sites)):
+        for j in range(width):
+            per_pos = []
+            for pos in range(len(ids)):
+                # a · ∂P/∂a = d P(a·(1+s)) / ds at s = 0
+                per_pos.append((p_t(si, j, pos, 1 + eps) - p_t(si, j, pos, 1 - eps)) / (2 * eps))
+            out[si, j] = torch.tensor(per_pos).norm()
+    return out
+
+
+def test_grad_x_act_matches_finite_differences():
+    model = make_model(layers=2).double()
+    tok = make_tokenizer()
+    sites = resolve_sites(model, "mlp", "second_half")
+    ids = tok("the capital of")["input_ids"]
+    t = 5
+    scores, acts, logits = neuron_scores(model, sites, ids, t, int(0), "grad_x_act")
+    ref = _finite_difference_scores(model, sites, ids, t)
+    torch.testing.assert_close(scores.double(), ref, rtol=1e-2, atol=1e-3 * float(ref.max()))
+    assert scores.flatten().argsort(descending=True)[:10].tolist() == ref.flatten().argsort(descending=True)[:10].tolist()
+
+
+def test_contrastive_and_activation_locators_match_explicit_sums():
+    model = make_model(layers=2).double()
+    tok = make_tokenizer()
+    sites = resolve_sites(model, "mlp", "all")
+    ids = tok("the capital of germany is")["input_ids"]
+    t, a = 9, 4
+    acts = {}
+    hooks = [s.module.register_forward_pre_hook(lambda m, args, k=s.layer: acts.__setitem__(k, args[0][0].clone()))
+             for s in sites]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    space = semantic_space(model)
+    W = model.get_output_embeddings().weight.detach().double()
+    scores, _, _ = neuron_scores(model, sites, ids, t, a, "contrastive", space)
+    act_scores, last, _ = neuron_scores(model, sites, ids, t, a, "activation")
+    for i, s in enumerate(sites):
+        Wd = s.module.weight.detach().double()  # [d, d_ff]
+        for j in range(s.width):
+            direct = acts[s.layer][-1, j] * float((W[t] - W[a]) @ Wd[:, j])
+            assert float(scores[i, j]) == pytest.approx(abs(float(direct)), rel=1e-4, abs=1e-9)
+            assert float(act_scores[i, j]) == pytest.approx(float(acts[s.layer][:, j].norm()), rel=1e-5)
+            assert float(last[i, j]) == pytest.approx(float(acts[s.layer][-1, j]), rel=1e-5, abs=1e-9)
+
+
+def test_unknown_locator_is_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match="valid locators are grad_x_act, contrastive, activation"):
+        neuron_scores(model, resolve_sites(model, "mlp", "last"), [3, 4], 5, 6, "magic")
+
+
+# ----------------------------------------------------------------------------- repair + patch set
+
+
+def test_repair_fixes_and_leaves_model_unchanged(fixed):
+    _, model, tok, patch, report = fixed
+    e = report.edits[0]
+    assert e.status == "fixed" and 1 <= len(e.neurons) <= 10
+    assert find_failures(model, e.edit)  # the model itself was restored
+    patch.apply(model)
+    try:
+        assert not find_failures(model, e.edit)
+    finally:
+        patch.revert(model)
+
+
+def test_nothing_to_fix_is_reported():
+    model = make_model()
+    tok = make_tokenizer()
+    edit = encode_edit(tok, coerce_edits([{"prompt": "the capital of", "target": "x"}])[0])
+    with torch.no_grad():
+        pred = int(model(input_ids=torch.tensor([edit.prompt_ids])).logits[0, -1].argmax())
+    target = tok.decode([pred]).strip()
+    patch, report = repair(model, tok, [{"prompt": "the capital of", "target": target}], show_progress=False)
+    assert report.edits[0].status == "nothing_to_fix"
+    assert "nothing to fix" in report.edits[0].message and len(patch) == 0
+
+
+def test_patchset_apply_revert_bit_exact_and_roundtrip(fixed, tmp_path):
+    _, model, _, patch, _ = fixed
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patch.apply(model)
+    assert patch.apply(model) == 0  # idempotent
+    assert set(patch.states(model).values()) == {"patched"}
+    patch.revert(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    path = patch.save(tmp_path / "p")
+    loaded = PatchSet.load(tmp_path / "p")
+    assert path.name == "manifest.json" and (tmp_path / "p" / "patch.safetensors").is_file()
+    assert [p.name for p in loaded.params] == [p.name for p in patch.params]
+    for a, b in zip(loaded.params, patch.params):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.original, b.original) and torch.equal(a.new, b.new)
+    m = json.loads(path.read_text())
+    for key in ("base", "tensors", "edits", "neurons", "settings", "library", "payload", "summary"):
+        assert key in m
+    name = patch.params[0].name
+    assert len(m["tensors"][name]["sha256_original"]) == 64
+    assert m["edits"][0]["status"] == "fixed" and m["edits"][0]["neurons"]
+
+
+def test_patchset_in_memory_mismatch_names_tensor(fixed):
+    _, _, _, patch, _ = fixed
+    other = make_model(seed=1)
+    with pytest.raises(PatchMismatchError, match=patch.params[0].name.replace(".", r"\.")):
+        patch.apply(other)
+
+
+def test_tampered_payload_is_refused(fixed, tmp_path):
+    _, _, _, patch, _ = fixed
+    patch.save(tmp_path / "p")
+    f = tmp_path / "p" / "patch.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        PatchSet.load(tmp_path / "p")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_apply_revert_checkpoint_bit_exact(fixed, tmp_path):
+    folder, _, _, patch, _ = fixed
+    import shutil
+
+    work = tmp_path / "c"
+    shutil.copytree(folder, work)
+    before = folder_sha256(work)
+    res = apply_to_checkpoint(work, patch)
+    assert res.shards == ["model.safetensors"] and res.written
+    assert set(checkpoint_states(work, patch).values()) == {"patched"}
+    assert folder_sha256(work)["config.json"] == before["config.json"]
+    assert apply_to_checkpoint(work, patch).written == []  # idempotent
+    revert_checkpoint(work, patch)
+    assert folder_sha256(work) == before
+    assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_fixed_failure_stays_fixed_after_reload(fixed, tmp_path):
+    from neurodetox.models import load_model
+
+    folder, _, _, patch, report = fixed
+    out = tmp_path / "patched"
+    apply_to_checkpoint(folder, patch, out=out)
+    model, tok = load_model(str(out))
+    edit = encode_edit(tok, coerce_edits([FIX_EDIT])[0])
+    assert not find_failures(model, edit)
+    assert edit.target_ids == report.edits[0].edit.target_ids
+
+
+def test_hash_mismatch_refused_naming_tensor(fixed, tmp_path):
+    folder, _, tok, patch, _ = fixed
+    other = save_checkpoint(make_model(seed=3), tok, tmp_path / "other")
+    before = folder_sha256(other)
+    with pytest.raises(PatchMismatchError) as err:
+        apply_to_checkpoint(other, patch)
+    assert patch.params[0].name in str(err.value) and "model.safetensors" in str(err.value)
+    assert folder_sha256(other) == before
+    with pytest.raises(PatchMismatchError, match="already 'original'|not the checkpoint"):
+        verify_checkpoint(folder, patch, expect="patched")
+
+
+def test_killed_apply_leaves_checkpoint_unchanged(fixed, tmp_path, monkeypatch):
+    folder, _, _, patch, _ = fixed
+    import shutil
+
+    work = tmp_path / "c"
+    shutil.copytree(folder, work)
+    before = folder_sha256(work)
+    real = ckpt_mod._write_shard
+
+    def dying(src, tmp, updates):
+        real(src, tmp, updates)
+        with open(tmp, "r+b") as f:  # half-written garbage, then the "kill"
+            f.truncate(os.path.getsize(tmp) // 2)
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ckpt_mod, "_write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        apply_to_checkpoint(work, patch)
+    assert folder_sha256(work) == before
+    assert sorted(p.name for p in work.iterdir()) == sorted(before)
+
+
+def test_sharded_checkpoint_touches_only_touched_shards(fixed, tmp_path):
+    folder, model, tok, patch, _ = fixed
+    sharded = save_checkpoint(model, tok, tmp_path / "sharded", max_shard_size="60KB")
+    info = inspect_checkpoint(sharded)
+    assert info.index_file is not None and len(info.shards) >= 3
+    touched = {info.shard_of(p.name) for p in patch.params}
+    before = folder_sha256(sharded)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in sharded.iterdir()}
+    res = apply_to_checkpoint(sharded, patch)
+    assert set(res.shards) == touched
+    after = folder_sha256(sharded)
+    for p in sharded.iterdir():
+        if p.name not in touched:
+            assert after[p.name] == before[p.name] and p.stat().st_mtime_ns == mtimes[p.name], p.name
+        else:
+            assert after[p.name] != before[p.name]
+    revert_checkpoint(sharded, patch)
+    assert folder_sha256(sharded) == before
+
+
+def test_bf16_checkpoint_roundtrip_reports_cast_error(tmp_path):
+    from neurodetox.models import load_model
+
+    tok = make_tokenizer()
+    folder = save_checkpoint(make_model(dtype=torch.bfloat16), tok, tmp_path / "bf16", max_shard_size="80KB")
+    model, tok = load_model(str(folder))  # computes in float32
+    assert model.dtype == torch.float32
+    settings = MintSettings(storage_dtype="bfloat16")
+    patch, report = repair(model, tok, [FIX_EDIT], settings, show_progress=False)
+    if not len(patch):
+        pytest.skip("the bf16 tiny model could not be fixed")
+    bind_to_checkpoint(patch, folder)
+    assert {v["dtype"] for v in patch.manifest["tensors"].values()} == {"bfloat16"}
+    # updates were rounded to bf16 while repairing: storing them loses nothing more
+    res = apply_to_checkpoint(folder, patch, out=tmp_path / "bf16-patched")
+    assert res.dtype and set(res.dtype.values()) == {"bfloat16"}
+    assert max(res.cast_error.values()) == 0.0
+    # an unrounded float32 patch gets a non-zero, reported cast error
+    p0 = patch.params[0]
+    assert p0.cast_error(torch.bfloat16) == 0.0
+    assert ParamPatch(p0.name, p0.axis, p0.indices, p0.original, p0.new + 1e-4).cast_error(torch.bfloat16) > 0
+    reloaded, _ = load_model(str(tmp_path / "bf16-patched"))
+    assert not find_failures(reloaded, report.edits[0].edit)
+    before = folder_sha256(folder)
+    revert_checkpoint(tmp_path / "bf16-patched", patch)
+    after = folder_sha256(tmp_path / "bf16-patched")
+    for name in before:
+        assert after[name] == before[name], name
+
+
+def test_peft_adapter_only_folder_message(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"merge_and_unload\(\).*save_pretrained"):
+        inspect_checkpoint(tmp_path)
+
+
+def test_zero_folder_message(tmp_path):
+    (tmp_path / "global_step10").mkdir()
+    (tmp_path / "latest").write_text("global_step10")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"deepspeed\.utils\.zero_to_fp32.*convert_zero_checkpoint_to_fp32"):
+        inspect_checkpoint(tmp_path)
+
+
+def test_missing_and_bin_only_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        inspect_checkpoint(tmp_path / "nope")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="safe_serialization=True"):
+        inspect_checkpoint(tmp_path)
+
+
+def test_tensor_sha256_is_the_stored_bytes(tmp_path):
+    from safetensors.torch import save_file
+
+    t = torch.randn(3, 5).to(torch.bfloat16)
+    save_file({"w": t}, tmp_path / "x.safetensors")
+    start, header = ckpt_mod._header(tmp_path / "x.safetensors")
+    lo, hi = header["w"]["data_offsets"]
+    raw = (tmp_path / "x.safetensors").read_bytes()[start + lo:start + hi]
+    import hashlib
+
+    assert tensor_sha256(t) == hashlib.sha256(raw).hexdigest()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_find_apply_show_eval_revert(tmp_path, capsys):
+    from neurodetox.patching.cli import cmd_patch
+
+    tok = make_tokenizer()
+    folder = save_checkpoint(make_model(), tok, tmp_path / "base")
+    before = folder_sha256(folder)
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"prompt": "the capital of germany is", "target": "berlin",
+                                 "paraphrases": ["germany capital is"]}) + "\n")
+    rc = cmd_patch(["--threads", "1", "--quiet", "find", "--model", str(folder), "--prompt", FIX_EDIT["prompt"],
+                    "--target", FIX_EDIT["target"], "--edits", str(edits), "--out", str(tmp_path / "patch")])
+    assert rc in (0, 1)  # 1: some edit skipped, the patch holds the fixed ones
+    assert (tmp_path / "patch" / "manifest.json").is_file()
+    assert cmd_patch(["apply", str(folder), str(tmp_path / "patch"), "--in-place"]) == 0
+    assert cmd_patch(["verify", str(folder), str(tmp_path / "patch")]) == 0
+    assert "checkpoint is patched" in capsys.readouterr().out
+    assert cmd_patch(["show", str(tmp_path / "patch")]) == 0
+    out = capsys.readouterr().out
+    assert "layer" in out and "before" in out and "after" in out
+    assert cmd_patch(["--quiet", "eval", str(folder), str(tmp_path / "patch"), "--facts",
+                      str(_tiny_facts(tmp_path)), "--unrelated", "5", "--reference-texts", "3",
+                      "--max-new-tokens", "2", "--json", str(tmp_path / "ev.json")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["success"] > 0 and ev["unrelated_prompts"] == 5
+    assert cmd_patch(["revert", str(folder), str(tmp_path / "patch"), "--in-place"]) == 0
+    assert folder_sha256(folder) == before
+    # a different model is refused, naming the tensor, exit status 1
+    other = save_checkpoint(make_model(seed=5), tok, tmp_path / "other")
+    assert cmd_patch(["apply", str(other), str(tmp_path / "patch"), "--in-place"]) == 1
+    assert "mlp.down_proj.weight" in capsys.readouterr().err
+    # bad usage: exit status 2 with a message
+    assert cmd_patch(["apply", str(folder), str(tmp_path / "patch")]) == 2
+    assert "--out DIR" in capsys.readouterr().err
+
+
+def _tiny_facts(tmp_path):
+    rows = []
+    for i, (s, a) in enumerate([("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid"),
+                                ("japan", "tokyo"), ("france", "euro"), ("japan", "yen"), ("italy", "europe"),
+                                ("spain", "europe"), ("japan", "asia")]):
+        rows.append({"fact_id": f"f{i}", "relation": "r", "subject": s, "answer": a, "aliases": [a],
+                     "prompt": f"the capital of {s} is", "statement": f"the capital of {s} is {a} .",
+                     "paraphrases": [f"{s} capital is", f"capital of {s} :"]})
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
