@@ -23,6 +23,21 @@ prefill, or the extra step fails) a single full forward over the
 embedding equals that of a plain forward over ``prompt + answer`` at the
 answer's last real token (EOS and padding after it excluded; an answer with
 no real token is embedded at the last prompt token).
+
+Options beyond the paper's defaults:
+
+* ``pooling="mean"``: the mean over the answer's real generated tokens of the
+  same layer (read from the same per-step hook records; no extra pass).
+* feature clipping (:class:`FeatureClipper`, INSIDE §3.2 "test time feature
+  clipping", absent from the authors' code): each feature of the penultimate
+  block's output is clamped, during generation, to its
+  ``[p, 100 − p]`` percentiles (``p = 0.2``) over a FIFO memory bank of the most
+  recent ``3000`` real-token activations.
+* ``return_logprobs=True``: natural-log probabilities of every scored token
+  under the model's raw next-token distribution (temperature 1, no top-k /
+  top-p), taken from ``generate(output_logits=True)`` — the logits generate
+  computes anyway — with no extra forward pass. Scored tokens are the answer's
+  real tokens plus the EOS that ended it, if any.
 """
 
 from __future__ import annotations
@@ -31,14 +46,16 @@ import contextlib
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .sites import LayerSpec, base_model, register_site_hook, resolve_sites
+from .sites import LayerSpec, NeuronSite, base_model, register_site_hook, resolve_sites
 
-__all__ = ["SampledAnswers", "sample_answers", "greedy_answers"]
+__all__ = ["SampledAnswers", "FeatureClipper", "sample_answers", "greedy_answers", "POOLINGS"]
+
+POOLINGS = ("last", "mean")
 
 
 @dataclass
@@ -57,9 +74,19 @@ class SampledAnswers:
             :func:`neurodetox.metrics.eigenscore`.
         layer: the 0-based decoder block index whose output was read
             (``hidden_states[layer + 1]`` in Hugging Face numbering).
+        pooling: ``"last"`` (last generated real token) or ``"mean"`` (mean
+            over the answer's real generated tokens).
+        feature_clip: whether feature clipping was active while sampling.
+        greedy_logprobs: with ``return_logprobs``: per prompt, the log-prob
+            (nats) of each scored token of the greedy answer (its real tokens,
+            then the EOS that ended it, if any); else ``[]``.
+        sample_logprobs: with ``return_logprobs``: ``P`` lists of ``K`` such
+            lists for the samples; else ``[]``.
+        greedy_lengths: real tokens per greedy answer (EOS excluded).
+        sample_lengths: ``P`` lists of ``K`` real-token counts.
         _extra: diagnostics, not part of the stable API
-            (``{"embedding_paths": [...]}``: ``"hook+extra_step"`` or
-            ``"full_forward"``, how the last-token embeddings were read).
+            (``{"embedding_paths": [...]}``: ``"hook"``, ``"hook+extra_step"``
+            or ``"full_forward"``, how the embeddings were read).
     """
 
     prompts: list[str]
@@ -68,6 +95,12 @@ class SampledAnswers:
     embeddings: torch.Tensor
     layer: int
     _extra: dict = field(default_factory=dict, repr=False)
+    pooling: str = "last"
+    feature_clip: bool = False
+    greedy_logprobs: list = field(default_factory=list, repr=False)
+    sample_logprobs: list = field(default_factory=list, repr=False)
+    greedy_lengths: list = field(default_factory=list, repr=False)
+    sample_lengths: list = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -190,7 +223,173 @@ def _decode(tokenizer, gen: torch.Tensor, n_real: torch.Tensor) -> list[str]:
     ]
 
 
-def _greedy_batch(model, tokenizer, batch: list[str], max_new_tokens: int, eos_ids: list[int]) -> list[str]:
+class FeatureClipper:
+    """Test-time feature clipping of INSIDE (Chen et al., ICLR 2024, arXiv 2402.03744, §3.2).
+
+    While the model generates, every feature ``j`` of the output of one decoder
+    block (default: the penultimate block, as in the paper) is clamped to
+    ``[lo_j, hi_j]``, the ``percentile``-th and ``(100 − percentile)``-th
+    percentiles (linear interpolation, as ``numpy.percentile``) of feature ``j``
+    over a memory bank of the most recent ``bank_size`` real-token activations
+    of that block. Paper settings: ``bank_size = 3000``, ``percentile = 0.2``.
+    The authors' released code has no clipping; this follows the paper.
+
+    Per forward call through the block: the thresholds come from the bank as it
+    is *before* the call; every position is clamped; then the call's real-token
+    activations (unclipped; padding and tokens fed after an EOS excluded) are
+    pushed in, oldest out. Clipping starts once the bank holds ``min_tokens``
+    activations; :func:`sample_answers` first seeds the bank with one forward
+    pass over the prompts' real tokens, so clipping is active from the first
+    generated token. Set ``frozen = True`` to stop updates (fixed thresholds).
+
+    Args:
+        bank_size: activations kept (FIFO). Default 3000.
+        percentile: lower percentile in percent, ``0 ≤ p < 50``. Default 0.2.
+        layer: the clipped block, any spec of :func:`neurodetox.sites.parse_layers`
+            naming one block. Default ``"penultimate"``.
+        min_tokens: bank fill needed before clamping starts. Default 500
+            (or ``bank_size`` if smaller).
+
+    Raises:
+        ValueError: bad ``bank_size``, ``percentile`` or ``min_tokens``.
+    """
+
+    def __init__(self, bank_size: int = 3000, percentile: float = 0.2, layer: LayerSpec = "penultimate",
+                 min_tokens: int = 500):
+        _positive_int("bank_size", bank_size)
+        _positive_int("min_tokens", min_tokens)
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile < 50:
+            raise ValueError(f"percentile must be a number in [0, 50), got {percentile!r}")
+        self.bank_size, self.percentile, self.layer = int(bank_size), float(percentile), layer
+        self.min_tokens = min(int(min_tokens), self.bank_size)
+        self.bank: Optional[torch.Tensor] = None
+        self.count = 0  # activations held (≤ bank_size)
+        self.pushed = 0  # activations ever pushed
+        self._pos = 0
+        self.frozen = False
+        self.collect = True
+        self.clamp_enabled = True
+        self.clamped_calls = 0
+
+    # -- bank
+    def push(self, acts: torch.Tensor) -> None:
+        """Append ``[N, d]`` activations (FIFO; the newest ``bank_size`` are kept)."""
+        if self.frozen or not self.collect or acts.numel() == 0:
+            return
+        acts = acts.detach().to("cpu", torch.float32).reshape(-1, acts.shape[-1])
+        if self.bank is None:
+            self.bank = torch.zeros(self.bank_size, acts.shape[-1], dtype=torch.float32)
+        if acts.shape[-1] != self.bank.shape[1]:
+            raise ValueError(f"activation width {acts.shape[-1]} differs from the bank's {self.bank.shape[1]}")
+        self.pushed += acts.shape[0]
+        if acts.shape[0] >= self.bank_size:
+            acts = acts[-self.bank_size:]
+        n = acts.shape[0]
+        end = self._pos + n
+        if end <= self.bank_size:
+            self.bank[self._pos:end] = acts
+        else:
+            first = self.bank_size - self._pos
+            self.bank[self._pos:] = acts[:first]
+            self.bank[: n - first] = acts[first:]
+        self._pos = end % self.bank_size
+        self.count = min(self.count + n, self.bank_size)
+
+    def contents(self) -> torch.Tensor:
+        """The activations in the bank, oldest first, ``[count, d]``."""
+        if self.bank is None:
+            return torch.zeros(0, 0)
+        if self.count < self.bank_size:
+            return self.bank[: self.count].clone()
+        return torch.cat([self.bank[self._pos:], self.bank[: self._pos]], dim=0)
+
+    def thresholds(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-feature ``(lo, hi)`` from the bank, or ``None`` before ``min_tokens``."""
+        if self.bank is None or self.count < self.min_tokens:
+            return None
+        data = self.bank[: self.count]
+        q = torch.tensor([self.percentile / 100.0, 1.0 - self.percentile / 100.0], dtype=torch.float32)
+        lo_hi = torch.quantile(data, q, dim=0)
+        return lo_hi[0], lo_hi[1]
+
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        thr = self.thresholds() if self.clamp_enabled else None
+        if thr is None:
+            return x
+        lo, hi = (t.to(x.device, x.dtype) for t in thr)
+        self.clamped_calls += 1
+        return torch.clamp(x, min=lo, max=hi)
+
+    # -- hooks
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module, special_ids: Sequence[int]) -> Iterator[NeuronSite]:
+        """Clamp the block's output and feed the bank while the context is open."""
+        sites = resolve_sites(model, "residual", self.layer)
+        if len(sites) != 1:
+            raise ValueError(f"feature clipping needs exactly one block, got layer={self.layer!r} -> "
+                             f"blocks {[s.layer for s in sites]}")
+        site = sites[0]
+        embed = base_model(model).get_input_embeddings()
+        special = torch.tensor(sorted(set(int(i) for i in special_ids)), dtype=torch.long)
+        state: dict = {"ids": None}
+
+        def ids_hook(module, args):
+            state["ids"] = args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+        def block_fn(hidden: torch.Tensor):
+            ids = state["ids"]
+            out = self.clamp(hidden)
+            if ids is not None and ids.shape == hidden.shape[:2]:
+                real = ~torch.isin(ids, special.to(ids.device))
+                self.push(hidden[real])
+            return out if out is not hidden else None
+
+        h1 = embed.register_forward_pre_hook(ids_hook)
+        h2 = register_site_hook(site, block_fn)
+        try:
+            yield site
+        finally:
+            h1.remove()
+            h2.remove()
+
+    def seed(self, model: nn.Module, tokenizer, prompts: Sequence[str], special_ids: Sequence[int],
+             batch_size: int = 16) -> None:
+        """Fill the bank by forward passes over ``prompts`` (real tokens only) until full."""
+        if self.frozen:
+            return
+        device = _device(model)
+        clamp = self.clamp_enabled
+        self.clamp_enabled = False
+        try:
+            with self.attached(model, special_ids):
+                for start in range(0, len(prompts), batch_size):
+                    if self.count >= self.bank_size:
+                        break
+                    # left padding with the pad token: padded positions are excluded from the bank
+                    enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt",
+                                    padding=True).to(device)
+                    pos = (enc["attention_mask"].long().cumsum(1) - 1).clamp_min(0)
+                    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=pos,
+                          use_cache=False)
+        finally:
+            self.clamp_enabled = clamp
+
+
+def _token_logprobs(logits_steps, gen: torch.Tensor, n_real: torch.Tensor) -> list[list[float]]:
+    """Log-probs of the scored tokens (real tokens + the ending EOS) from raw per-step logits."""
+    rows, n = gen.shape
+    if n == 0 or not logits_steps:
+        return [[] for _ in range(rows)]
+    lp = torch.empty(rows, n, dtype=torch.float64)
+    for s, lg in enumerate(logits_steps[:n]):
+        lg = lg.to(torch.float32)
+        lp[:, s] = (lg.gather(1, gen[:, s : s + 1].to(lg.device)).squeeze(1) - torch.logsumexp(lg, dim=-1)).double().cpu()
+    n_scored = torch.where(n_real < n, n_real + 1, n_real).tolist()
+    return [lp[r, : n_scored[r]].tolist() for r in range(rows)]
+
+
+def _greedy_batch(model, tokenizer, batch: list[str], max_new_tokens: int, eos_ids: list[int],
+                  want_logprobs: bool = False, detail: bool = False):
     enc = tokenizer(batch, return_tensors="pt", padding=True).to(_device(model))
     out = model.generate(
         input_ids=enc["input_ids"],
@@ -200,10 +399,16 @@ def _greedy_batch(model, tokenizer, batch: list[str], max_new_tokens: int, eos_i
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_ids or None,
+        **({"return_dict_in_generate": True, "output_logits": True} if want_logprobs else {}),
     )
     seqs = out.sequences if hasattr(out, "sequences") else out
     gen = seqs[:, enc["input_ids"].shape[1] :]
-    return _decode(tokenizer, gen, _real_lengths(gen, eos_ids))
+    n_real = _real_lengths(gen, eos_ids)
+    answers = _decode(tokenizer, gen, n_real)
+    if not detail:
+        return answers
+    lps = _token_logprobs(getattr(out, "logits", None) or (), gen, n_real) if want_logprobs else None
+    return answers, lps, n_real.tolist()
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -213,8 +418,24 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _sample_batch(model, tokenizer, site, batch, *, k, temperature, top_p, top_k, max_new_tokens, eos_ids):
-    """Sample K answers for each prompt of ``batch``; return (answers, embeddings [B*K, d], path)."""
+def _pool(stacked: torch.Tensor, n_real: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``stacked [n + 1, rows, d]``: entry 0 = last prompt token, entry s = generated token s − 1."""
+    rows = torch.arange(stacked.shape[1], device=stacked.device)
+    idx = n_real.to(stacked.device)
+    if pooling == "last":
+        return stacked[idx, rows]
+    # mean over generated real tokens = entries 1..n_real (entry 0 when n_real = 0)
+    csum = stacked[1:].cumsum(dim=0)  # csum[j] = sum of entries 1..j+1
+    safe = (idx - 1).clamp_min(0)
+    mean = csum[safe, rows] / idx.clamp_min(1).unsqueeze(1).to(stacked.dtype)
+    return torch.where((idx > 0).unsqueeze(1), mean, stacked[0, rows])
+
+
+def _sample_batch(model, tokenizer, site, batch, *, k, temperature, top_p, top_k, max_new_tokens, eos_ids,
+                  pooling="last", want_logprobs=False, clipper=None, special_ids=()):
+    """Sample K answers for each prompt of ``batch``.
+
+    Returns ``(answers, embeddings [B*K, d], path, logprobs or None, n_real list)``."""
     device = _device(model)
     enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -229,98 +450,112 @@ def _sample_batch(model, tokenizer, site, batch, *, k, temperature, top_p, top_k
             record["steps"].append((int(act.shape[1]), act[:, -1, :].detach().to(torch.float32).clone()))
         return None
 
-    handle = register_site_hook(site, hook, observer=True)
-    try:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=True,
-            num_return_sequences=k,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos_ids or None,
-            return_dict_in_generate=True,
-            use_cache=True,
-        )
-        seqs = out.sequences  # [B*K, T + n], rows grouped by prompt
-        n = seqs.shape[1] - t_prompt
-        gen = seqs[:, t_prompt:]
-        n_real = _real_lengths(gen, eos_ids)
-        bk = seqs.shape[0]
-        full_mask = torch.cat(
-            [mask.repeat_interleave(k, dim=0), torch.ones(bk, n, dtype=mask.dtype, device=mask.device)], dim=1
-        )
+    clip_ctx = clipper.attached(model, special_ids) if clipper is not None else contextlib.nullcontext()
+    with clip_ctx:
+        handle = register_site_hook(site, hook, observer=True)
+        try:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                num_return_sequences=k,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos_ids or None,
+                return_dict_in_generate=True,
+                output_logits=bool(want_logprobs),
+                use_cache=True,
+            )
+            seqs = out.sequences  # [B*K, T + n], rows grouped by prompt
+            n = seqs.shape[1] - t_prompt
+            gen = seqs[:, t_prompt:]
+            n_real = _real_lengths(gen, eos_ids)
+            bk = seqs.shape[0]
+            full_mask = torch.cat(
+                [mask.repeat_interleave(k, dim=0), torch.ones(bk, n, dtype=mask.dtype, device=mask.device)], dim=1
+            )
+            logprobs = _token_logprobs(getattr(out, "logits", None) or (), gen, n_real) if want_logprobs else None
 
-        steps = record["steps"]
-        # Step s recorded the embedding of generated token s-1 (s=0: last prompt token).
-        ok = (
-            n >= 1
-            and len(steps) == n
-            and steps[0][0] == t_prompt
-            and all(s[0] == 1 for s in steps[1:])
-            and all(s[1].shape[0] == bk for s in steps)
-        )
-        path = "hook"
-        emb = None
-        if ok:
-            table = [s[1] for s in steps]
-            if bool((n_real == n).any()):
-                cache = getattr(out, "past_key_values", None)
-                ok = False
-                if cache is not None and hasattr(cache, "get_seq_length"):
-                    try:
-                        cache_len = int(cache.get_seq_length())
-                    except Exception:  # noqa: BLE001 - any odd cache: use the full forward
-                        cache_len = -1
-                    if cache_len == t_prompt + n - 1:
-                        record["steps"] = []
-                        kwargs = dict(
-                            input_ids=seqs[:, -1:],
-                            attention_mask=full_mask,
-                            position_ids=(full_mask.sum(dim=1, keepdim=True) - 1).long(),
-                            past_key_values=cache,
-                            use_cache=True,
-                        )
-                        if _accepts(model, "cache_position"):
-                            kwargs["cache_position"] = torch.tensor([t_prompt + n - 1], device=device)
-                        try:
-                            model(**kwargs)
-                        except torch.cuda.OutOfMemoryError:
-                            raise
-                        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
-                            ok = False
-                        else:
-                            extra = record["steps"]
-                            ok = len(extra) == 1 and extra[0][0] == 1 and extra[0][1].shape[0] == bk
-                        if ok:
-                            table.append(extra[0][1])
-                            path = "hook+extra_step"
+            steps = record["steps"]
+            # Step s recorded the embedding of generated token s-1 (s=0: last prompt token).
+            ok = (
+                n >= 1
+                and len(steps) == n
+                and steps[0][0] == t_prompt
+                and all(s[0] == 1 for s in steps[1:])
+                and all(s[1].shape[0] == bk for s in steps)
+            )
+            path = "hook"
+            emb = None
             if ok:
-                if len(table) == n:  # no sample needs the final token
-                    table.append(torch.full_like(table[0], float("nan")))
-                stacked = torch.stack(table, dim=0)  # [n + 1, B*K, d]
-                emb = stacked[n_real, torch.arange(bk, device=stacked.device)]
-        if emb is None:
-            # Fallback: one full forward over prompt + generation.
-            record["full"] = True
-            record["steps"] = []
-            pos = (full_mask.long().cumsum(dim=1) - 1).clamp_min(0)
-            model(input_ids=seqs, attention_mask=full_mask, position_ids=pos, use_cache=False)
-            if len(record["steps"]) != 1:
-                raise RuntimeError(
-                    f"expected one forward through {site.module_name} in the embedding pass, saw {len(record['steps'])}"
-                )
-            hidden = record["steps"][0]  # [B*K, T + n, d]
-            idx = t_prompt + n_real - 1
-            emb = hidden[torch.arange(bk, device=hidden.device), idx]
-            path = "full_forward"
-    finally:
-        handle.remove()
+                table = [s[1] for s in steps]
+                if bool((n_real == n).any()):
+                    cache = getattr(out, "past_key_values", None)
+                    ok = False
+                    if cache is not None and hasattr(cache, "get_seq_length"):
+                        try:
+                            cache_len = int(cache.get_seq_length())
+                        except Exception:  # noqa: BLE001 - any odd cache: use the full forward
+                            cache_len = -1
+                        if cache_len == t_prompt + n - 1:
+                            record["steps"] = []
+                            kwargs = dict(
+                                input_ids=seqs[:, -1:],
+                                attention_mask=full_mask,
+                                position_ids=(full_mask.sum(dim=1, keepdim=True) - 1).long(),
+                                past_key_values=cache,
+                                use_cache=True,
+                            )
+                            if _accepts(model, "cache_position"):
+                                kwargs["cache_position"] = torch.tensor([t_prompt + n - 1], device=device)
+                            try:
+                                model(**kwargs)
+                            except torch.cuda.OutOfMemoryError:
+                                raise
+                            except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+                                ok = False
+                            else:
+                                extra = record["steps"]
+                                ok = len(extra) == 1 and extra[0][0] == 1 and extra[0][1].shape[0] == bk
+                            if ok:
+                                table.append(extra[0][1])
+                                path = "hook+extra_step"
+                if ok:
+                    if len(table) == n:  # no sample needs the final token
+                        table.append(torch.full_like(table[0], float("nan")))
+                    stacked = torch.stack(table, dim=0)  # [n + 1, B*K, d]
+                    emb = _pool(stacked, n_real, pooling)
+            if emb is None:
+                # Fallback: one full forward over prompt + generation (the bank is not fed again).
+                record["full"] = True
+                record["steps"] = []
+                if clipper is not None:
+                    clipper.collect = False
+                try:
+                    pos = (full_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+                    model(input_ids=seqs, attention_mask=full_mask, position_ids=pos, use_cache=False)
+                finally:
+                    if clipper is not None:
+                        clipper.collect = True
+                if len(record["steps"]) != 1:
+                    raise RuntimeError(
+                        f"expected one forward through {site.module_name} in the embedding pass, saw {len(record['steps'])}"
+                    )
+                hidden = record["steps"][0]  # [B*K, T + n, d]
+                rows = torch.arange(bk, device=hidden.device)
+                if pooling == "last":
+                    emb = hidden[rows, t_prompt + n_real - 1]
+                else:
+                    gen_h = hidden[:, t_prompt - 1 :]  # entry 0 = last prompt token, entry s = gen token s-1
+                    emb = _pool(gen_h.transpose(0, 1), n_real, pooling)
+                path = "full_forward"
+        finally:
+            handle.remove()
     answers = _decode(tokenizer, gen, n_real)
-    return answers, emb.to("cpu", torch.float32), path
+    return answers, emb.to("cpu", torch.float32), path, logprobs, n_real.tolist()
 
 
 # ----------------------------------------------------------------------------- public API
@@ -383,21 +618,26 @@ def sample_answers(
     seed: Optional[int] = None,
     greedy: bool = True,
     show_progress: bool = False,
+    pooling: str = "last",
+    feature_clip: Union[bool, FeatureClipper, None] = None,
+    return_logprobs: bool = False,
 ) -> SampledAnswers:
-    """Sample ``k`` answers per prompt and embed each at its last generated token.
+    """Sample ``k`` answers per prompt and embed each one (INSIDE's EigenScore inputs).
 
     Per batch of prompts (left-padded): one greedy ``generate`` (unless
     ``greedy=False``) and ONE sampled ``generate(do_sample=True,
     num_return_sequences=k)`` for all ``K`` samples. The embedding of a sample
     is the output of decoder block ``layer`` (``hidden_states[layer + 1]``)
-    at its last generated real token — EOS and the padding after it excluded;
-    a sample with no real token is embedded at the last prompt token. It is
-    read by a single observer hook on that block during generation, plus one
-    extra single-token forward with the KV cache for samples whose last real
-    token is the final generated one (fallback: one full forward over the
-    sequences; see the module docstring). Defaults follow INSIDE (Chen et al.,
-    ICLR 2024, arXiv 2402.03744) and its code: ``K = 10``, temperature 0.5,
-    top-p 0.99, top-k 10, the middle layer.
+    at its last generated real token (``pooling="last"``, the paper's choice)
+    or averaged over its real generated tokens (``pooling="mean"``) — EOS and
+    the padding after it excluded; a sample with no real token is embedded at
+    the last prompt token. It is read by a single observer hook on that block
+    during generation, plus one extra single-token forward with the KV cache
+    for samples whose last real token is the final generated one (fallback: one
+    full forward over the sequences; see the module docstring); no
+    ``output_hidden_states``. Defaults follow INSIDE (Chen et al., ICLR 2024,
+    arXiv 2402.03744) and its code: ``K = 10``, temperature 0.5, top-p 0.99,
+    top-k 10, the middle layer.
 
     The model runs in ``eval()`` mode under ``torch.no_grad()``; the training
     mode of every submodule and the tokenizer's padding side / pad token are
@@ -420,16 +660,26 @@ def sample_answers(
             so the same call gives the same samples. Default None.
         greedy: also produce the greedy answers. Default True.
         show_progress: a tqdm progress bar over batches. Default False.
+        pooling: ``"last"`` (default) or ``"mean"``.
+        feature_clip: ``True`` for a fresh :class:`FeatureClipper` (paper
+            settings), a :class:`FeatureClipper` to use (its bank carries over
+            between calls), or ``None``/``False`` (default: no clipping). Only
+            the sampled generation is clipped; the greedy answer (the
+            correctness label) never is.
+        return_logprobs: also return per-token log-probs of the greedy answer
+            and of every sample (for perplexity and length-normalised entropy).
+            Default False.
 
     Returns:
         :class:`SampledAnswers` with ``embeddings`` float32 ``[P, K, d]`` on CPU.
 
     Raises:
         ValueError: empty ``prompts``; ``k < 2``; bad ``max_new_tokens`` /
-            ``batch_size`` / ``temperature`` / ``top_p`` / ``top_k``; ``layer``
-            not naming exactly one block; a prompt longer than the model's
-            context (``max_position_embeddings``) minus ``max_new_tokens``
-            (the message names the prompt index and the lengths).
+            ``batch_size`` / ``temperature`` / ``top_p`` / ``top_k`` /
+            ``pooling``; ``layer`` (or the clipper's layer) out of range or not
+            naming exactly one block; a prompt longer than the model's context
+            (``max_position_embeddings``) minus ``max_new_tokens`` (the
+            message names the prompt index and the lengths).
         TypeError: ``prompts`` is a single string or holds non-strings.
 
     Warns:
@@ -440,34 +690,60 @@ def sample_answers(
         raise ValueError(f"k must be an integer >= 2 (EigenScore needs at least two samples), got {k!r}")
     _positive_int("max_new_tokens", max_new_tokens)
     _positive_int("batch_size", batch_size)
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if top_k is not None:
         _positive_int("top_k", top_k, minimum=0)
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     sites = resolve_sites(model, "residual", layer)
     if len(sites) != 1:
         raise ValueError(f"layer must name exactly one decoder block, got {layer!r} -> blocks {[s.layer for s in sites]}")
     site = sites[0]
+    if feature_clip is True:
+        clipper: Optional[FeatureClipper] = FeatureClipper()
+    elif feature_clip is None or feature_clip is False:
+        clipper = None
+    elif isinstance(feature_clip, FeatureClipper):
+        clipper = feature_clip
+    else:
+        raise ValueError(f"feature_clip must be a bool, None or a FeatureClipper, got {type(feature_clip).__name__}")
+    if clipper is not None:
+        clip_sites = resolve_sites(model, "residual", clipper.layer)
+        if len(clip_sites) != 1:
+            raise ValueError(f"the feature-clipping layer must name exactly one block, got {clipper.layer!r}")
     _check_lengths(model, tokenizer, prompts, max_new_tokens)
     eos_ids = _eos_ids(model, tokenizer)
 
     from tqdm.auto import tqdm
 
     greedy_out: list[str] = []
+    greedy_lp: list = []
+    greedy_len: list = []
     samples: list[list[str]] = []
+    sample_lp: list = []
+    sample_len: list = []
     embs: list[torch.Tensor] = []
     paths: set[str] = set()
     starts = list(range(0, len(prompts), batch_size))
     with _generation_mode(model, tokenizer):
+        special = sorted(set(eos_ids) | {int(tokenizer.pad_token_id)})
+        if clipper is not None and clipper.count < clipper.bank_size:
+            clipper.seed(model, tokenizer, prompts, special)
         if seed is not None:
             torch.manual_seed(seed)
         for start in tqdm(starts, desc="sampling answers", disable=not show_progress):
             batch = prompts[start : start + batch_size]
             if greedy:
-                greedy_out.extend(_greedy_batch(model, tokenizer, batch, max_new_tokens, eos_ids))
-            answers, emb, path = _sample_batch(
+                g = _greedy_batch(model, tokenizer, batch, max_new_tokens, eos_ids,
+                                  want_logprobs=return_logprobs, detail=True)
+                greedy_out.extend(g[0])
+                greedy_len.extend(g[2])
+                if return_logprobs:
+                    greedy_lp.extend(g[1])
+            answers, emb, path, lps, n_real = _sample_batch(
                 model,
                 tokenizer,
                 site,
@@ -478,9 +754,16 @@ def sample_answers(
                 top_k=top_k,
                 max_new_tokens=max_new_tokens,
                 eos_ids=eos_ids,
+                pooling=pooling,
+                want_logprobs=return_logprobs,
+                clipper=clipper,
+                special_ids=special,
             )
             paths.add(path)
             samples.extend(answers[i * k : (i + 1) * k] for i in range(len(batch)))
+            sample_len.extend(n_real[i * k : (i + 1) * k] for i in range(len(batch)))
+            if return_logprobs:
+                sample_lp.extend(lps[i * k : (i + 1) * k] for i in range(len(batch)))
             embs.append(emb.reshape(len(batch), k, -1))
     embeddings = torch.cat(embs, dim=0)
     bad = (~torch.isfinite(embeddings)).flatten(1).any(dim=1).nonzero().flatten().tolist()
@@ -497,4 +780,10 @@ def sample_answers(
         embeddings=embeddings,
         layer=site.layer,
         _extra={"embedding_paths": sorted(paths)},
+        pooling=pooling,
+        feature_clip=clipper is not None,
+        greedy_logprobs=greedy_lp,
+        sample_logprobs=sample_lp,
+        greedy_lengths=greedy_len,
+        sample_lengths=sample_len,
     )

@@ -183,3 +183,19 @@ def test_factual_accuracy():
         factual_accuracy([], [])
     with pytest.raises(ValueError, match="same length"):
         factual_accuracy(["Paris"], [["Paris"], ["Rome"]])
+
+
+# ----------------------------------------------------------------------------- all exact routes vs numpy
+
+
+@pytest.mark.parametrize("k,d", [(10, 576), (40, 16), (5, 5)])
+def test_every_exact_route_matches_independent_numpy(k, d):
+    from neurodetox.metrics import efficient_eigenscore, exact_log_det_mean
+
+    z = np.random.default_rng(k + d).normal(size=(3, k, d)) * np.linspace(0.1, 5, d)
+    per_prompt = [numpy_eigenscore(z[p]) for p in range(3)]
+    for method in ("exact", "exact-direct", "exact-gram", "auto"):
+        res = efficient_eigenscore(z, method=method)
+        np.testing.assert_allclose(res.value, per_prompt, rtol=1e-8, atol=1e-9)
+        assert exact_log_det_mean(z[0], route=method if method != "auto" else "exact") == pytest.approx(
+            per_prompt[0], rel=1e-8, abs=1e-9)

@@ -2,6 +2,8 @@
 
 import warnings
 
+import numpy as np
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -235,10 +237,10 @@ def test_non_finite_embeddings_warn(model, tok, monkeypatch):
     real = sampling._sample_batch
 
     def poisoned(*args, **kwargs):
-        answers, emb, path = real(*args, **kwargs)
+        answers, emb, path, lps, n_real = real(*args, **kwargs)
         emb = emb.clone()
         emb[0, 0] = float("nan")
-        return answers, emb, path
+        return answers, emb, path, lps, n_real
 
     monkeypatch.setattr(sampling, "_sample_batch", poisoned)
     with pytest.warns(UserWarning, match=r"prompt index\(es\) \[0, 2\]"):
@@ -250,3 +252,171 @@ def test_progress_bar_runs(model, tok):
         warnings.simplefilter("error", UserWarning)
         res = sample_answers(model, tok, PROMPTS[:2], k=2, max_new_tokens=2, show_progress=True)
     assert res.embeddings.shape == (2, 2, 32)
+
+
+# ----------------------------------------------------------------------------- pooling, log-probs, clipping
+
+
+def reference_rows(model, spy, k, layer, clamp=None):
+    """Per sampled row: (prompt ids, real generated ids, ended_with_eos, hidden states at ``layer``, logits)
+    from a plain unpadded forward; ``clamp=(block, lo, hi)`` clamps that block's output like FeatureClipper."""
+    handle = None
+    if clamp is not None:
+        block, lo, hi = clamp
+
+        def fwd(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h = torch.clamp(h, min=lo, max=hi)
+            return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+        handle = model.model.layers[block].register_forward_hook(fwd)
+    rows = []
+    try:
+        for kwargs, ids, mask, seqs in spy.sampled():
+            t = ids.shape[1]
+            for row in range(seqs.shape[0]):
+                p = row // k
+                prompt = ids[p][mask[p].bool()].tolist()
+                real, eos = [], False
+                for tid in seqs[row, t:].tolist():
+                    if tid == EOS:
+                        eos = True
+                        break
+                    real.append(tid)
+                full = prompt + real + ([EOS] if eos else [])
+                with torch.no_grad():
+                    out = model(torch.tensor([full]), output_hidden_states=True)
+                rows.append((prompt, real, eos, out.hidden_states[layer + 1][0], out.logits[0]))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return rows
+
+
+@pytest.mark.parametrize("drop_cache", [False, True], ids=["extra_step", "full_forward_fallback"])
+def test_mean_pooling_matches_full_forward(model, tok, monkeypatch, drop_cache):
+    k = 4
+    spy = GenerateSpy(model, drop_cache=drop_cache)
+    monkeypatch.setattr(model, "generate", spy)
+    lengths = []
+    for seed in range(3):
+        spy.calls.clear()
+        res = sample_answers(model, tok, PROMPTS, k=k, batch_size=2, seed=seed, max_new_tokens=5, pooling="mean",
+                             greedy=False)
+        assert res.pooling == "mean"
+        refs = []
+        for prompt, real, eos, hs, _ in reference_rows(model, spy, k, res.layer):
+            lengths.append(len(real))
+            if real:
+                refs.append(hs[len(prompt) : len(prompt) + len(real)].mean(0))
+            else:
+                refs.append(hs[len(prompt) - 1])
+        torch.testing.assert_close(res.embeddings.reshape(-1, 32), torch.stack(refs), atol=1e-4, rtol=1e-4)
+        assert res.sample_lengths == [lengths[-len(PROMPTS) * k :][i * k : (i + 1) * k] for i in range(len(PROMPTS))]
+    assert 0 in lengths and 5 in lengths and any(0 < n < 5 for n in lengths)
+
+
+def test_logprobs_match_forward(model, tok, monkeypatch):
+    k = 3
+    spy = GenerateSpy(model)
+    monkeypatch.setattr(model, "generate", spy)
+    res = sample_answers(model, tok, PROMPTS, k=k, batch_size=3, seed=5, max_new_tokens=5, return_logprobs=True,
+                         temperature=0.7, top_k=3)
+    got = [lp for per in res.sample_logprobs for lp in per]
+    refs = reference_rows(model, spy, k, res.layer)
+    assert len(got) == len(refs)
+    for lp, (prompt, real, eos, _, logits) in zip(got, refs):
+        toks = real + ([EOS] if eos else [])
+        assert len(lp) == len(toks)  # real tokens + the EOS that ended the answer
+        ref = [float(torch.log_softmax(logits[len(prompt) + j - 1].double(), -1)[t]) for j, t in enumerate(toks)]
+        assert lp == pytest.approx(ref, abs=1e-4)  # raw distribution: temperature 1, no top-k
+    # greedy answers: log-probs of the argmax tokens, checked against a hand-rolled loop
+    for prompt, lps, n_tok in zip(PROMPTS, res.greedy_logprobs, res.greedy_lengths):
+        ids = tok(prompt)["input_ids"]
+        out, ref = [], []
+        with torch.no_grad():
+            for _ in range(5):
+                lsm = torch.log_softmax(model(torch.tensor([ids + out])).logits[0, -1].double(), -1)
+                nxt = int(lsm.argmax())
+                ref.append(float(lsm[nxt]))
+                if nxt == EOS:
+                    break
+                out.append(nxt)
+        assert n_tok == len(out)
+        assert lps == pytest.approx(ref, abs=1e-4)
+
+
+def test_feature_clipper_bank_and_thresholds():
+    clip = sampling.FeatureClipper(bank_size=10, percentile=10.0, min_tokens=4)
+    assert clip.thresholds() is None
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(23, 3)).astype(np.float32)
+    clip.push(torch.tensor(data[:3]))
+    assert clip.thresholds() is None  # fewer than min_tokens
+    clip.push(torch.tensor(data[3:17]))
+    clip.push(torch.tensor(data[17:]))
+    assert clip.count == 10 and clip.pushed == 23
+    np.testing.assert_array_equal(clip.contents().numpy(), data[-10:])  # FIFO: the newest 10, oldest first
+    lo, hi = clip.thresholds()
+    np.testing.assert_allclose(lo.numpy(), np.percentile(data[-10:], 10.0, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(hi.numpy(), np.percentile(data[-10:], 90.0, axis=0), rtol=1e-6)
+    x = torch.tensor(rng.normal(size=(2, 5, 3)) * 3, dtype=torch.float32)
+    ref = np.clip(x.numpy(), np.percentile(data[-10:], 10.0, axis=0), np.percentile(data[-10:], 90.0, axis=0))
+    np.testing.assert_allclose(clip.clamp(x).numpy(), ref, rtol=1e-6)
+    clip.frozen = True
+    clip.push(torch.zeros(4, 3))
+    assert clip.pushed == 23
+    for bad in (dict(percentile=50), dict(percentile=-1), dict(bank_size=0), dict(min_tokens=0)):
+        with pytest.raises(ValueError):
+            sampling.FeatureClipper(**bad)
+
+
+def test_feature_clipping_matches_static_clamp_reference(model, tok, monkeypatch):
+    """With a frozen bank the clipped generation equals a forward with a fixed per-feature clamp.
+
+    Clipping is at block 1 and the embedding read at block 2, so the embedding itself sees the clamp
+    (with INSIDE's layout — clip the penultimate block, embed the middle one — clipping acts on the
+    embedding only through the tokens it makes the model sample)."""
+    k = 3
+    clip = sampling.FeatureClipper(bank_size=40, percentile=20.0, min_tokens=10, layer=1)
+    with sampling._generation_mode(model, tok):
+        clip.seed(model, tok, PROMPTS * 4, special_ids=[PAD, EOS])
+    assert clip.count == 40
+    # seeding read the real prompt tokens of block 1 (no padding), in order
+    ref_bank = []
+    for p in PROMPTS * 4:
+        with torch.no_grad():
+            hs = model(torch.tensor([tok(p)["input_ids"]]), output_hidden_states=True).hidden_states[2][0]
+        ref_bank.append(hs)
+    ref_bank = torch.cat(ref_bank)[:40]
+    torch.testing.assert_close(clip.contents(), ref_bank, atol=1e-5, rtol=1e-5)
+    clip.frozen = True
+    lo, hi = clip.thresholds()
+    spy = GenerateSpy(model)
+    monkeypatch.setattr(model, "generate", spy)
+    res = sample_answers(model, tok, PROMPTS, k=k, batch_size=2, seed=2, max_new_tokens=5, feature_clip=clip,
+                         greedy=False, layer=2)
+    assert res.feature_clip and clip.clamped_calls > 0
+    refs = [hs[len(prompt) + len(real) - 1] for prompt, real, _, hs, _ in
+            reference_rows(model, spy, k, res.layer, clamp=(1, lo, hi))]
+    torch.testing.assert_close(res.embeddings.reshape(-1, 32), torch.stack(refs), atol=1e-4, rtol=1e-4)
+    # and clipping really changed the model: the unclipped reference differs
+    plain = [hs[len(prompt) + len(real) - 1] for prompt, real, _, hs, _ in reference_rows(model, spy, k, res.layer)]
+    assert not torch.allclose(torch.stack(plain), torch.stack(refs), atol=1e-3)
+
+
+def test_feature_clip_default_runs_and_updates(model, tok):
+    clip = sampling.FeatureClipper(bank_size=200, min_tokens=20)
+    res = sample_answers(model, tok, PROMPTS, k=2, seed=0, max_new_tokens=3, feature_clip=clip)
+    assert res.feature_clip and clip.pushed > 0 and torch.isfinite(res.embeddings).all()
+    res2 = sample_answers(model, tok, PROMPTS[:1], k=2, seed=0, max_new_tokens=3, feature_clip=True)
+    assert res2.feature_clip
+
+
+def test_new_option_errors(model, tok):
+    with pytest.raises(ValueError, match="pooling"):
+        sample_answers(model, tok, PROMPTS, k=2, pooling="max")
+    with pytest.raises(ValueError, match="out of range"):
+        sample_answers(model, tok, PROMPTS, k=2, feature_clip=sampling.FeatureClipper(layer=7))
+    with pytest.raises(ValueError, match="feature_clip"):
+        sample_answers(model, tok, PROMPTS, k=2, feature_clip="yes")

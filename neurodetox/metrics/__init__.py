@@ -1,6 +1,40 @@
-"""Hallucination metrics: EigenScore (INSIDE, arXiv 2402.03744) and factual accuracy."""
+"""Hallucination metrics.
 
+* EigenScore (INSIDE, arXiv 2402.03744): :func:`eigenscore` (exact, batched).
+* EES (SeND, arXiv 2410.15460): :func:`efficient_eigenscore`, :func:`dataset_ees`,
+  :func:`log_det_mean` — a correct KPM estimator with error bars, plus the
+  exact routes.
+* Baselines on the same samples: :func:`perplexity`,
+  :func:`length_normalized_entropy`, :func:`lexical_similarity`.
+* Detection: :func:`auroc`, :func:`bootstrap_auroc`, :func:`detection_summary`.
+* Factual accuracy: :func:`is_correct`, :func:`factual_accuracy`.
+"""
+
+from .baselines import HALLUCINATION_DIRECTION, length_normalized_entropy, lexical_similarity, perplexity, rouge_l
+from .detection import auroc, bootstrap_auroc, detection_summary, paired_auroc_difference, roc_points
+from .ees import EESResult, dataset_ees, efficient_eigenscore, exact_log_det_mean, log_det_mean
 from .eigenscore import answer_covariance, eigenscore
 from .factual import factual_accuracy, is_correct, normalize_answer
 
-__all__ = ["answer_covariance", "eigenscore", "factual_accuracy", "is_correct", "normalize_answer"]
+__all__ = [
+    "EESResult",
+    "HALLUCINATION_DIRECTION",
+    "answer_covariance",
+    "auroc",
+    "bootstrap_auroc",
+    "dataset_ees",
+    "detection_summary",
+    "efficient_eigenscore",
+    "eigenscore",
+    "exact_log_det_mean",
+    "factual_accuracy",
+    "is_correct",
+    "length_normalized_entropy",
+    "lexical_similarity",
+    "log_det_mean",
+    "normalize_answer",
+    "paired_auroc_difference",
+    "perplexity",
+    "roc_points",
+    "rouge_l",
+]
