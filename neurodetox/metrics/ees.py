@@ -30,10 +30,14 @@ builds the estimator from exact identities plus one stochastic step:
    ``W = P⊥ A Q L⁻ᵀ``. This holds for any ``Q``; a good ``Q`` only makes the
    spectrum of ``S`` narrower (LLM embeddings have a few huge outlier
    eigenvalues). ``S ⪰ α I`` still (its inverse is a compression of ``A⁻¹``).
-3. **Spectral bounds.** Lanczos (full re-orthogonalisation) on ``S`` gives Ritz
-   values ``θ_min``, ``θ_max``; ``b = θ_max (1 + margin)`` and
-   ``a = max(α, θ_min · lower_safety)`` (``α`` is a certified lower bound; the
-   Lanczos one is not, hence the safety factor and the guard in step 5).
+3. **Spectral bounds.** 80 Lanczos steps (full re-orthogonalisation) on ``S``
+   give Ritz values ``θ_min``, ``θ_max`` and the residual ``r`` of the top one;
+   ``b = (θ_max + r)(1 + 0.01)`` and ``a = max(α, θ_min / 2)``. ``α`` is a
+   certified lower bound but far too pessimistic for dataset-level matrices
+   (there ``λ_min(S) ≫ α`` and ``M ∝ sqrt(b / a)``); the Lanczos one is not
+   certified, hence the factor 2 (measured: 80 steps overestimate ``λ_min`` by
+   less than 1.6× on real SmolLM2 embeddings and the benchmark spectra) and the
+   guard in step 5.
 4. **Chebyshev expansion with exact coefficients.** With
    ``λ = ((b − a) x + a + b) / 2`` and ``x₀ = −(a + b)/(b − a)``,
    ``ρ = |x₀| + sqrt(x₀² − 1)``, the series of ``ln λ`` is known in closed form:
@@ -53,20 +57,22 @@ builds the estimator from exact identities plus one stochastic step:
    of probes. If ``‖T_j(B) z‖`` grows past ``‖z‖`` the spectrum left
    ``[a, b]``: the bounds are widened and the run repeated. Probes are added in
    blocks until the 95 % half-width ``t_{P−1} · SE`` is within the stochastic
-   share of the tolerance; when that would need at least ``m`` probes, the
+   share of the tolerance; when that would need at least ``m'/2`` probes, the
    ``m`` columns of ``P⊥`` are used instead and the trace is exact
-   (deterministic probing).
+   (deterministic probing, at most twice the cost).
 
 The reported ``error`` is ``m'/n · (τ(M) + damping bias) + t_{P−1} · SE / n``:
 the half-width of an interval that holds the true value with probability ≥ 95 %
 when the Lanczos lower bound is valid (``m'`` = dimension after deflation).
 
 Cost. The exact routes cost ``O(n d m + m³)`` (``exact-direct`` forms the
-``n × n`` matrix as the issue's "exact computation" does; ``exact-gram`` forms
-the ``m × m`` one). KPM costs ``O(n d (P M / 2 + k))`` and needs roughly
-``M ≈ 2.5 sqrt(b / a)`` moments; it only beats ``exact-gram`` when
-``min(n, d)`` is very large. ``method="auto"`` uses the crossover measured by
-``benchmarks/ees_vs_exact.py`` (see :data:`AUTO_KPM_MIN_DIM`).
+``n × n`` matrix, the straightforward exact computation; ``exact-gram`` forms
+the ``m × m`` one, ``m = min(n, d)``). KPM costs ``O(n d (P M / 2 + k))`` with
+``M ≈ 2.5 sqrt(b / a)`` moments. Measured (``benchmarks/ees_vs_exact.py``):
+KPM is several times faster than ``exact-direct`` for ``n ≥ 8192``, but slower
+than ``exact-gram`` at every size that fits in memory, so
+``method="auto"`` takes the exact Gram route unless the ``m × m`` matrix would
+not fit (see :data:`AUTO_KPM_MIN_DIM`, :data:`AUTO_MAX_EXACT_BYTES`).
 """
 
 from __future__ import annotations
@@ -97,14 +103,14 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 METHODS = ("auto", "exact", "exact-direct", "exact-gram", "kpm")
 
-# method="auto" picks KPM only when min(n, d) is at least this large (and the
-# m x m matrix of the exact route fits in memory); below it the exact route on
-# the smaller Gram matrix is faster. Measured by benchmarks/ees_vs_exact.py on a
-# 2-core CPU (docs in its table): at min(n, d) = 2048, KPM at the default
-# tolerance was several times slower than exact-gram on LLM-like spectra, and
-# the ratio falls roughly like 1/min(n, d).
-AUTO_KPM_MIN_DIM = 16384
-# Largest m x m float64 matrix (bytes) the exact route may form in "auto".
+# method="auto" picks KPM only when min(n, d) is at least this large, or when the m x m matrix of the
+# exact route would not fit in AUTO_MAX_EXACT_BYTES; otherwise the exact route on the smaller Gram matrix.
+# Measured on a shared 2-core CPU (benchmarks/ees_vs_exact.py and a separate 16384x8192 run): KPM at the
+# default tolerance took 5.6x the exact-gram time at 8192x2048 and 3.1x at 16384x8192 on tracking-like
+# spectra; extrapolating that trend (ratio ~ m^-0.43) puts the crossover near m ~ 1e5, beyond what the
+# exact route can hold in memory, so in practice "auto" = exact until memory runs out.
+AUTO_KPM_MIN_DIM = 65536
+# Largest m x m float64 matrix (bytes) the exact route may form in "auto" (m = 32768 at 8 GiB).
 AUTO_MAX_EXACT_BYTES = 8 * 2**30
 
 _DEFAULT_TOL = 5e-3
@@ -454,6 +460,7 @@ def _moments_block(op: _Deflated, v0: torch.Tensor, a: float, b: float, half: in
 
 
 _GROWTH_LIMIT = 1.05
+_DETERMINISTIC_FRACTION = 0.5
 _MAX_BLOCK = 256
 
 
@@ -499,7 +506,8 @@ def _run_probes(op, m, m_eff, a, b, half, coef, probes, tol_stoch, max_probes, g
         if t_q * sd / math.sqrt(count) <= tol_stoch:
             return ests, False, growth, nmv
         need = int(math.ceil((t_q * sd / tol_stoch) ** 2 * 1.05))
-        if need >= m_eff:
+        if need >= _DETERMINISTIC_FRACTION * m_eff:
+            # random probes would cost at least half of the exact (deterministic) trace: take the exact one
             return deterministic()
         target = min(max(need, count + _PROBE_BLOCK), max_probes)
 
@@ -520,6 +528,7 @@ def _kpm_logdet(
     max_moments: int = 20000,
     max_probes: int = 1024,
     lanczos_steps: int = 80,
+    power_iters: int = 2,
     lower_safety: float = 0.5,
     upper_margin: float = 0.01,
     dtype: torch.dtype = torch.float64,
@@ -548,7 +557,7 @@ def _kpm_logdet(
         aq_parts.append(matvec(basis))
         matvecs += k_basis
     if k_defl > 0:
-        qv, aqv, nmv = _range_finder(matvec, m, basis, k_defl, oversample, 2, gen, dtype)
+        qv, aqv, nmv = _range_finder(matvec, m, basis, k_defl, oversample, power_iters, gen, dtype)
         matvecs += nmv
         q_parts.append(qv)
         aq_parts.append(aqv)
@@ -574,7 +583,9 @@ def _kpm_logdet(
     th_min, th_max, r_min, r_max, nmv = _lanczos_bounds(op, m_eff, lanczos_steps, gen, dtype)
     matvecs += nmv
     b = (max(th_max, lower) + r_max) * (1.0 + upper_margin) + 1e-12 * max(abs(th_max), 1.0)
-    a = max(lower, (th_min - r_min) * lower_safety)
+    # Ritz values are upper bounds of the smallest eigenvalue; 80 steps came within a factor 1.6 of it on
+    # real SmolLM2 embeddings and on the benchmark spectra (the growth guard below catches the rest).
+    a = max(lower, th_min * lower_safety)
     if not a < b:
         b = a * (1.0 + 1e-6) + 1e-300
     tol_trunc = _TRUNC_SHARE * tol_sum
@@ -771,9 +782,9 @@ def efficient_eigenscore(
             ``"exact-gram"`` (of the ``d × d`` ``Zcᵀ Zc/(d − 1)``, plus
             ``(n − d) ln α``), ``"exact"`` (the smaller of the two), ``"kpm"``
             (EES, the module docstring) or ``"auto"`` (default: KPM when
-            ``min(n, d) ≥`` :data:`AUTO_KPM_MIN_DIM` or the exact matrix would
-            not fit in 8 GiB, else ``"exact"`` — the crossover measured by
-            ``benchmarks/ees_vs_exact.py``).
+            ``min(n, d) ≥`` :data:`AUTO_KPM_MIN_DIM` or the exact ``m × m``
+            matrix would not fit in 8 GiB, else ``"exact"`` — from the
+            crossover measured by ``benchmarks/ees_vs_exact.py``).
         tol, moments, probes, deflate, seed, damping, max_moments, max_probes:
             KPM settings, see :func:`log_det_mean`. Default ``tol = 5e-3``: the
             reported 95 % error is at most ``5e-3`` nats unless a cap is hit.
