@@ -431,6 +431,23 @@ def _pool(stacked: torch.Tensor, n_real: torch.Tensor, pooling: str) -> torch.Te
     return torch.where((idx > 0).unsqueeze(1), mean, stacked[0, rows])
 
 
+def lockstep_forwards() -> bool:
+    """True when every rank must run the same forwards: DeepSpeed ZeRO-3 with more than one process.
+
+    Under ZeRO-3 each forward all-gathers the partitioned parameters, so a
+    forward that runs on one rank only hangs the others.
+    """
+    from .distributed import is_distributed, world_size
+
+    if not (is_distributed() and world_size() > 1):
+        return False
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - old transformers
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
 def _sample_batch(model, tokenizer, site, batch, *, k, temperature, top_p, top_k, max_new_tokens, eos_ids,
                   pooling="last", want_logprobs=False, clipper=None, special_ids=()):
     """Sample K answers for each prompt of ``batch``.
@@ -490,6 +507,11 @@ def _sample_batch(model, tokenizer, site, batch, *, k, temperature, top_p, top_k
             )
             path = "hook"
             emb = None
+            # Under ZeRO-3 on several ranks every forward is a collective (parameters are gathered), so
+            # all ranks must run the same number of forwards: whether the extra cached step is needed
+            # depends on this rank's samples, so take the one fixed path instead (one full forward).
+            if ok and lockstep_forwards():
+                ok = False
             if ok:
                 table = [s[1] for s in steps]
                 if bool((n_real == n).any()):

@@ -420,3 +420,26 @@ def test_new_option_errors(model, tok):
         sample_answers(model, tok, PROMPTS, k=2, feature_clip=sampling.FeatureClipper(layer=7))
     with pytest.raises(ValueError, match="feature_clip"):
         sample_answers(model, tok, PROMPTS, k=2, feature_clip="yes")
+
+
+def test_zero3_lockstep_takes_one_fixed_forward_per_batch(model, tok, monkeypatch):
+    """Under ZeRO-3 on several ranks the extra cached step (run only when some sample is full length) would
+    be a forward on some ranks only: a hang. There every batch takes exactly one full forward instead."""
+    import neurodetox.sampling as sampling
+
+    monkeypatch.setattr(sampling, "lockstep_forwards", lambda: True)
+    forwards = []
+    real_forward = model.forward
+
+    def counting_forward(*a, **kw):
+        forwards.append(kw.get("past_key_values") is None and not kw.get("use_cache", True))
+        return real_forward(*a, **kw)
+
+    spy = GenerateSpy(model)
+    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(model, "forward", counting_forward)
+    res = sample_answers(model, tok, PROMPTS, k=4, batch_size=3, seed=1, max_new_tokens=6, greedy=False)
+    assert set(res._extra["embedding_paths"]) == {"full_forward"}
+    assert sum(forwards) == 2  # one full (uncached) forward per batch of 3 prompts, on every rank alike
+    ref, _ = reference_embeddings(model, spy, 4, res.layer)
+    torch.testing.assert_close(res.embeddings.reshape(-1, 32), ref, atol=1e-4, rtol=1e-4)
