@@ -4,6 +4,7 @@
     neurodetox data facts --out DIR [--seed N] [--relations ...]
     neurodetox eval --model PATH --data facts|FILE
     neurodetox patch find|apply|revert|show|eval ...
+    neurodetox experiment [--config R.yaml] [--seeds 0,1,2] [--variants drop0.3,mlp] [--quick]
 """
 
 from __future__ import annotations
@@ -95,13 +96,21 @@ def cmd_eval(argv: Sequence[str]) -> int:
     return run(argv)
 
 
+def cmd_experiment(argv: Sequence[str]) -> int:
+    from .experiment.cli import cmd_experiment as run
+
+    _setup_logging()
+    return run(argv)
+
+
 def cmd_patch(argv: Sequence[str]) -> int:
     from .patching.cli import cmd_patch as run
 
     return run(argv)
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "patch": cmd_patch}
+COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "patch": cmd_patch,
+            "experiment": cmd_experiment}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -48,6 +48,10 @@ class RunArguments:
 
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Delete an existing run folder first (otherwise a folder with checkpoints needs --resume_from_checkpoint)."})
+    score_test_probes: bool = field(default=True, metadata={
+        "help": "Score the whole test split (accuracy, EigenScore) before and after training. Set false when "
+                "something else measures the run (neurodetox experiment does); evaluation during training is "
+                "unaffected."})
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, RunArguments, SeNDConfig)

@@ -260,7 +260,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
         resume = True
     before_file = Path(args.output_dir) / "probes_before.json"
     before: dict = {}
-    if resume and before_file.is_file():
+    if not run_args.score_test_probes:
+        before.update(factual_accuracy=None, eigenscore=None)
+    elif resume and before_file.is_file():
         before.update(json.loads(before_file.read_text()))
     else:
         # scored from on_train_begin: after DeepSpeed has wrapped the model (ZeRO-3 weights are partitioned
@@ -273,9 +275,12 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
 
     final_dir = save_final_model(trainer, tok, Path(args.output_dir), merge_adapter=bool(peft_config))
 
-    after = evaluate_probes_all_ranks(trainer.model, tok, test_prompts, test_aliases, settings, show_progress=True)
-    if trainer.is_world_process_zero():
-        _log_test_metrics(args.output_dir, trainer.state.global_step, after.metrics())
+    after = None
+    if run_args.score_test_probes:
+        after = evaluate_probes_all_ranks(trainer.model, tok, test_prompts, test_aliases, settings,
+                                          show_progress=True)
+        if trainer.is_world_process_zero():
+            _log_test_metrics(args.output_dir, trainer.state.global_step, after.metrics())
     send_cb = trainer.callback(SensitiveNeuronDropoutCallback)
     es_cb = trainer.callback(EigenScoreCallback)
     summary = {
@@ -289,9 +294,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
         "splits": {k: len(v) for k, v in ds.items()},
         "test_probes": len(test_prompts),
         "factual_accuracy_before": before["factual_accuracy"],
-        "factual_accuracy_after": after.factual_accuracy,
+        "factual_accuracy_after": after.factual_accuracy if after else None,
         "eigenscore_before": before["eigenscore"],
-        "eigenscore_after": after.eigenscore,
+        "eigenscore_after": after.eigenscore if after else None,
         "sensitive_neurons": send_cb.selections if send_cb else [],
         "eval_history": [{"step": s, **r.metrics()} for s, r in es_cb.history] if es_cb else [],
         "global_steps": trainer.state.global_step,
@@ -301,7 +306,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
         "eigenscore_settings": settings.__dict__,
     }
     if trainer.is_world_process_zero():
-        atomic_write_json(Path(args.output_dir) / "probes_after.json", {**after.metrics(), "records": after.records})
+        if after is not None:
+            atomic_write_json(Path(args.output_dir) / "probes_after.json", {**after.metrics(), "records": after.records})
         from .report import plot_training_curves
 
         plot_training_curves(Path(args.output_dir) / "metrics.jsonl", Path(args.output_dir) / "training_curves.png")

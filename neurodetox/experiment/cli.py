@@ -1,0 +1,144 @@
+"""``neurodetox experiment``: the SeND study from one recipe, over arms and seeds, to a results page.
+
+    neurodetox experiment --config recipes/smollm2-facts-send.yaml --seeds 0,1,2 \\
+        --variants drop0.3,mlp --out runs/study --report docs/results/send.md
+    neurodetox experiment --quick            # one seed of the three arms (~15 min on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_RECIPE = "recipes/smollm2-facts-send.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="neurodetox experiment",
+        description="Controlled SeND study (arXiv 2410.15460): send_mode send / random / off × seeds from one "
+                    "recipe (identical data, steps, learning rate and trainable layers), measured on the test "
+                    "split and on training-fact paraphrases; writes study.json, curve PNGs and a markdown page "
+                    "with per-arm intervals and paired differences. Complete runs are reused on rerun.")
+    p.add_argument("--config", default=DEFAULT_RECIPE, help=f"Recipe every run starts from (default {DEFAULT_RECIPE}).")
+    p.add_argument("--model", help="Override model_name_or_path (a folder, a .gguf, a hub id).")
+    p.add_argument("--data", help="Override data: 'facts' or a local fact file.")
+    p.add_argument("--seeds", default="0,1,2", help="Comma list of training seeds (default 0,1,2).")
+    p.add_argument("--arms", default="send,random,off", help="Comma list of send_mode arms (default all three).")
+    p.add_argument("--variants", default="",
+                   help="Comma list of extra SeND settings, each run as its own arm for every seed: "
+                        "drop0.3 (send_drop_fraction 0.3), mlp (send_site mlp), or NAME:field=value[;field=value].")
+    p.add_argument("--variant-modes", default="send", help="Modes each variant runs with (default send).")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="Recipe override for every run (repeatable), e.g. --set max_steps=100.")
+    p.add_argument("--quick", action="store_true", help="One seed (the first of --seeds) and no variants.")
+    p.add_argument("--paraphrase-probes", type=int, default=75,
+                   help="Training facts whose first paraphrase prompt is scored (default 75, the size of the test split).")
+    p.add_argument("--bootstrap", type=int, default=500, help="Bootstrap resamples per AUROC interval (default 500).")
+    p.add_argument("--out", default="runs/study", help="Study folder (default runs/study).")
+    p.add_argument("--report", help="Markdown page to write (default OUT/send.md); figures go to a folder named "
+                                    "after it (e.g. docs/results/send/).")
+    p.add_argument("--keep-models", action="store_true", help="Keep each run's final/ checkpoint.")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def cmd_experiment(argv: Sequence[str]) -> int:
+    """Entry point; returns 0, or 2 with a message on bad input or a failed run."""
+    from rich.console import Console
+
+    from ..io import atomic_write_json, atomic_write_text
+    from .analysis import headline
+    from .report import nan_to_none, plot_curves, render_markdown
+    from .runs import plan_study, run_study
+
+    a = build_parser().parse_args(list(argv))
+    console = Console(stderr=True)
+    try:
+        seeds = [int(s) for s in _split(a.seeds)]
+    except ValueError:
+        console.print(f"neurodetox: error: --seeds must be a comma list of integers, got {a.seeds!r}")
+        return 2
+    variants = [] if a.quick else [v.replace(";", ",") if ":" in v else v for v in _variant_specs(a.variants)]
+    if a.quick:
+        seeds = seeds[:1]
+    try:
+        plan = plan_study(a.config, seeds, a.out, arms=_split(a.arms), variants=variants,
+                          variant_modes=_split(a.variant_modes), model=a.model, data=a.data, fields=a.set,
+                          paraphrase_probes=a.paraphrase_probes, n_boot=a.bootstrap, keep_models=a.keep_models)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"neurodetox: error: {e}")
+        return 2
+    console.print(f"[bold]neurodetox experiment[/]: {len(plan.arms)} arms × {len(plan.seeds)} seeds = "
+                  f"{len(plan.arms) * len(plan.seeds)} runs into {plan.out}")
+    t0 = time.time()
+    try:
+        base, results = run_study(plan, progress=not a.no_progress)
+    except RuntimeError as e:
+        console.print(f"neurodetox: error: {e}")
+        return 2
+    wall = (time.time() - t0) / 60
+    page = Path(a.report) if a.report else plan.out / "send.md"
+    fig_dir = page.parent / page.stem
+    figures = plot_curves(results, fig_dir)
+    arms = [arm.name for arm in plan.arms]
+    comparisons = [(x, y) for x, y in (("send", "off"), ("send", "random"), ("random", "off"))
+                   if x in arms and y in arms]
+    comparisons += [(v, "off") for v in arms if "@" in v and "off" in arms]
+    comparisons += [(v, "send") for v in arms if "@" in v and "send" in arms]
+    model = plan.fields.get("model_name_or_path") or _recipe_model(a.config)
+    h = headline(results)
+    statement = []
+    if h is not None and h["n"]:
+        from .analysis import fmt_interval, verdict
+
+        statement.append(f"- **Main result:** test-split factual accuracy, SeND − off = "
+                         f"{fmt_interval(h, True, True)} over {h['n']} paired seeds "
+                         f"({verdict(h, +1)}).")
+    info = {
+        "recipe": a.config, "seeds": plan.seeds, "model": model, "comparisons": comparisons,
+        "command": "neurodetox experiment " + " ".join(shlex.quote(x) for x in argv),
+        "wall_minutes": (base["run_wall_seconds"] + sum(r["run_wall_seconds"] for r in results)) / 60,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "statement_lines": statement,
+    }
+    md = render_markdown(results, info, figures, page, base=base)
+    atomic_write_text(page, md)
+    atomic_write_json(plan.out / "study.json", nan_to_none({"info": info, "base": base, "results": results}))
+    if page.parent.resolve() != plan.out.resolve():
+        shutil.copy2(page, plan.out / page.name)
+    print(md)
+    console.print(f"wrote {page}, {fig_dir}/*.png and {plan.out / 'study.json'} ({wall:.1f} min)")
+    return 0
+
+
+def _variant_specs(s: str) -> list[str]:
+    """Split ``--variants``: commas separate variants; a custom one uses ``;`` between its fields."""
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _recipe_model(recipe: str) -> str:
+    from ..recipes import load_recipe
+
+    try:
+        return str(load_recipe(recipe).get("model_name_or_path", "smollm2-135m-instruct"))
+    except (FileNotFoundError, ValueError):
+        return "?"
+
+
+def main(argv=None) -> int:  # pragma: no cover - thin wrapper
+    return cmd_experiment(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The SeND study (`neurodetox experiment`): intervals, paired differences, planning errors, a whole tiny study."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neurodetox.cli import main
+from neurodetox.experiment import interval, paired_difference, plan_study, verdict
+from neurodetox.experiment.measure import statement_embeddings
+
+from conftest import make_tiny_llama, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2-facts-send.yaml"
+T_975_DF2 = 4.302652729911275  # Student t quantile, 2 degrees of freedom (tables)
+
+
+def test_interval_matches_hand_computed_t_interval():
+    v = [0.30, 0.36, 0.33]
+    iv = interval(v)
+    sd = np.std(v, ddof=1)
+    assert iv["n"] == 3
+    assert iv["mean"] == pytest.approx(np.mean(v))
+    assert iv["low"] == pytest.approx(np.mean(v) - T_975_DF2 * sd / math.sqrt(3))
+    assert iv["high"] == pytest.approx(np.mean(v) + T_975_DF2 * sd / math.sqrt(3))
+    one = interval([0.5, float("nan")])
+    assert one["n"] == 1 and math.isnan(one["low"])
+
+
+def _res(arm, seed, acc):
+    return {"arm": arm, "seed": seed, "metrics": {"test_accuracy": acc}}
+
+
+def test_paired_difference_pairs_by_seed_and_verdicts():
+    results = [_res("send", 0, 0.50), _res("send", 1, 0.60), _res("send", 2, 0.55),
+               _res("off", 2, 0.50), _res("off", 0, 0.40), _res("off", 1, 0.52)]
+    d = paired_difference(results, "send", "off", "test_accuracy")
+    diffs = [0.10, 0.08, 0.05]  # seeds 0, 1, 2 paired, whatever the order of results
+    assert d["seeds"] == [0, 1, 2]
+    assert d["mean"] == pytest.approx(np.mean(diffs))
+    assert d["low"] == pytest.approx(np.mean(diffs) - T_975_DF2 * np.std(diffs, ddof=1) / math.sqrt(3))
+    assert verdict(d, +1) == "better" and verdict(d, -1) == "worse"
+    noisy = paired_difference(results + [_res("random", s, a) for s, a in [(0, 0.6), (1, 0.4), (2, 0.55)]],
+                              "random", "off", "test_accuracy")
+    assert verdict(noisy, +1) == "no clear difference"
+    assert verdict(paired_difference(results[:1] + results[4:5], "send", "off", "test_accuracy"), +1).startswith("one seed")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seeds=[]), "at least one seed"),
+    (dict(seeds=[0, 0]), "duplicate seeds"),
+    (dict(arms=["send", "dropout"]), "unknown arm"),
+    (dict(variants=["drop0.4"]), "unknown variant"),
+    (dict(variants=["x:send_drop_fraction"]), "field=value"),
+    (dict(fields=["send_dropfraction=0.3"]), "did you mean send_drop_fraction"),
+    (dict(fields=["send_drop_fraction=1.5"]), "send_drop_fraction"),
+    (dict(paraphrase_probes=0), "paraphrase_probes"),
+])
+def test_bad_plans_fail_before_any_training(tmp_path, kwargs, message):
+    args = dict(seeds=[0, 1]) | kwargs
+    seeds = args.pop("seeds")
+    with pytest.raises(ValueError, match=message):
+        plan_study(str(RECIPE), seeds, tmp_path, **args)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_variant_arms_carry_their_fields(tmp_path):
+    plan = plan_study(str(RECIPE), [0, 1], tmp_path, variants=["drop0.3", "w10:send_window_steps=10"])
+    names = [a.name for a in plan.arms]
+    assert names == ["send", "random", "off", "send@drop0.3", "send@w10"]
+    f = plan.train_fields(plan.arms[3], 1)
+    assert f["send_drop_fraction"] == "0.3" and f["send_mode"] == "send" and f["seed"] == "1"
+    assert plan.train_fields(plan.arms[4], 0)["send_window_steps"] == "10"
+    assert "send_drop_fraction" not in plan.train_fields(plan.arms[0], 0)
+
+
+def test_statement_embeddings_equal_hidden_state_reference(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer), layers=4).eval()
+    texts = ["The capital of Peru is Lima.", "Kenya is in Africa.", "The currency of Japan is the yen."]
+    got = statement_embeddings(model, tiny_tokenizer, texts, "residual", "penultimate", batch_size=2)
+    rows = []
+    for t in texts:  # one text at a time: no padding at all
+        ids = tiny_tokenizer(t, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            h = model(input_ids=ids, output_hidden_states=True).hidden_states[3][0].numpy()  # output of block 2
+        rows.append(0.5 * (h.mean(0) + h[-1]))
+    np.testing.assert_allclose(got.numpy(), np.stack(rows), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = make_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def test_whole_tiny_study_writes_page_and_reuses_complete_runs(tiny_model_dir, tmp_path, capsys):
+    out, page = tmp_path / "study", tmp_path / "docs" / "send.md"
+    argv = ["experiment", "--config", str(RECIPE), "--model", tiny_model_dir, "--seeds", "0,1",
+            "--arms", "send,off", "--out", str(out), "--report", str(page), "--paraphrase-probes", "4",
+            "--bootstrap", "50", "--no-progress"]
+    for s in ["max_facts_per_relation=12", "max_steps=6", "send_window_steps=2", "eval_steps=3", "logging_steps=2",
+              "max_test_probes=3", "eigenscore_k=3", "eigenscore_num_prompts=2", "eigenscore_max_new_tokens=3",
+              "per_device_train_batch_size=4", "disable_tqdm=true"]:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    study = json.loads((out / "study.json").read_text())
+    results = study["results"]
+    assert math.isfinite(study["base"]["metrics"]["test_eigenscore"])  # the untrained model, measured once
+    assert study["base"]["details"]["test"]["n"] == results[0]["details"]["test"]["n"]
+    assert sorted((r["arm"], r["seed"]) for r in results) == [("off", 0), ("off", 1), ("send", 0), ("send", 1)]
+    for r in results:
+        m = r["metrics"]
+        assert 0.0 <= m["test_accuracy"] <= 1.0 and 0.0 <= m["paraphrase_accuracy"] <= 1.0
+        assert math.isfinite(m["test_eigenscore"]) and math.isfinite(m["reference_perplexity"])
+        assert math.isfinite(m["test_ees"]) and m["train_seconds"] > 0
+        assert r["details"]["paraphrase"]["n"] == 4
+        assert r["curves"]["loss"], "training-loss curve missing"
+        assert not (out / "runs" / r["arm"] / f"seed-{r['seed']}" / "train" / "final").exists()
+    send0 = next(r for r in results if r["arm"] == "send" and r["seed"] == 0)
+    assert send0["sensitive_neurons"], "the send arm never selected neurons"
+    assert next(r for r in results if r["arm"] == "off")["sensitive_neurons"] == []
+    text = page.read_text()
+    for needle in ("## Per arm", "base (untrained)", "send − off", "## Training curves", "Regenerate: `neurodetox experiment"):
+        assert needle in text
+    for stem in ("loss", "eigenscore", "accuracy"):
+        assert (page.parent / "send" / f"{stem}.png").stat().st_size > 1000
+    # a rerun reuses the four complete runs: result files untouched
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
+    assert len(stamps) == 4
+    assert main(argv) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
