@@ -45,3 +45,13 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny_llama(tiny_tokenizer):
     return make_tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama and its tokenizer saved as an HF checkpoint folder (path as str)."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = make_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)

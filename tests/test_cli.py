@@ -11,19 +11,8 @@ import torch
 from neurodetox.cli import main
 from neurodetox.trainer import SeNDConfig
 
-from conftest import make_tiny_llama, make_tokenizer
-
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-facts-send.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = make_tokenizer()
-    make_tiny_llama(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
 
 
 def _tiny_args(model_dir, out, *extra):

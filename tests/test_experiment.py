@@ -14,7 +14,7 @@ from neurodetox.cli import main
 from neurodetox.experiment import interval, paired_difference, plan_study, verdict
 from neurodetox.experiment.measure import statement_embeddings
 
-from conftest import make_tiny_llama, make_tokenizer
+from conftest import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-facts-send.yaml"
@@ -93,15 +93,6 @@ def test_statement_embeddings_equal_hidden_state_reference(tiny_tokenizer):
     np.testing.assert_allclose(got.numpy(), np.stack(rows), rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = make_tokenizer()
-    make_tiny_llama(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
 def test_whole_tiny_study_writes_page_and_reuses_complete_runs(tiny_model_dir, tmp_path, capsys):
     out, page = tmp_path / "study", tmp_path / "docs" / "send.md"
     argv = ["experiment", "--config", str(RECIPE), "--model", tiny_model_dir, "--seeds", "0,1",
@@ -138,3 +129,23 @@ def test_whole_tiny_study_writes_page_and_reuses_complete_runs(tiny_model_dir, t
     assert len(stamps) == 4
     assert main(argv) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
+
+
+def test_quick_mode_plan_and_user_overrides_win(tmp_path):
+    from neurodetox.experiment.cli import QUICK_FIELDS, build_parser, plan_from_args
+
+    a = build_parser().parse_args(["--quick", "--seeds", "3,4", "--variants", "drop0.3"])
+    plan = plan_from_args(a)
+    assert plan.seeds == [3] and [x.name for x in plan.arms] == ["send", "random", "off"]
+    assert str(plan.out) == "runs/study-quick"  # never replaces runs of the full study in runs/study
+    assert plan.paraphrase_probes == 40
+    assert all(plan.fields[k] == v for k, v in QUICK_FIELDS.items())
+    a = build_parser().parse_args(["--quick", "--set", "max_steps=80", "--out", str(tmp_path)])
+    assert plan_from_args(a).train_fields(plan.arms[0], 0)["max_steps"] == "80"
+    full = plan_from_args(build_parser().parse_args([]))
+    assert full.seeds == [0, 1, 2] and str(full.out) == "runs/study" and "max_steps" not in full.fields
+
+
+def test_bad_seeds_message(capsys):
+    assert main(["experiment", "--seeds", "0,one"]) == 2
+    assert "--seeds must be a comma list of integers, got '0,one'" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
     neurodetox experiment --config recipes/smollm2-facts-send.yaml --seeds 0,1,2 \\
         --variants drop0.3,mlp --out runs/study --report docs/results/send.md
-    neurodetox experiment --quick            # one seed of the three arms (~15 min on 2 CPU cores)
+    neurodetox experiment --quick            # one seed of the three arms, 100 steps (under 20 min on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 DEFAULT_RECIPE = "recipes/smollm2-facts-send.yaml"
+#: --quick: 100 steps (one SeND selection, at step 50), no activation statistics (they cost every arm alike).
+QUICK_FIELDS = {"max_steps": "100", "activation_stats_site": "none"}
+QUICK_PARAPHRASE_PROBES = 40
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,11 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant-modes", default="send", help="Modes each variant runs with (default send).")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="Recipe override for every run (repeatable), e.g. --set max_steps=100.")
-    p.add_argument("--quick", action="store_true", help="One seed (the first of --seeds) and no variants.")
+    p.add_argument("--quick", action="store_true",
+                   help="A first look in under 20 min on 2 CPU cores: the first seed, no variants, "
+                        + ", ".join(f"{k}={v}" for k, v in QUICK_FIELDS.items())
+                        + f" and {QUICK_PARAPHRASE_PROBES} paraphrase probes (--set still wins).")
     p.add_argument("--paraphrase-probes", type=int, default=75,
                    help="Training facts whose first paraphrase prompt is scored (default 75, the size of the test split).")
     p.add_argument("--bootstrap", type=int, default=500, help="Bootstrap resamples per AUROC interval (default 500).")
-    p.add_argument("--out", default="runs/study", help="Study folder (default runs/study).")
+    p.add_argument("--out", default=None, help="Study folder (default runs/study, or runs/study-quick with --quick, "
+                                               "so a quick look never replaces runs of the full study).")
     p.add_argument("--report", help="Markdown page to write (default OUT/send.md); figures go to a folder named "
                                     "after it (e.g. docs/results/send/).")
     p.add_argument("--keep-models", action="store_true", help="Keep each run's final/ checkpoint.")
@@ -61,22 +68,12 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     from ..io import atomic_write_json, atomic_write_text
     from .analysis import headline
     from .report import nan_to_none, plot_curves, render_markdown
-    from .runs import plan_study, run_study
+    from .runs import run_study
 
     a = build_parser().parse_args(list(argv))
     console = Console(stderr=True)
     try:
-        seeds = [int(s) for s in _split(a.seeds)]
-    except ValueError:
-        console.print(f"neurodetox: error: --seeds must be a comma list of integers, got {a.seeds!r}")
-        return 2
-    variants = [] if a.quick else [v.replace(";", ",") if ":" in v else v for v in _variant_specs(a.variants)]
-    if a.quick:
-        seeds = seeds[:1]
-    try:
-        plan = plan_study(a.config, seeds, a.out, arms=_split(a.arms), variants=variants,
-                          variant_modes=_split(a.variant_modes), model=a.model, data=a.data, fields=a.set,
-                          paraphrase_probes=a.paraphrase_probes, n_boot=a.bootstrap, keep_models=a.keep_models)
+        plan = plan_from_args(a)
     except (ValueError, FileNotFoundError) as e:
         console.print(f"neurodetox: error: {e}")
         return 2
@@ -120,6 +117,33 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     print(md)
     console.print(f"wrote {page}, {fig_dir}/*.png and {plan.out / 'study.json'} ({wall:.1f} min)")
     return 0
+
+
+def plan_from_args(a: argparse.Namespace):
+    """The :class:`~neurodetox.experiment.runs.StudyPlan` of parsed ``neurodetox experiment`` arguments
+    (``--quick`` applied: first seed, no variants, :data:`QUICK_FIELDS` under the user's ``--set``).
+
+    Raises:
+        ValueError: bad ``--seeds`` or anything :func:`~neurodetox.experiment.runs.plan_study` refuses.
+        FileNotFoundError: missing recipe.
+    """
+    from .runs import plan_study
+
+    try:
+        seeds = [int(s) for s in _split(a.seeds)]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers, got {a.seeds!r}") from None
+    variants = [] if a.quick else [v.replace(";", ",") if ":" in v else v for v in _variant_specs(a.variants)]
+    out = a.out or ("runs/study-quick" if a.quick else "runs/study")
+    fields, probes = list(a.set), a.paraphrase_probes
+    if a.quick:
+        seeds = seeds[:1]
+        fields = [f"{k}={v}" for k, v in QUICK_FIELDS.items()] + fields
+        if probes == build_parser().get_default("paraphrase_probes"):
+            probes = QUICK_PARAPHRASE_PROBES
+    return plan_study(a.config, seeds, out, arms=_split(a.arms), variants=variants,
+                      variant_modes=_split(a.variant_modes), model=a.model, data=a.data, fields=fields,
+                      paraphrase_probes=probes, n_boot=a.bootstrap, keep_models=a.keep_models)
 
 
 def _variant_specs(s: str) -> list[str]:

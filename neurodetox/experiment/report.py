@@ -15,8 +15,8 @@ __all__ = ["CURVES", "plot_curves", "render_markdown"]
 
 #: Curves drawn, as (key in a run's ``curves``, title, file stem).
 CURVES = (("loss", "training loss", "loss"),
-          ("eigenscore", "mean EigenScore, test-probe subset (nats)", "eigenscore"),
-          ("accuracy", "factual accuracy, test-probe subset", "accuracy"))
+          ("eigenscore", "mean EigenScore during training (nats), eval subset of the test split", "eigenscore"),
+          ("accuracy", "factual accuracy during training, eval subset of the test split", "accuracy"))
 
 
 def _arms(results: Sequence[dict]) -> list[str]:
@@ -140,7 +140,10 @@ def render_markdown(results: Sequence[dict], plan_info: dict, figures: dict[str,
             d = paired_difference(results, a, b, m.key)
             cells.append(f"{fmt_interval(d, m.percent, True)} ({verdict(d, m.better)})" if d["n"] else "n/a")
         L.append(f"| {m.label} | " + " | ".join(cells) + " |")
-    L += ["", "## Training curves (mean over seeds, thin lines: single seeds)", ""]
+    L += ["", "## Training curves (mean over seeds, thin lines: single seeds)", "",
+          "Scored by the Trainer's evaluation every `eval_steps` on the first `eigenscore_num_prompts` test "
+          "probes (the recipe's fields), so their level differs from the whole-split numbers above; "
+          "compare arms, not levels.", ""]
     for key, title, _ in CURVES:
         if key in figures:
             rel = os.path.relpath(figures[key], page.parent)
