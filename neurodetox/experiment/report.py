@@ -85,6 +85,11 @@ def _settings_lines(results: Sequence[dict], plan_info: dict) -> list[str]:
              f"set's statements, shape {r0['details']['test']['embedding_shape']} for test "
              f"(route `{r0['details']['test']['ees_method']}` chosen by `method=\"auto\"`)",
              "- perplexity: `neurodetox.data.reference.REFERENCE_TEXTS` (40 general English sentences, no facts)"]
+    sites = {r["fields"].get("send_site", "the recipe's") for r in results}
+    if len(sites) > 1:
+        lines.append("- **caution:** arms use different SeND sites (" + ", ".join(sorted(sites)) + "); the "
+                     "dataset-level EES is measured at each run's own site, so it is comparable only between arms "
+                     "with the same site (an `mlp` site has 1536 neurons per layer against 576 for `residual`)")
     for arm in _arms(results):
         drops = [d for r in results if r["arm"] == arm for d in r["sensitive_neurons"]]
         if drops:
