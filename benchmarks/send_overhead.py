@@ -32,12 +32,17 @@ SETUPS = ("plain", "lora", "zero2")
 ARMS = ("off", "stats", "send")
 
 
-def one(setup: str, arm: str, steps: int, window: int) -> float:
-    """Train ``2·window + 1`` steps in this process; return seconds per step.
+def one(setup: str, arm: str, steps: int, window: int) -> dict:
+    """Train ``2·window + 1`` steps in this process.
 
     Timed from the end of step 1 (after warm-up) to the end of the last step:
     ``2·window`` steps containing two window ends (tracking forwards and
     selection), i.e. SeND's cost amortised over its windows.
+
+    Returns:
+        ``{"s_per_step": mean seconds per timed step, "intervals": [seconds of
+        each timed step], "window_end_steps": [positions in intervals of the
+        steps that ended a window]}``.
     """
     import time
 
@@ -66,7 +71,7 @@ def one(setup: str, arm: str, steps: int, window: int) -> float:
             output_dir=out, per_device_train_batch_size=8, max_steps=2 * window + 1, learning_rate=1e-4,
             lr_scheduler_type="constant", save_strategy="no", eval_strategy="no", logging_steps=1000,
             report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, eigenscore_num_prompts=0,
-            send_mode="send" if arm == "send" else "off", send_window_steps=window, send_tracking_batch_size=25,
+            send_mode="send" if arm == "send" else "off", send_window_steps=window, send_tracking_batch_size=16,
             activation_stats_site="mlp" if arm == "stats" else "none", deepspeed=ds_cfg,
         )
         tracking = tokenize_texts(tok, ds["tracking"]["statement"], 32)
@@ -83,7 +88,9 @@ def one(setup: str, arm: str, steps: int, window: int) -> float:
         clock = StepClock()
         trainer.add_callback(clock)  # after the SeND callback: window-end work lands inside the step it ends
         trainer.train()
-    return (clock.ends[-1] - clock.ends[0]) / (len(clock.ends) - 1)
+    intervals = [b - a for a, b in zip(clock.ends, clock.ends[1:])]  # interval i = step i + 2
+    return {"s_per_step": sum(intervals) / len(intervals), "intervals": intervals,
+            "window_end_steps": [i for i in range(len(intervals)) if (i + 2) % window == 0]}
 
 
 def main() -> None:
@@ -95,10 +102,11 @@ def main() -> None:
     p.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._one:
-        print(json.dumps({"s_per_step": one(a._one[0], a._one[1], 2 * a.window + 1, a.window)}))
+        print(json.dumps(one(a._one[0], a._one[1], 2 * a.window + 1, a.window)))
         return
     setups = [s for s in a.setups.split(",") if s]
     times = {s: {arm: [] for arm in ARMS} for s in setups}
+    extra = {s: [] for s in setups}  # seconds a window-end step costs above a regular send step
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for r in range(a.repeats):
         for s in setups:
@@ -107,22 +115,33 @@ def main() -> None:
                 res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if res.returncode != 0:
                     sys.exit(f"{s}/{arm} failed:\n{res.stderr[-4000:]}")
-                t = json.loads(res.stdout.strip().splitlines()[-1])["s_per_step"]
+                got = json.loads(res.stdout.strip().splitlines()[-1])
+                t = got["s_per_step"]
                 times[s][arm].append(t)
+                if arm == "send":
+                    ends = set(got["window_end_steps"])
+                    regular = statistics.median(x for i, x in enumerate(got["intervals"]) if i not in ends)
+                    extra[s].extend(got["intervals"][i] - regular for i in ends)
                 print(f"  round {r + 1}: {s:6s} {arm:5s} {t:.3f} s/step", file=sys.stderr, flush=True)
     rows = []
     for s in setups:
         med = {arm: statistics.median(times[s][arm]) for arm in ARMS}
         rows.append({"setup": s, **{f"{arm}_s_per_step": med[arm] for arm in ARMS},
                      "send_over_off": med["send"] / med["off"], "stats_over_off": med["stats"] / med["off"],
+                     "window_end_extra_s": statistics.median(extra[s]),
+                     "window_end_over_window_off": statistics.median(extra[s]) / (a.window * med["off"]),
                      "runs": times[s]})
     print(f"\nSeND overhead, real SmolLM2-135M, batch 8, steps 2..{2 * a.window + 1} timed, window {a.window} steps, "
           f"75 tracking items, median of {a.repeats} interleaved rounds")
-    print(f"{'setup':8s} {'off s/step':>11s} {'stats s/step':>13s} {'send s/step':>12s} {'send/off':>9s} {'stats/off':>10s}")
+    print(f"{'setup':8s} {'off s/step':>11s} {'stats s/step':>13s} {'send s/step':>12s} {'send/off':>9s} "
+          f"{'stats/off':>10s} {'window-end extra s':>19s} {'extra/(window*off)':>19s}")
     for r in rows:
         print(f"{r['setup']:8s} {r['off_s_per_step']:11.3f} {r['stats_s_per_step']:13.3f} {r['send_s_per_step']:12.3f} "
-              f"{r['send_over_off']:9.3f} {r['stats_over_off']:10.3f}")
+              f"{r['send_over_off']:9.3f} {r['stats_over_off']:10.3f} {r['window_end_extra_s']:19.2f} "
+              f"{r['window_end_over_window_off']:19.3f}")
     print("targets: send/off <= 1.10, stats/off <= 1.05")
+    print("window-end extra: median cost of a window-end step (tracking forwards, dataset EES, selection) above the "
+          "median regular send step; extra/(window*off) is that cost amortised over one window of plain steps")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"timed_steps": 2 * a.window, "window": a.window, "repeats": a.repeats, "rows": rows}, f, indent=2)

@@ -26,6 +26,15 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def zero3_enabled() -> bool:
+    """True when the model runs under DeepSpeed ZeRO-3 (parameters partitioned and gathered per forward)."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - old transformers
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

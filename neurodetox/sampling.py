@@ -437,15 +437,9 @@ def lockstep_forwards() -> bool:
     Under ZeRO-3 each forward all-gathers the partitioned parameters, so a
     forward that runs on one rank only hangs the others.
     """
-    from .distributed import is_distributed, world_size
+    from .distributed import is_distributed, world_size, zero3_enabled
 
-    if not (is_distributed() and world_size() > 1):
-        return False
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - old transformers
-        return False
-    return bool(is_deepspeed_zero3_enabled())
+    return is_distributed() and world_size() > 1 and zero3_enabled()
 
 
 def _sample_batch(model, tokenizer, site, batch, *, k, temperature, top_p, top_k, max_new_tokens, eos_ids,

@@ -184,3 +184,37 @@ def test_stopping_rule_loss_and_ees(tmp_path):
     tr = _trainer(tmp_path / "c", send_stop_ees=1e9)
     tr.train()
     assert tr.state.global_step == 4
+
+
+@pytest.mark.parametrize("zero3", [False, True])
+def test_tracking_embeddings_equal_one_item_reference_in_dataset_order(monkeypatch, zero3):
+    """Length-sorted batches and the early stop change nothing: each item's embedding equals its own
+    unbatched forward (independent ``output_hidden_states`` route), in tracking-set order; the LM head
+    does not run unless ZeRO-3 needs every forward to complete."""
+    import neurodetox.callbacks.sensitive_dropout as sd
+    from neurodetox.data.lm import CausalLMCollator
+
+    monkeypatch.setattr(sd, "zero3_enabled", lambda: zero3)
+    tok = make_tokenizer()
+    model = make_tiny_llama(len(tok), seed=0)
+    texts = ["the capital of france is paris .", "japan .", "the currency of japan is the yen , they say .",
+             "france is located in europe .", "rome", "the capital of spain is madrid ."]
+    track = tokenize_texts(tok, texts)
+    assert sorted(len(t["input_ids"]) for t in track) != [len(t["input_ids"]) for t in track]  # sorting permutes
+    n_layers = model.config.num_hidden_layers
+    cb = SensitiveNeuronDropoutCallback(track, CausalLMCollator(tok), site="residual", layers="penultimate",
+                                        batch_size=4)
+    head_calls = []
+    h = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    got = cb.record_embeddings(model)
+    h.remove()
+    assert (len(head_calls) > 0) == zero3
+    key = f"residual.{n_layers - 2}"
+    assert set(got) == {key}
+    model.eval()
+    with torch.no_grad():
+        for i, item in enumerate(track):
+            hs = model(input_ids=torch.tensor([item["input_ids"]]), output_hidden_states=True).hidden_states
+            act = hs[n_layers - 1][0].double()  # output of block n_layers - 2
+            ref = 0.5 * (act.mean(0) + act[-1])
+            torch.testing.assert_close(got[key][i].double(), ref, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..distributed import all_gather_objects, broadcast_object, is_distributed, rank, shard, unshard
+from ..distributed import all_gather_objects, broadcast_object, is_distributed, rank, shard, unshard, zero3_enabled
 from ..dropout import NeuronDropout
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..pooling import AttentionMaskTracker, sentence_embedding
@@ -28,6 +28,10 @@ from .base import CheckpointedCallback
 logger = logging.getLogger(__name__)
 
 SEND_MODES = ("send", "random", "off")
+
+
+class _TrackingForwardDone(Exception):
+    """Raised by the deepest site's hook to end a tracking forward early."""
 
 
 class SensitiveNeuronDropoutCallback(CheckpointedCallback):
@@ -159,8 +163,19 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
     def record_embeddings(self, model) -> dict[str, torch.Tensor]:
         """Sentence embeddings of every tracking item at each site.
 
+        Cost: one forward pass per tracking item, in eval mode. Three things
+        keep it cheap without changing what is recorded: items are batched in
+        order of length (less padding; results are put back in tracking-set
+        order), no KV cache is built, and the forward stops once the deepest
+        site has been seen (the layers above it and the LM head do not run;
+        skipped under DeepSpeed ZeRO-3, whose parameter gathering expects
+        every module's forward to complete).
+
         Returns:
             ``{site_key: [N, n] float32}`` in tracking-set order.
+
+        Raises:
+            ValueError: the forward never reached a site (a wrapper hides it).
         """
         sites = self._sites or resolve_sites(model, self.site, self.layers, self.module_path)
         was_training = model.training
@@ -168,19 +183,30 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         device = next(p for p in model.parameters()).device
         out: dict[str, list] = {s.key: [] for s in sites}
         tracker = AttentionMaskTracker(model)
+        deepest = max(sites, key=lambda s: s.layer).key
+        stop_early = not zero3_enabled()
         handles = []
         for s in sites:
             def grab(act, key=s.key):
                 out[key].append(sentence_embedding(act, tracker.mask_for(act)).cpu())
+                if stop_early and key == deepest:
+                    raise _TrackingForwardDone
             handles.append(register_site_hook(s, grab, observer=True))
+        extra = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
         try:
             n = len(self.tracking_dataset)
             indices, n_real = shard(n)  # every rank runs the same number of forwards (ZeRO-3)
-            starts = range(0, len(indices), self.batch_size)
+            lengths = [len(self.tracking_dataset[j]["input_ids"]) for j in indices]
+            order = sorted(range(len(indices)), key=lambda i: lengths[i])  # stable: ties keep shard order
+            starts = range(0, len(order), self.batch_size)
             for i in tqdm(starts, desc="SeND tracking", leave=False, disable=not self.show_progress or rank() != 0):
-                items = [self.tracking_dataset[j] for j in indices[i:i + self.batch_size]]
+                items = [self.tracking_dataset[indices[j]] for j in order[i:i + self.batch_size]]
                 batch = self.collator(items)
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                try:
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                          **extra)
+                except _TrackingForwardDone:
+                    pass
         finally:
             for h in handles:
                 h.remove()
@@ -190,7 +216,9 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         if missed:
             raise ValueError(f"the tracking forward passes never reached site(s) {', '.join(missed)}: a wrapper "
                              "(e.g. a PEFT method) hides them; name the module that runs with send_module_path")
-        local = {k: torch.cat(v)[:n_real] for k, v in out.items()}
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        local = {k: torch.cat(v)[inverse][:n_real] for k, v in out.items()}
         if not is_distributed():
             return local
         gathered = all_gather_objects(local)
