@@ -528,3 +528,52 @@ def _tiny_facts(tmp_path):
     path = tmp_path / "facts.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- reference check
+
+REFERENCE = ["the capital of germany is", "the capital of italy is", "the capital of spain is", "japan is located in",
+             "the currency of japan is the", "france is located in", "the capital of japan is",
+             "germany is located in", "the capital of", "italy is located in", "spain is located in",
+             "the currency of france is the"]
+
+
+def _next_tokens_one_by_one(model, tok, prompts):
+    with torch.no_grad():
+        return [int(model(input_ids=torch.tensor([tok(p)["input_ids"]])).logits[0, -1].argmax()) for p in prompts]
+
+
+def test_reference_check_counts_changed_predictions_and_retries_without_rejected_neurons():
+    tok = make_tokenizer()
+    model = make_model()
+    before = _next_tokens_one_by_one(model, tok, REFERENCE)
+    runs = {}
+    for retries in (0, 2):
+        s = MintSettings(verify_reference=True, reference_retries=retries, max_reference_flips=0)
+        patch, report = repair(model, tok, [FIX_EDIT], s, show_progress=False, reference_prompts=REFERENCE)
+        e = report.edits[0]
+        assert e.status == "fixed", report.to_json()
+        patch.apply(model)
+        try:
+            after = _next_tokens_one_by_one(model, tok, REFERENCE)  # unbatched, independent of the check's forward
+        finally:
+            patch.revert(model)
+        assert e.reference_flips == sum(a != b for a, b in zip(before, after))
+        runs[retries] = e
+    first, retried = runs[0], runs[2]
+    assert first.attempts == 1
+    assert first.reference_flips > 0, "the tiny model should change some reference prediction (else nothing is tested)"
+    assert retried.attempts > 1 and retried.reference_flips <= first.reference_flips
+    if retried.neurons != first.neurons:  # a later attempt was kept: it could not use the rejected neurons
+        assert not set(retried.neurons) & set(first.neurons)
+        assert "attempt" in retried.message
+    off = repair(model, tok, [FIX_EDIT], MintSettings(), show_progress=False,
+                 reference_prompts=REFERENCE)[1].edits[0]
+    assert off.reference_flips is None and off.neurons == first.neurons  # the check does not change attempt 1
+
+
+def test_reference_settings_are_validated():
+    with pytest.raises(ValueError, match="max_reference_flips"):
+        MintSettings(max_reference_flips=-1).validate()
+    with pytest.raises(ValueError, match="reference_retries"):
+        MintSettings(reference_retries=1.5).validate()

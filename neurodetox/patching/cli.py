@@ -130,12 +130,14 @@ def _edit_table(report) -> Any:
     from rich.table import Table
 
     t = Table(title="MINT repair")
-    for col in ("#", "prompt", "target", "status", "failures", "neurons (layer:index)", "s"):
+    for col in ("#", "prompt", "target", "status", "failures", "neurons (layer:index)", "ref. changed", "s"):
         t.add_column(col)
     for e in report.edits:
         t.add_row(str(e.index), e.edit.prompt, e.edit.target, e.status,
                   str(sum(f.status == "fixed" for f in e.failures)) + "/" + str(len(e.failures)),
-                  " ".join(f"{a}:{b}" for a, b in e.neurons) or "-", f"{e.seconds:.1f}")
+                  " ".join(f"{a}:{b}" for a, b in e.neurons) or "-",
+                  "-" if e.reference_flips is None else f"{e.reference_flips} ({e.attempts} tries)",
+                  f"{e.seconds:.1f}")
     return t
 
 
@@ -146,7 +148,8 @@ def _settings_from_args(a) -> Any:
     return MintSettings(alpha=a.alpha, alpha_steps=steps, locator=a.locator, candidates=a.candidates,
                         max_patches=a.max_patches, layers=a.layers, fold_norm=not a.no_fold_norm,
                         orthogonalize=a.orthogonalize, signed=not a.unsigned, entropy_guard=not a.no_entropy_guard,
-                        guard=a.guard, prune=a.prune)
+                        guard=a.guard, prune=a.prune, verify_reference=a.verify_reference,
+                        max_reference_flips=a.max_reference_flips, reference_retries=a.reference_retries)
 
 
 def _add_setting_args(p: argparse.ArgumentParser) -> None:
@@ -166,6 +169,12 @@ def _add_setting_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-entropy-guard", action="store_true", help="Allow patching last-layer entropy neurons.")
     g.add_argument("--guard", action="store_true", help="Prefer patches predicted not to flip reference prompts.")
     g.add_argument("--prune", action="store_true", help="Undo neurons a fixed edit does not need (slower).")
+    g.add_argument("--verify-reference", action="store_true",
+                   help="Reference check: after each fixed edit, count the reference prompts whose next token "
+                        "changed; above --max-reference-flips, repair the edit again without its neurons.")
+    g.add_argument("--max-reference-flips", type=int, default=0,
+                   help="Reference predictions an edit may change without a retry (default 0).")
+    g.add_argument("--reference-retries", type=int, default=2, help="Extra attempts per edit (default 2).")
     g.add_argument("--reference", default="facts+default",
                    help="Prompts that define neurons' background activation (what should not change): "
                         "'facts+default' (default: 96 built-in fact prompts and the generic built-in prompts), "

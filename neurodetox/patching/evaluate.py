@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..logits import tail_logits
 from ..metrics.factual import is_correct, normalize_answer
 from ..sampling import greedy_answers
 from .failures import Edit, coerce_edits, encode_edit, teacher_forced_argmax
@@ -98,7 +99,7 @@ def _next_tokens(model, tokenizer, prompts: Sequence[str], batch_size: int = 32)
         tokenizer.padding_side = "left"
         for start in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
-            logits = model(**enc, use_cache=False).logits[:, -1]
+            logits = tail_logits(model, 1, **enc)[:, -1]
             out.extend(logits.argmax(-1).tolist())
     finally:
         tokenizer.padding_side = side

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..logits import tail_logits
+
 __all__ = ["Edit", "Failure", "encode_edit", "teacher_forced_argmax", "find_failures", "still_failing", "coerce_edits"]
 
 
@@ -188,11 +190,10 @@ def teacher_forced_argmax(model: nn.Module, prompt_ids: Sequence[int], target_id
     was = model.training
     model.eval()
     try:
-        logits = model(input_ids=ids, use_cache=False).logits[0]
+        logits = tail_logits(model, len(target_ids), input_ids=ids)[0]  # positions P-1 .. P+K-2
     finally:
         model.train(was)
-    p = len(prompt_ids)
-    return logits[p - 1 :].argmax(dim=-1).cpu()
+    return logits.argmax(dim=-1).cpu()
 
 
 def find_failures(model: nn.Module, edit: Edit, edit_index: int = 0, start: int = 0) -> list[Failure]:
@@ -239,9 +240,10 @@ def still_failing(model: nn.Module, edits: Sequence[Edit], batch_size: int = 32)
             for i, x in enumerate(seqs):
                 ids[i, : len(x)] = torch.tensor(x)
                 mask[i, : len(x)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            first = min(len(e.prompt_ids) for e in chunk) - 1  # earliest position read
+            logits = tail_logits(model, width - first, input_ids=ids.to(device), attention_mask=mask.to(device))
             for i, e in enumerate(chunk):
-                p = len(e.prompt_ids)
+                p = len(e.prompt_ids) - first
                 pred = logits[i, p - 1 : p - 1 + len(e.target_ids)].argmax(-1).cpu().tolist()
                 out.append(pred != list(e.target_ids))
     finally:

@@ -29,6 +29,7 @@ from typing import Collection, Optional, Sequence
 import torch
 from torch import nn
 
+from ..logits import tail_logits
 from ..sites import NeuronSite, register_site_hook, value_vector_parameter
 from .direction import SemanticSpace, final_norm
 
@@ -178,8 +179,10 @@ def reference_stats(model: nn.Module, tokenizer, sites: Sequence[NeuronSite], pr
             enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
             box["mask"] = enc["attention_mask"].double()
             box["last"] = enc["attention_mask"].sum(dim=1) - 1
-            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-            logits_out.append(out.logits[torch.arange(out.logits.shape[0]), box["last"]].float().cpu())
+            first = int(box["last"].min())  # earliest position read
+            logits = tail_logits(model, enc["input_ids"].shape[1] - first, input_ids=enc["input_ids"],
+                                 attention_mask=enc["attention_mask"])
+            logits_out.append(logits[torch.arange(logits.shape[0]), box["last"] - first].float().cpu())
             count += int(enc["attention_mask"].sum())
     finally:
         tokenizer.padding_side = side
@@ -274,7 +277,7 @@ def neuron_scores(
         if method == "grad_x_act":
             with torch.enable_grad():
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                logits = model(inputs_embeds=emb, use_cache=False).logits[0, -1].float()
+                logits = tail_logits(model, 1, inputs_embeds=emb)[0, -1].float()
                 p_t = torch.softmax(logits, dim=-1)[int(target_id)]
                 logits = logits.detach()
                 grads = torch.autograd.grad(p_t, acts, allow_unused=True)
@@ -284,7 +287,7 @@ def neuron_scores(
             ])
         else:
             with torch.no_grad():
-                logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+                logits = tail_logits(model, 1, input_ids=ids)[0, -1].float()
             if method == "activation":
                 scores = torch.stack([a[0].float().norm(dim=0) for a in acts])
             else:
