@@ -17,7 +17,9 @@ prompts:
 * generalisation: the paraphrase prompts of the fixed facts answered correctly;
 * specificity: ``--unrelated`` other fact prompts (disjoint from the reference
   prompts MINT uses to judge neuron selectivity) whose predicted answer is
-  unchanged (next-token and full-greedy variants reported too);
+  unchanged (next-token and full-greedy variants reported too); known facts
+  kept: of those answered correctly before, the fraction still correct, and
+  the changed answers split by correctness before and after;
 * perplexity drift on fact statements; parameters changed (values that differ
   from the original model); wall time per fix (MINT's one-off reference
   statistics are included, amortised over the fixes).
@@ -180,14 +182,18 @@ def main(argv=None) -> int:
 
     rows = [("MINT (neurodetox)", mint), (f"LoRA r={a.lora_rank} {a.lora_targets}", lora)]
     header = ("method", "s/fix", "success", "generalisation", "specificity", "spec. next-token",
-              "spec. exact 8 tok", "ppl drift", "params changed")
+              "spec. exact 8 tok", "known facts kept", "changed: right→wrong / wrong→right / wrong→wrong",
+              "ppl drift", "params changed")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in rows:
         lines.append("| " + " | ".join([
             name, f"{r['seconds_per_fix']:.2f}", f"{100 * r['success']:.0f}%",
             f"{100 * r['generalisation']:.0f}% (before {100 * r['generalisation_before']:.0f}%)",
             f"{100 * r['specificity']:.1f}%", f"{100 * r['specificity_next_token']:.1f}%",
-            f"{100 * r['specificity_exact']:.1f}%", f"{100 * r['perplexity_drift']:+.2f}%",
+            f"{100 * r['specificity_exact']:.1f}%",
+            f"{100 * r['known_facts_kept']:.1f}% of {r['known_facts']}",
+            " / ".join(str(r["changes"][k]) for k in ("right_to_wrong", "wrong_to_right", "wrong_to_wrong")),
+            f"{100 * r['perplexity_drift']:+.2f}%",
             f"{r['parameters_changed']:,}",
         ]) + " |")
     table = "\n".join(lines)

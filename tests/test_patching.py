@@ -577,3 +577,20 @@ def test_reference_settings_are_validated():
         MintSettings(max_reference_flips=-1).validate()
     with pytest.raises(ValueError, match="reference_retries"):
         MintSettings(reference_retries=1.5).validate()
+
+
+def test_compare_splits_changed_unrelated_answers_by_correctness():
+    from neurodetox.patching.evaluate import compare
+
+    unrelated = [{"prompt": f"q{i}", "aliases": [a]} for i, a in enumerate(["paris", "rome", "tokyo", "berlin", "yen"])]
+    state = lambda answers, nxt: {"teacher_forced": [], "edit_answers": [], "paraphrase_answers": [],  # noqa: E731
+                                  "unrelated_answers": answers, "unrelated_next": nxt, "perplexity": float("nan")}
+    before = state([" Paris.", " Rome.", " Kyoto.", " Madrid.", " Euro."], [1, 2, 3, 4, 5])
+    after = state([" Paris.", " Milan.", " Osaka.", " Berlin.", " Euro."], [1, 9, 9, 9, 5])
+    res = compare(before, after, [], unrelated)
+    # q1 right->wrong, q2 wrong->wrong, q3 wrong->right; q0 and q4 unchanged
+    assert res["specificity"] == pytest.approx(2 / 5)
+    assert res["known_facts"] == 2 and res["known_facts_kept"] == pytest.approx(1 / 2)
+    assert res["changes"] == {"right_to_wrong": 1, "wrong_to_right": 1, "wrong_to_wrong": 1, "right_to_right": 0}
+    plain = compare(before, after, [], [u["prompt"] for u in unrelated])  # prompts only: no breakdown
+    assert "known_facts_kept" not in plain and plain["specificity"] == res["specificity"]

@@ -355,7 +355,11 @@ def cmd_show(a) -> int:
 
 def _fact_pools(source: str, seed: int, exclude_prompts: Sequence[str], exclude_ids: Sequence[str],
                 n_unrelated: int, n_reference_prompts: int, n_texts: int, shuffle_seed: int = 0):
-    """(reference prompts, unrelated prompts, reference texts) from a fact source, disjoint and without the edits."""
+    """(reference prompts, unrelated facts, reference texts) from a fact source, disjoint and without the edits.
+
+    Unrelated facts are ``{"prompt", "aliases"}`` dicts (the aliases let the
+    evaluation tell a broken known fact from a changed wrong answer).
+    """
     from ..data import load_facts
 
     ds = load_facts(source, seed=seed)
@@ -366,10 +370,12 @@ def _fact_pools(source: str, seed: int, exclude_prompts: Sequence[str], exclude_
     ref = [r["prompt"] for r in train[:n_reference_prompts]]
     texts = [r["statement"] for r in train[n_reference_prompts:n_reference_prompts + n_texts]]
     used = set(ref)
-    rest = [r["prompt"] for r in rows if r["prompt"] not in used]
+    rest = [{"prompt": r["prompt"], "aliases": list(r["aliases"])} for r in rows if r["prompt"] not in used]
     random.Random(shuffle_seed).shuffle(rest)
     if len(rest) < n_unrelated:  # a small fact file: top up with the reference prompts rather than fall short
-        rest += [p for p in ref if p not in set(rest)][: n_unrelated - len(rest)]
+        have = {u["prompt"] for u in rest}
+        rest += [{"prompt": r["prompt"], "aliases": list(r["aliases"])} for r in train[:n_reference_prompts]
+                 if r["prompt"] not in have][: n_unrelated - len(rest)]
     return ref, rest[:n_unrelated], texts
 
 
@@ -389,6 +395,11 @@ def _eval_table(res: dict, title: str = "MINT patch evaluation") -> Any:
         ("specificity (answer unchanged)", f"{_fmt(res.get('specificity'), True)} (n={res.get('unrelated_prompts')})"),
         ("specificity (next token unchanged)", _fmt(res.get("specificity_next_token"), True)),
         ("specificity (all greedy tokens unchanged)", _fmt(res.get("specificity_exact"), True)),
+        ("known facts kept (unrelated answered right before)",
+         f"{_fmt(res.get('known_facts_kept'), True)} (n={res.get('known_facts', '-')})"),
+        ("changed answers: right->wrong / wrong->right / wrong->wrong",
+         " / ".join(str(res.get("changes", {}).get(k, "-")) for k in ("right_to_wrong", "wrong_to_right",
+                                                                     "wrong_to_wrong"))),
         ("perplexity before -> after", f"{_fmt(res.get('perplexity_before'))} -> {_fmt(res.get('perplexity_after'))} "
                                        f"(drift {_fmt(res.get('perplexity_drift'), True)})"),
     ]

@@ -20,6 +20,12 @@ adapted to fact probes (``shared/docs/methods.md`` §4):
     ``specificity_next_token`` (next-token argmax unchanged) and
     ``specificity_exact`` (all ``max_new_tokens`` greedy tokens unchanged,
     which also counts changes in the chatter after the answer).
+``known_facts_kept``
+    when the unrelated facts come with their aliases: of the unrelated facts
+    answered correctly before the patch, the fraction still answered correctly
+    (the facts the patch broke, which specificity mixes with wrong answers
+    that merely changed); ``changes`` splits the changed answers into
+    right→wrong, wrong→right, wrong→wrong and right→right (another alias).
 ``perplexity drift``
     ``ppl_after / ppl_before − 1`` on reference texts (mean token NLL).
 """
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -107,7 +113,7 @@ def _next_tokens(model, tokenizer, prompts: Sequence[str], batch_size: int = 32)
     return out
 
 
-def measure_model(model: nn.Module, tokenizer, edits: Sequence[Edit], unrelated: Sequence[str],
+def measure_model(model: nn.Module, tokenizer, edits: Sequence[Edit], unrelated: Sequence[Any],
                   reference_texts: Sequence[str], *, max_new_tokens: int = 8, batch_size: int = 16,
                   show_progress: bool = False) -> dict[str, Any]:
     """Everything :func:`compare` needs from one model state.
@@ -135,7 +141,7 @@ def measure_model(model: nn.Module, tokenizer, edits: Sequence[Edit], unrelated:
         para_answers.append(para[k:k + len(e.paraphrases)])
         k += len(e.paraphrases)
     bar.update()
-    unrelated = list(unrelated)
+    unrelated = unrelated_prompts(unrelated)
     un = greedy_answers(model, tokenizer, unrelated, max_new_tokens=max_new_tokens,
                         batch_size=batch_size) if unrelated else []
     un_next = _next_tokens(model, tokenizer, unrelated) if unrelated else []
@@ -147,14 +153,24 @@ def measure_model(model: nn.Module, tokenizer, edits: Sequence[Edit], unrelated:
             "unrelated_answers": un, "unrelated_next": un_next, "perplexity": ppl}
 
 
+def unrelated_prompts(unrelated: Sequence[Any]) -> list[str]:
+    """Prompts of unrelated facts given as strings or ``{"prompt", "aliases"}`` dicts."""
+    return [u["prompt"] if isinstance(u, Mapping) else str(u) for u in unrelated]
+
+
 def _frac(flags: Sequence[bool]) -> float:
     return sum(bool(f) for f in flags) / len(flags) if flags else float("nan")
 
 
 def compare(before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit],
-            unrelated: Sequence[str]) -> dict[str, Any]:
+            unrelated: Sequence[Any]) -> dict[str, Any]:
     """Success, generalisation, specificity and perplexity drift from two
-    :func:`measure_model` results (same edits and prompts)."""
+    :func:`measure_model` results (same edits and prompts).
+
+    ``unrelated``: prompts (str) or ``{"prompt", "aliases"}`` dicts; with
+    aliases for all of them, ``known_facts``, ``known_facts_kept`` and
+    ``changes`` are added (see the module docstring).
+    """
     per_edit = []
     for i, e in enumerate(edits):
         ok = e.answers
@@ -171,9 +187,27 @@ def compare(before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit]
     same = [answer_span(a) == answer_span(b) for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
     exact = [a == b for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
     same_next = [a == b for a, b in zip(before["unrelated_next"], after["unrelated_next"])]
+    prompts = unrelated_prompts(unrelated)
     changed = [{"prompt": p, "before": a, "after": b}
-               for p, a, b, ok in zip(unrelated, before["unrelated_answers"], after["unrelated_answers"], same)
+               for p, a, b, ok in zip(prompts, before["unrelated_answers"], after["unrelated_answers"], same)
                if not ok]
+    aliases = [u.get("aliases") if isinstance(u, Mapping) else None for u in unrelated]
+    known: dict[str, Any] = {}
+    if aliases and all(aliases):
+        right_b = [is_correct(a, al) for a, al in zip(before["unrelated_answers"], aliases)]
+        right_a = [is_correct(a, al) for a, al in zip(after["unrelated_answers"], aliases)]
+        for c in changed:
+            i = prompts.index(c["prompt"])
+            c["right_before"], c["right_after"] = right_b[i], right_a[i]
+        moved = [(rb, ra) for rb, ra, ok in zip(right_b, right_a, same) if not ok]
+        known = {
+            "known_facts": sum(right_b),
+            "known_facts_kept": _frac([ra for rb, ra in zip(right_b, right_a) if rb]),
+            "changes": {"right_to_wrong": sum(rb and not ra for rb, ra in moved),
+                        "wrong_to_right": sum(ra and not rb for rb, ra in moved),
+                        "wrong_to_wrong": sum(not rb and not ra for rb, ra in moved),
+                        "right_to_right": sum(rb and ra for rb, ra in moved)},
+        }
     ppl_b, ppl_a = before["perplexity"], after["perplexity"]
     return {
         "edits": len(edits),
@@ -186,6 +220,7 @@ def compare(before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit]
         "specificity_next_token": _frac(same_next),
         "specificity_exact": _frac(exact),
         "unrelated_prompts": len(same),
+        **known,
         "perplexity_before": ppl_b,
         "perplexity_after": ppl_a,
         "perplexity_drift": (ppl_a / ppl_b - 1.0) if ppl_b == ppl_b and ppl_b > 0 else float("nan"),
@@ -199,7 +234,7 @@ def evaluate_patch(
     tokenizer,
     patch: PatchSet,
     edits: Optional[Sequence[Any]] = None,
-    unrelated: Sequence[str] = (),
+    unrelated: Sequence[Any] = (),
     reference_texts: Sequence[str] = (),
     *,
     max_new_tokens: int = 8,
@@ -213,7 +248,8 @@ def evaluate_patch(
 
     Args:
         edits: the edits to score (default: the manifest's edits).
-        unrelated: prompts that must not change (the issue asks for >= 200).
+        unrelated: prompts that must not change (the issue asks for >= 200), as str or
+            ``{"prompt", "aliases"}`` dicts (then known facts kept is reported too).
         reference_texts: texts for perplexity drift.
         max_new_tokens: greedy answer length. Default 8.
 
