@@ -217,6 +217,23 @@ def find_failures(model: nn.Module, edit: Edit, edit_index: int = 0, start: int 
     ]
 
 
+def right_pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists with id 0: ``(input_ids [B, T], attention_mask [B, T])``, both long.
+
+    Raises:
+        ValueError: no sequences, or an empty one.
+    """
+    if not seqs or any(len(x) == 0 for x in seqs):
+        raise ValueError("right_pad needs at least one sequence and no empty ones")
+    width = max(len(x) for x in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(list(x))
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def still_failing(model: nn.Module, edits: Sequence[Edit], batch_size: int = 32) -> list[bool]:
     """For each encoded edit, whether some target token is not the argmax under
@@ -233,13 +250,8 @@ def still_failing(model: nn.Module, edits: Sequence[Edit], batch_size: int = 32)
     try:
         for start in range(0, len(edits), batch_size):
             chunk = list(edits[start:start + batch_size])
-            seqs = [list(e.prompt_ids) + list(e.target_ids)[:-1] for e in chunk]
-            width = max(len(x) for x in seqs)
-            ids = torch.zeros(len(seqs), width, dtype=torch.long)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long)
-            for i, x in enumerate(seqs):
-                ids[i, : len(x)] = torch.tensor(x)
-                mask[i, : len(x)] = 1
+            ids, mask = right_pad([list(e.prompt_ids) + list(e.target_ids)[:-1] for e in chunk])
+            width = ids.shape[1]
             first = min(len(e.prompt_ids) for e in chunk) - 1  # earliest position read
             logits = tail_logits(model, width - first, input_ids=ids.to(device), attention_mask=mask.to(device))
             for i, e in enumerate(chunk):

@@ -59,7 +59,7 @@ from ..logits import tail_logits
 from ..sites import NeuronSite, base_model, resolve_sites, value_vector_parameter
 from .analysis import entropy_neurons
 from .direction import semantic_space
-from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures, still_failing
+from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures, right_pad, still_failing
 from .direction import final_norm_gain
 from .locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, neuron_scores, reference_stats, top_candidates
 from .patchfile import ParamPatch, PatchSet
@@ -485,15 +485,8 @@ def _encode_right_padded(tokenizer, prompts: Sequence[str], batch_size: int = 64
     for start in range(0, len(prompts), batch_size):
         rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start:start + batch_size]]
         rows = [r for r in rows if r]
-        if not rows:
-            continue
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for k, r in enumerate(rows):
-            ids[k, :len(r)] = torch.tensor(r)
-            mask[k, :len(r)] = 1
-        out.append((ids, mask))
+        if rows:
+            out.append(right_pad(rows))
     return out
 
 
