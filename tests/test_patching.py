@@ -8,6 +8,7 @@ checkpoint writer against sha256 of every file on disk.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -594,3 +595,46 @@ def test_compare_splits_changed_unrelated_answers_by_correctness():
     assert res["changes"] == {"right_to_wrong": 1, "wrong_to_right": 1, "wrong_to_wrong": 1, "right_to_right": 0}
     plain = compare(before, after, [], [u["prompt"] for u in unrelated])  # prompts only: no breakdown
     assert "known_facts_kept" not in plain and plain["specificity"] == res["specificity"]
+
+
+@pytest.mark.parametrize("family", __import__("test_sites").FAMILY_NAMES)
+def test_plan_gaps_equal_writing_each_patch(family):
+    """The batched plan (shared prefix, one row per candidate) gives, for every
+    row, the gap and argmax of a separate forward with that value vector
+    really written into the weights, for candidates in several layers."""
+    from test_sites import tiny
+
+    from neurodetox.patching.locate import Candidate
+    from neurodetox.patching.mint import _NO_SHARED_PREFIX, _measure, _plan
+
+    model = copy.deepcopy(tiny(family))
+    sites = resolve_sites(model, "mlp", "all")
+    by_layer = {s.layer: s for s in sites}
+    layers = sorted(by_layer)[1:]  # the lowest candidate layer is above block 0: the prefix is shared
+    ids = [5, 9, 3, 17, 11, 4]
+    target = 7
+    g = torch.Generator().manual_seed(1)
+    cands, deltas = [], []
+    for k, layer in enumerate(layers * 2):
+        weight, axis = value_vector_parameter(by_layer[layer])
+        cands.append(Candidate(layer=layer, index=(3 * k + 1) % weight.shape[axis], score=0.0, activation=1.0))
+        deltas.append(20.0 * torch.randn(weight.shape[1 - axis], generator=g))
+    gaps, args = _plan(model, by_layer, ids, target, cands, deltas)
+    full_gaps, full_args = _plan(model, by_layer, ids, target, cands, deltas, share_prefix=False)
+    base_gap, _ = _measure(model, ids, target)
+    for r, (c, d) in enumerate(zip(cands, deltas)):
+        weight, axis = value_vector_parameter(by_layer[c.layer])
+        col = weight.detach().select(axis, c.index)
+        orig = col.clone()
+        with torch.no_grad():
+            col.add_(d.to(col.dtype))
+        try:
+            gap, arg = _measure(model, ids, target)
+        finally:
+            with torch.no_grad():
+                col.copy_(orig)
+        assert gaps[r].item() == pytest.approx(gap, abs=2e-6), (family, r)
+        assert full_gaps[r].item() == pytest.approx(gap, abs=2e-6), (family, r)
+        assert int(args[r]) == arg == int(full_args[r])
+    assert (gaps - base_gap).abs().max() > 1e-4  # the patches change the prediction: the check can fail
+    assert type(model) not in _NO_SHARED_PREFIX  # the shared prefix really ran

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ..logits import tail_logits
-from ..sites import NeuronSite, base_model, resolve_sites, value_vector_parameter
+from ..sites import NeuronSite, base_model, decoder_layers, resolve_sites, value_vector_parameter
 from .analysis import entropy_neurons
 from .direction import semantic_space
 from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures, right_pad, still_failing
@@ -442,12 +442,41 @@ def _measure(model: nn.Module, ids: Sequence[int], target: int) -> tuple[float, 
     return float(gap[0]), int(arg[0])
 
 
+def _expand_batch(batch: int):
+    """Forward pre-hook (``with_kwargs``) that repeats a decoder block's ``[1, T, d]`` input ``batch`` times."""
+
+    def hook(module, args, kwargs):
+        if args:
+            h = args[0]
+            return (h.expand(batch, *h.shape[1:]).contiguous(), *args[1:]), kwargs
+        h = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": h.expand(batch, *h.shape[1:]).contiguous()}
+
+    return hook
+
+
+#: model classes whose decoder blocks cannot take a batch larger than the
+#: model's input (e.g. a batch-shaped ALiBi bias): the plan runs them unshared.
+_NO_SHARED_PREFIX: set[type] = set()
+
+
 @torch.no_grad()
-def _plan(model, sites_by_layer, ids, target, cands: list[Candidate], deltas: list[torch.Tensor]):
-    """Gaps ``p_a − p_t`` after each candidate's patch, in one batched forward."""
+def _plan(model, sites_by_layer, ids, target, cands: list[Candidate], deltas: list[torch.Tensor],
+          share_prefix: bool = True):
+    """Gaps ``p_a − p_t`` after each candidate's patch, in one batched forward.
+
+    Row ``r`` adds ``a_j · Δw_r`` to the FFN output of its candidate's layer
+    (exactly what writing the patched value vector does). The blocks below the
+    lowest candidate layer see the same input in every row: with
+    ``share_prefix`` they run once on a batch of one and the block input is
+    repeated ``B`` times there (same result, fewer FLOPs). Model classes whose
+    blocks reject that (a batch-shaped bias) fall back to the full batch.
+
+    Returns:
+        ``(gaps [B], argmax [B])`` on CPU.
+    """
     device = next(model.parameters()).device
     B = len(cands)
-    x = torch.tensor([list(ids)] * B, device=device)
     rows_by_layer: dict[int, list[int]] = defaultdict(list)
     for r, c in enumerate(cands):
         rows_by_layer[c.layer].append(r)
@@ -470,8 +499,25 @@ def _plan(model, sites_by_layer, ids, target, cands: list[Candidate], deltas: li
             return out3.reshape(out.shape)
 
         handles.append(site.module.register_forward_hook(hook))
+    share = share_prefix and B > 1 and type(model) not in _NO_SHARED_PREFIX
     try:
-        logits = tail_logits(model, 1, input_ids=x)[:, -1]
+        logits = None
+        if share:
+            first = min(rows_by_layer)
+            pre = decoder_layers(model)[first].register_forward_pre_hook(_expand_batch(B), with_kwargs=True)
+            try:
+                logits = tail_logits(model, 1, input_ids=torch.tensor([list(ids)], device=device))[:, -1]
+            except (RuntimeError, ValueError, IndexError) as err:  # a block that needs the real batch size
+                logger.debug("plan without a shared prefix for %s: %s", type(model).__name__, err)
+                _NO_SHARED_PREFIX.add(type(model))
+            finally:
+                pre.remove()
+            if logits is not None and logits.shape[0] != B:
+                logits = None
+                _NO_SHARED_PREFIX.add(type(model))
+        if logits is None:
+            x = torch.tensor([list(ids)] * B, device=device)
+            logits = tail_logits(model, 1, input_ids=x)[:, -1]
     finally:
         for h in handles:
             h.remove()
