@@ -638,3 +638,15 @@ def test_plan_gaps_equal_writing_each_patch(family):
         assert int(args[r]) == arg == int(full_args[r])
     assert (gaps - base_gap).abs().max() > 1e-4  # the patches change the prediction: the check can fail
     assert type(model) not in _NO_SHARED_PREFIX  # the shared prefix really ran
+
+
+def test_next_token_predictions_equal_unbatched_forwards():
+    """Left-padded batches of mixed lengths (batch smaller than the prompt list) give each prompt's own argmax."""
+    from neurodetox.patching.evaluate import next_token_predictions
+
+    tok = make_tokenizer()
+    model = make_model()
+    got = next_token_predictions(model, tok, REFERENCE, batch_size=5)
+    assert got == _next_tokens_one_by_one(model, tok, REFERENCE)
+    assert len(set(len(tok(p)["input_ids"]) for p in REFERENCE)) > 1  # padding really happens
+    assert len(set(got)) > 1  # not one constant prediction

@@ -45,7 +45,7 @@ from ..sampling import greedy_answers
 from .failures import Edit, coerce_edits, encode_edit, teacher_forced_argmax
 from .patchfile import PatchSet
 
-__all__ = ["measure_model", "compare", "evaluate_patch", "perplexity", "answer_span"]
+__all__ = ["measure_model", "compare", "evaluate_patch", "perplexity", "answer_span", "next_token_predictions"]
 
 _END = re.compile(r"(?<![A-Z][a-z])(?<![^A-Za-z][A-Z])[.,;!?](?=\s|$)")
 
@@ -95,7 +95,12 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: in
 
 
 @torch.no_grad()
-def _next_tokens(model, tokenizer, prompts: Sequence[str], batch_size: int = 32) -> list[int]:
+def next_token_predictions(model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: int = 32) -> list[int]:
+    """Greedy next-token id after each prompt (left-padded batches, one forward each).
+
+    Returns:
+        a list of ``len(prompts)`` token ids (the argmax of the last position's logits).
+    """
     device = next(model.parameters()).device
     side = getattr(tokenizer, "padding_side", "right")
     was = model.training
@@ -144,7 +149,7 @@ def measure_model(model: nn.Module, tokenizer, edits: Sequence[Edit], unrelated:
     unrelated = unrelated_prompts(unrelated)
     un = greedy_answers(model, tokenizer, unrelated, max_new_tokens=max_new_tokens,
                         batch_size=batch_size) if unrelated else []
-    un_next = _next_tokens(model, tokenizer, unrelated) if unrelated else []
+    un_next = next_token_predictions(model, tokenizer, unrelated) if unrelated else []
     bar.update()
     ppl = perplexity(model, tokenizer, reference_texts) if reference_texts else float("nan")
     bar.update()
