@@ -650,3 +650,137 @@ def test_next_token_predictions_equal_unbatched_forwards():
     assert got == _next_tokens_one_by_one(model, tok, REFERENCE)
     assert len(set(len(tok(p)["input_ids"]) for p in REFERENCE)) > 1  # padding really happens
     assert len(set(got)) > 1  # not one constant prediction
+
+
+def test_reference_statistics_cache_follows_the_weights(monkeypatch):
+    """The selectivity statistics are computed once per weights: reused while the
+    weights are untouched or written back to the same values, recomputed after a change."""
+    from neurodetox.patching import mint
+
+    calls = []
+    real = mint.reference_stats
+    monkeypatch.setattr(mint, "reference_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok = make_tokenizer()
+    model = make_model()
+    sites = resolve_sites(model, "mlp", "second_half")
+    first = mint._cached_reference(model, tok, sites, REFERENCE)
+    assert mint._cached_reference(model, tok, sites, REFERENCE) is first and len(calls) == 1
+    weight, axis = value_vector_parameter(sites[0])
+    col = weight.detach().select(axis, 3)
+    orig = col.clone()
+    with torch.no_grad():
+        col.add_(0.5)
+    changed = mint._cached_reference(model, tok, sites, REFERENCE)
+    assert len(calls) == 2 and changed is not first
+    with torch.no_grad():
+        col.copy_(orig)  # written back: same values, so the fingerprint matches the first one again
+    assert mint._fingerprint(model) == mint._fingerprint(model)
+    mint._cached_reference(model, tok, sites, REFERENCE)
+    assert len(calls) == 3  # the single-entry cache held the changed weights' statistics
+    with torch.no_grad():
+        col.add_(0.0)  # an in-place write that keeps every value: recomputed fingerprint, cache hit
+    mint._cached_reference(model, tok, sites, REFERENCE)
+    assert len(calls) == 3
+
+
+def test_guard_predicted_logits_match_a_real_last_layer_patch():
+    """For a last-layer neuron the guard's prediction (direct path through the
+    final norm and LM head) matches the logits of a forward with the patch
+    really written, up to the change of the norm's scale that it leaves out;
+    the predicted flips are the argmax changes of those logits."""
+    from neurodetox.patching.direction import final_norm_gain
+    from neurodetox.patching.locate import Candidate, reference_stats
+    from neurodetox.sites import base_model
+
+    from neurodetox.patching.direction import final_norm
+
+    tok = make_tokenizer()
+    model = make_model()
+    with torch.no_grad():  # a non-trivial gain, so leaving it out would show
+        final_norm(model).weight.copy_(torch.linspace(0.3, 2.0, final_norm(model).weight.numel()))
+    site = resolve_sites(model, "mlp", "last")[0]
+    stats = reference_stats(model, tok, [site], REFERENCE)
+    head = base_model(model).get_output_embeddings().weight
+    gain = final_norm_gain(model)
+    weight, axis = value_vector_parameter(site)
+    j = int(stats.last_acts[:, 0].abs().mean(dim=0).argmax())  # a neuron that fires on these prompts
+    g = torch.Generator().manual_seed(0)
+    delta = 0.005 * torch.randn(weight.shape[1 - axis], generator=g)
+    cand = Candidate(layer=site.layer, index=j, score=0.0, activation=1.0)
+    pred = stats.predicted_logits(head, gain, [cand], [delta])[0]
+    col = weight.detach().select(axis, j)
+    orig = col.clone()
+    with torch.no_grad():
+        col.add_(delta)
+        try:
+            real = torch.stack([model(input_ids=torch.tensor([tok(p)["input_ids"]])).logits[0, -1] for p in REFERENCE])
+        finally:
+            col.copy_(orig)
+    moved = real - stats.last_logits
+    assert moved.norm() > 1e-3  # the patch does move the logits
+    predicted = pred - stats.last_logits
+    # first order, without the norm scale's own change (its term along the residual stream)
+    assert (predicted - moved).norm() < 0.15 * moved.norm()
+    assert torch.nn.functional.cosine_similarity(predicted.flatten(), moved.flatten(), dim=0) > 0.99
+    # flips are counted from the predicted logits; a large step flips some
+    big = [delta * 800]
+    flips = stats.predicted_flips(head, gain, [cand], big)
+    by_hand = (stats.predicted_logits(head, gain, [cand], big)[0].argmax(-1) != stats.last_logits.argmax(-1)).sum()
+    assert int(flips[0]) == int(by_hand) > 0
+
+
+def test_guard_plans_the_candidate_with_fewest_predicted_flips(monkeypatch):
+    """With the guard, the plan takes the candidate predicted to flip the fewest
+    reference prompts, even when it is the lowest-ranked one."""
+    from neurodetox.patching import mint
+    from neurodetox.patching.locate import ReferenceStats
+
+    seen = []
+    real_top = mint.top_candidates
+    monkeypatch.setattr(mint, "top_candidates", lambda *a, **k: seen.append(real_top(*a, **k)) or seen[-1])
+    monkeypatch.setattr(ReferenceStats, "predicted_flips",
+                        lambda self, head, gain, cands, deltas: torch.tensor(
+                            [0 if (c.layer, c.index) == (seen[-1][-1].layer, seen[-1][-1].index) else 5
+                             for c in cands]))
+    tok = make_tokenizer()
+    model = make_model()
+    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(max_patches=1, guard_fallback=False),
+                           show_progress=False, reference_prompts=REFERENCE)
+    first = report.edits[0].failures[0].patches[0]
+    assert len(seen[0]) > 1
+    assert (first["layer"], first["index"]) == (seen[0][-1].layer, seen[0][-1].index)
+
+
+def test_guard_falls_back_to_gain_alone_for_a_failure_it_cannot_fix(monkeypatch):
+    """A failure the guarded plan leaves unfixed is repaired again without the
+    guard; the result equals a repair with the guard off."""
+    from neurodetox.patching import mint
+
+    tok = make_tokenizer()
+    plain_patch, plain = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=False), show_progress=False,
+                                reference_prompts=REFERENCE)
+    assert plain.edits[0].status == "fixed"
+    real = mint._Repairer._repair_failure
+    calls = []
+
+    def guarded_fails(self, edit, f, guard):
+        calls.append(guard)
+        if guard:  # the guarded plan gives up, leaving the model as it was
+            return mint.FailureResult(step=f.step, position=f.position, target_id=f.target_id,
+                                      argmax_id=f.argmax_id, status="skipped")
+        return real(self, edit, f, guard)
+
+    monkeypatch.setattr(mint._Repairer, "_repair_failure", guarded_fails)
+    patch, report = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=True), show_progress=False,
+                           reference_prompts=REFERENCE)
+    assert report.edits[0].status == "fixed"
+    assert calls[:2] == [True, False]
+    assert all(not f.guarded for f in report.edits[0].failures)
+    assert [(p.name, p.indices.tolist()) for p in patch.params] == [(p.name, p.indices.tolist())
+                                                                    for p in plain_patch.params]
+    assert all(torch.equal(a.new, b.new) for a, b in zip(patch.params, plain_patch.params))
+    monkeypatch.setattr(mint._Repairer, "_repair_failure", guarded_fails)
+    calls.clear()
+    _, off = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=True, guard_fallback=False),
+                    show_progress=False, reference_prompts=REFERENCE)
+    assert off.edits[0].status == "skipped" and calls == [True]

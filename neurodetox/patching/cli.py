@@ -167,7 +167,9 @@ def _add_setting_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--orthogonalize", action="store_true", help="Project τ off directions used in the same layer.")
     g.add_argument("--unsigned", action="store_true", help="Paper's unsigned update (ignore activation sign).")
     g.add_argument("--no-entropy-guard", action="store_true", help="Allow patching last-layer entropy neurons.")
-    g.add_argument("--guard", action="store_true", help="Prefer patches predicted not to flip reference prompts.")
+    g.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                   help="Prefer patches predicted not to flip the reference prompts' next token, falling back to "
+                        "gain alone for a failure the guard cannot fix (default on; --no-guard: gain alone).")
     g.add_argument("--prune", action="store_true", help="Undo neurons a fixed edit does not need (slower).")
     g.add_argument("--verify-reference", action="store_true",
                    help="Reference check: after each fixed edit, count the reference prompts whose next token "

@@ -98,17 +98,9 @@ class ReferenceStats:
     norm_scale: torch.Tensor
     layers: list[int]
 
-    def predicted_flips(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
-                        cands: Sequence["Candidate"], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-        """How many reference prompts would change their next-token argmax if each
-        candidate's value vector moved by ``deltas[i]`` (``[d]``), to first order
-        through the direct path ``a_j · Δw_j`` → final norm → LM head.
-
-        Returns:
-            int64 ``[len(cands)]``.
-        """
-        if not cands:
-            return torch.zeros(0, dtype=torch.long)
+    def _deltas(self, unembedding, gain, cands, deltas) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(coef [C, N], dlog [C, V])``: the direct-path logit change of prompt ``x`` under patch ``i`` is
+        ``coef[i, x] · dlog[i]``."""
         W = unembedding.detach().float().cpu()
         D = torch.stack([d.float().cpu() for d in deltas], dim=1)  # [d, C]
         if gain is not None:
@@ -116,12 +108,45 @@ class ReferenceStats:
         dlog = (W @ D).T  # [C, V]
         pos = {layer: i for i, layer in enumerate(self.layers)}
         coef = torch.stack([self.last_acts[:, pos[c.layer], c.index] for c in cands], dim=0)  # [C, N]
-        coef = coef * self.norm_scale[None, :]
+        return coef * self.norm_scale[None, :], dlog
+
+    def predicted_logits(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
+                         cands: Sequence["Candidate"], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Next-token logits of the reference prompts if each candidate's value
+        vector moved by ``deltas[i]`` (``[d]``), to first order through the
+        direct path: ``a_j(x) · Δw_j`` added to the residual stream at the last
+        token, times the final norm's scale there, then ``W_U (g ⊙ ·)``. For a
+        last-layer neuron this leaves out only the norm scale's own change (the
+        component of the patch along the residual stream; a few per cent of
+        the logit change in ``tests/test_patching.py``).
+
+        Args:
+            unembedding: ``W_U``, ``[V, d]``.
+            gain: the final norm's gain ``g`` (``[d]``) or ``None``.
+
+        Returns:
+            float32 ``[len(cands), N, V]``.
+        """
+        if not cands:
+            return torch.zeros(0, *self.last_logits.shape)
+        coef, dlog = self._deltas(unembedding, gain, cands, deltas)
+        return self.last_logits[None] + coef[:, :, None] * dlog[:, None, :]
+
+    def predicted_flips(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
+                        cands: Sequence["Candidate"], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+        """How many reference prompts would change their next-token argmax under
+        each candidate's patch, by :meth:`predicted_logits` (one candidate at a
+        time, to bound memory at ``N × V``).
+
+        Returns:
+            int64 ``[len(cands)]``.
+        """
+        if not cands:
+            return torch.zeros(0, dtype=torch.long)
+        coef, dlog = self._deltas(unembedding, gain, cands, deltas)
         top = self.last_logits.argmax(dim=-1)  # [N]
-        flips = []
-        for i in range(len(cands)):
-            new = self.last_logits + coef[i][:, None] * dlog[i][None, :]  # [N, V]
-            flips.append(int((new.argmax(dim=-1) != top).sum()))
+        flips = [int(((self.last_logits + coef[i][:, None] * dlog[i][None, :]).argmax(dim=-1) != top).sum())
+                 for i in range(len(cands))]
         return torch.tensor(flips, dtype=torch.long)
 
 

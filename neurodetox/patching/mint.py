@@ -115,9 +115,17 @@ class MintSettings:
             preferred (specificity). Default True.
         guard: in the plan, prefer the candidate whose patch is predicted to
             flip the fewest reference prompts' next token (first-order direct
-            effect through the final norm and LM head), then the best gain.
-            Default False (on the fact probes it cost success without a
-            measurable specificity gain).
+            effect through the final norm and LM head, from the reference
+            statistics taken when :func:`repair` starts), then the best gain.
+            Default True: on 20 wrong facts of the demo model, each repaired
+            alone, the next-token specificity on 250 held-out fact prompts was
+            98.4% with the guard and 97.7% without, with the same 19/20 fixed
+            (``benchmarks/patch_vs_finetune.py``). With 20 edits in one call
+            the two were within noise (88.8% / 89.2%).
+        guard_fallback: a failure that the guarded plan cannot fix within
+            ``max_patches`` is repaired again by gain alone (the guard's
+            first choices are weaker neurons: without the fallback 16 of the
+            20 facts above were fixed, with it 19). Default True.
         prune: once an edit is fixed, undo each of its patched neurons in
             turn and keep it undone when the edit stays fixed without it
             (the smallest verifiable fix; one forward per neuron). Default
@@ -155,7 +163,8 @@ class MintSettings:
     max_failures_per_edit: int = 16
     margin: float = 0.1
     selectivity: bool = True
-    guard: bool = False
+    guard: bool = True
+    guard_fallback: bool = True
     prune: bool = False
     share_neurons: bool = False
     verify_reference: bool = False
@@ -216,6 +225,7 @@ class FailureResult:
     gap_before: float = 0.0
     gap_after: float = 0.0
     seconds: float = 0.0
+    guarded: bool = False  # planned with the reference guard (False: no guard, or its fallback)
 
     @property
     def neurons(self) -> list[tuple[int, int]]:
@@ -549,11 +559,25 @@ def _last_argmax(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tor
 _REF_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple]]" = weakref.WeakKeyDictionary()
+
+
 def _fingerprint(model: nn.Module) -> tuple:
-    """Cheap identity of the model's current weights (sum and abs-sum of every parameter)."""
+    """Cheap identity of the model's current weights: float32 sum and abs-sum of every parameter.
+
+    Recomputed only when a parameter was replaced or written in place since the
+    last call (storage pointer and autograd version counter); an unchanged
+    model costs a pass over the parameter list, not over their values.
+    """
+    params = list(model.parameters())
+    versions = tuple((p.data_ptr(), p._version) for p in params)
+    known = _FINGERPRINTS.get(model)
+    if known is not None and known[0] == versions:
+        return known[1]
     with torch.no_grad():
-        return tuple((float(p.detach().sum(dtype=torch.float64)), float(p.detach().abs().sum(dtype=torch.float64)))
-                     for p in model.parameters())
+        fp = tuple((float(p.detach().sum()), float(p.detach().abs().sum())) for p in params)
+    _FINGERPRINTS[model] = (versions, fp)
+    return fp
 
 
 def _cached_reference(model, tokenizer, sites, prompts):
@@ -671,9 +695,9 @@ class _Repairer:
                 rows.append((c, alpha, sign, new, new - old))
         return rows
 
-    def _flips(self, rows) -> torch.Tensor:
+    def _flips(self, rows, guard: bool) -> torch.Tensor:
         """Predicted next-token flips of the reference prompts, per plan row (zeros without the guard)."""
-        if not self.s.guard or self.ref is None:
+        if not guard or self.ref is None:
             return torch.zeros(len(rows), dtype=torch.long)
         return self.ref.predicted_flips(self.head, self.gain, [r[0] for r in rows], [r[4] for r in rows])
 
@@ -682,6 +706,17 @@ class _Repairer:
         return arg == t and gap <= -self.s.margin
 
     def repair_failure(self, edit: Edit, f: Failure) -> FailureResult:
+        """Repair one failure; with the guard, a failure it cannot fix is repaired again by gain alone."""
+        res = self._repair_failure(edit, f, guard=self.s.guard)
+        if res.status != "fixed" and self.s.guard and self.s.guard_fallback:
+            again = self._repair_failure(edit, f, guard=False)
+            again.seconds += res.seconds
+            again.guarded = False
+            return again
+        res.guarded = self.s.guard
+        return res
+
+    def _repair_failure(self, edit: Edit, f: Failure, guard: bool) -> FailureResult:
         s = self.s
         t0 = time.perf_counter()
         ids = list(edit.prompt_ids) + list(edit.target_ids[: f.step])
@@ -720,7 +755,7 @@ class _Repairer:
             # plan, stage 1: every candidate at the largest step
             rows = self._proposals(cands, t, a, alphas[-1:])
             gaps, args = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in rows], [r[4] for r in rows])
-            flips = self._flips(rows)
+            flips = self._flips(rows, guard)
             best = min(range(len(rows)), key=lambda i: (int(flips[i]), float(gaps[i]), i))
 
             chosen = (rows[best], float(gaps[best]), int(args[best]))
@@ -728,7 +763,7 @@ class _Repairer:
             if len(alphas) > 1 and self._ok(float(gaps[best]), int(args[best]), t):
                 small = self._proposals([rows[best][0]], t, a, alphas[:-1])
                 g2, a2 = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in small], [r[4] for r in small])
-                f2 = self._flips(small)
+                f2 = self._flips(small, guard)
                 for r, g, ar, fl in zip(small, g2.tolist(), a2.tolist(), f2.tolist()):
                     if self._ok(g, ar, t) and fl <= int(flips[best]):
                         chosen = (r, g, ar)
@@ -777,14 +812,19 @@ class _Repairer:
             for f in result.failures:
                 f.patches = [dict(p, pruned=True) if (p["layer"], p["index"]) in removed else p for p in f.patches]
 
-    def recheck(self, results: Sequence[EditResult], max_rechecks: int) -> None:
-        """Re-repair fixed edits that a later edit broke (each at most ``max_rechecks`` times in all)."""
+    def recheck(self, results: Sequence[EditResult], max_rechecks: int) -> bool:
+        """Re-repair fixed edits that a later edit broke (each at most ``max_rechecks`` times in all).
+
+        Returns whether any fixed edit was found failing (re-repaired or marked broken).
+        """
         fixed = [r for r in results if r.status == "fixed"]
         if not fixed:
-            return
+            return False
+        found = False
         for r, failing in zip(fixed, still_failing(self.model, [r.edit for r in fixed])):
             if not failing:
                 continue
+            found = True
             if r.rechecks >= max_rechecks:
                 r.status = "broken"
                 continue
@@ -792,6 +832,7 @@ class _Repairer:
             logger.info("edit %d (%r) was broken by a later edit; repairing it again", r.index, r.edit.prompt)
             self.repair_edit(r.index, r.edit, previous=r)
             self.reference_now = None  # the weights moved: re-measure before the next reference check
+        return found
 
     def drop_broken(self, results: Sequence[EditResult]) -> None:
         """Final state: mark edits still failing as broken and undo their own neurons
@@ -914,9 +955,12 @@ def repair(
             results.append(rep.repair_edit_verified(i, e))
             if s.recheck and i > 0 and results[-1].status == "fixed":
                 rep.recheck(results[:-1], max_rechecks=2)
-        if s.recheck:
-            rep.recheck(results, max_rechecks=3)
-            rep.drop_broken(results)
+        # final pass, needed only when a later edit could have broken an earlier one (each edit
+        # leaves repair_edit verified); drop_broken only when some edit failed a check
+        if s.recheck and len(results) > 1:
+            found = rep.recheck(results, max_rechecks=3)
+            if found or any(r.status == "broken" for r in results):
+                rep.drop_broken(results)
         params = rep.tracker.to_params()
         originals = rep.tracker.full_originals(params)
     finally:
