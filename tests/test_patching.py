@@ -784,3 +784,30 @@ def test_guard_falls_back_to_gain_alone_for_a_failure_it_cannot_fix(monkeypatch)
     _, off = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=True, guard_fallback=False),
                     show_progress=False, reference_prompts=REFERENCE)
     assert off.edits[0].status == "skipped" and calls == [True]
+
+
+def test_guard_flip_count_equals_full_vocabulary_argmax():
+    """The guard counts flips over each prompt's top tokens and scores a prompt
+    in full only when a token outside them could take over: the count equals
+    the argmax over the whole vocabulary, for small and large patches."""
+    from neurodetox.patching.locate import Candidate, ReferenceStats
+
+    g = torch.Generator().manual_seed(3)
+    N, V, d, S, F = 40, 300, 16, 2, 8
+    stats = ReferenceStats(rms=torch.ones(S, F), last_acts=torch.randn(N, S, F, generator=g),
+                           last_logits=3 * torch.randn(N, V, generator=g), norm_scale=torch.rand(N, generator=g) + 0.5,
+                           layers=[5, 7])
+    head = torch.randn(V, d, generator=g)
+    gain = torch.rand(d, generator=g) + 0.5
+    cands, deltas = [], []
+    for scale in (0.01, 0.1, 0.5, 2.0, 10.0):
+        for layer in (5, 7):
+            cands.append(Candidate(layer=layer, index=int(torch.randint(F, (1,), generator=g)), score=0.0,
+                                   activation=1.0))
+            deltas.append(scale * torch.randn(d, generator=g))
+    got = stats.predicted_flips(head, gain, cands, deltas)
+    top = stats.last_logits.argmax(-1)
+    want = [int((stats.predicted_logits(head, gain, [c], [x])[0].argmax(-1) != top).sum())
+            for c, x in zip(cands, deltas)]
+    assert got.tolist() == want
+    assert want[0] < want[-1] and 0 < want[-1]  # small patches flip few, large ones many: both paths are used

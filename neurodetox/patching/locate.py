@@ -144,9 +144,24 @@ class ReferenceStats:
         if not cands:
             return torch.zeros(0, dtype=torch.long)
         coef, dlog = self._deltas(unembedding, gain, cands, deltas)
-        top = self.last_logits.argmax(dim=-1)  # [N]
-        flips = [int(((self.last_logits + coef[i][:, None] * dlog[i][None, :]).argmax(dim=-1) != top).sum())
-                 for i in range(len(cands))]
+        logits = self.last_logits
+        top = logits.argmax(dim=-1)  # [N]
+        # Exact, without scoring the whole vocabulary for every prompt: a token outside a
+        # prompt's top k can only take over when its old logit (at most the k-th largest)
+        # plus the largest possible move beats the best of the top k after the move; only
+        # those prompts are scored in full.
+        k = min(64, logits.shape[-1])
+        top_v, top_i = logits.topk(k, dim=-1)  # [N, k]
+        flips = []
+        for i in range(len(cands)):
+            c, d = coef[i], dlog[i]
+            moved = top_v + c[:, None] * d[top_i]  # [N, k]
+            best_v, best_k = moved.max(dim=-1)
+            new = top_i.gather(1, best_k[:, None])[:, 0]
+            full = (top_v[:, -1] + c.abs() * d.abs().max() >= best_v).nonzero()[:, 0]
+            if len(full):
+                new[full] = (logits[full] + c[full, None] * d[None, :]).argmax(dim=-1)
+            flips.append(int((new != top).sum()))
         return torch.tensor(flips, dtype=torch.long)
 
 

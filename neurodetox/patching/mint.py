@@ -17,7 +17,11 @@ token ``t``, wrong argmax ``a``) is repaired in order:
    search (our addition; ``alpha_steps=(1,)`` turns it off): candidates are
    compared at the largest step ``α·max(alpha_steps)``; if the best one fixes
    the failure, the smallest step of ``α·alpha_steps`` that still fixes it is
-   used (the smallest change that works), else the largest;
+   used (the smallest change that works), else the largest. With the guard
+   (our addition, default on) "best" is the fewest reference prompts whose
+   next token the patch is predicted to flip, then the gain; a failure the
+   guarded plan cannot fix is planned again by gain alone. The blocks below
+   the lowest candidate layer run once for all rows (shared prefix);
 4. patch the value vector ``w ← (w + α s τ) / (1 + α)`` and repeat 2–4 until
    the argmax is ``t``. After ``max_patches`` (10) patches without success the
    failure's patches are undone and it is reported skipped.
