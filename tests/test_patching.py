@@ -811,3 +811,30 @@ def test_guard_flip_count_equals_full_vocabulary_argmax():
             for c, x in zip(cands, deltas)]
     assert got.tolist() == want
     assert want[0] < want[-1] and 0 < want[-1]  # small patches flip few, large ones many: both paths are used
+
+
+@pytest.mark.parametrize("relocate", [True, False])
+def test_relocate_off_plans_over_the_first_pool(monkeypatch, relocate):
+    """``relocate=False`` locates once per failure and patches from that pool
+    (never the same neuron twice); ``True`` locates before every patch."""
+    from neurodetox.patching import mint
+
+    calls = []
+    real = mint.neuron_scores
+    monkeypatch.setattr(mint, "neuron_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pools = []
+    real_top = mint.top_candidates
+    monkeypatch.setattr(mint, "top_candidates", lambda *a, **k: pools.append(real_top(*a, **k)) or pools[-1])
+    tok = make_tokenizer()
+    s = MintSettings(alpha=0.02, alpha_steps=(1.0,), guard=False, relocate=relocate)  # small steps: several patches
+    patch, report = repair(make_model(), tok, [FIX_EDIT], s, show_progress=False, reference_prompts=REFERENCE)
+    failures = report.edits[0].failures
+    patches = sum(len(f.patches) for f in failures)
+    assert patches > len(failures)  # some failure needed more than one patch
+    if relocate:
+        assert len(calls) >= patches
+    else:
+        assert len(calls) == len(failures) == len(pools)
+        for f, pool in zip(failures, pools):
+            keys = [(p["layer"], p["index"]) for p in f.patches]
+            assert len(keys) == len(set(keys)) and set(keys) <= {(c.layer, c.index) for c in pool}

@@ -148,7 +148,7 @@ def _settings_from_args(a) -> Any:
     return MintSettings(alpha=a.alpha, alpha_steps=steps, locator=a.locator, candidates=a.candidates,
                         max_patches=a.max_patches, layers=a.layers, fold_norm=not a.no_fold_norm,
                         orthogonalize=a.orthogonalize, signed=not a.unsigned, entropy_guard=not a.no_entropy_guard,
-                        guard=a.guard, prune=a.prune, verify_reference=a.verify_reference,
+                        guard=a.guard, relocate=a.relocate, prune=a.prune, verify_reference=a.verify_reference,
                         max_reference_flips=a.max_reference_flips, reference_retries=a.reference_retries)
 
 
@@ -170,6 +170,9 @@ def _add_setting_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
                    help="Prefer patches predicted not to flip the reference prompts' next token, falling back to "
                         "gain alone for a failure the guard cannot fix (default on; --no-guard: gain alone).")
+    g.add_argument("--relocate", action=argparse.BooleanOptionalAction, default=True,
+                   help="Locate neurons again before every patch of a failure (default on; --no-relocate: plan "
+                        "and patch repeat over the first candidate pool, faster).")
     g.add_argument("--prune", action="store_true", help="Undo neurons a fixed edit does not need (slower).")
     g.add_argument("--verify-reference", action="store_true",
                    help="Reference check: after each fixed edit, count the reference prompts whose next token "

@@ -130,6 +130,15 @@ class MintSettings:
             ``max_patches`` is repaired again by gain alone (the guard's
             first choices are weaker neurons: without the fallback 16 of the
             20 facts above were fixed, with it 19). Default True.
+        relocate: locate again (one forward + backward) before every patch
+            of a failure. ``False``: the plan and patch repeat over the first
+            candidate pool, minus the neurons already patched for this
+            failure, as methods.md §4 reads ("repeat 3–4"). Default True.
+            Measured on 20 wrong facts of the demo model, each repaired alone
+            (guard on, 2 threads, two alternating runs each): ``False`` fixed
+            18 facts instead of 19, with next-token specificity 98.8% against
+            98.4%, in 2.5–3.1 s per edit against 4.5–4.8 s. Not yet measured
+            with many edits in one call, so not the default.
         prune: once an edit is fixed, undo each of its patched neurons in
             turn and keep it undone when the edit stays fixed without it
             (the smallest verifiable fix; one forward per neuron). Default
@@ -169,6 +178,7 @@ class MintSettings:
     selectivity: bool = True
     guard: bool = True
     guard_fallback: bool = True
+    relocate: bool = True
     prune: bool = False
     share_neurons: bool = False
     verify_reference: bool = False
@@ -732,27 +742,34 @@ class _Repairer:
         used_taus: dict[int, torch.Tensor] = {}
         a = f.argmax_id
         gap, arg = float("nan"), a
+        pool: Optional[list[Candidate]] = None
         for it in range(s.max_patches + 1):
             if it == s.max_patches:  # out of patches: measure the last one
                 gap, arg = _measure(self.model, ids, t)
                 break
-            # one forward (+ backward) scores the neurons and measures the current state
-            scores, acts, logits = neuron_scores(self.model, self.sites, ids, t, a, s.locator, self.space)
-            g0, a0 = _gaps_from_logits(logits[None], t)
-            gap, arg = float(g0[0]), int(a0[0])
-            if it == 0:
-                res.gap_before = gap
-            if self._ok(gap, arg, t):
-                break
-            if arg != t:
-                a = arg
-            if s.selectivity:
-                scores = scores * acts.abs() / (self.ref.rms + 1e-6)
-            exclude = list(self.exclude)
-            if not s.share_neurons:
-                exclude += [k for k, owner in self.owner.items() if owner != f.edit]
-            exclude += list(self.banned)
-            cands = top_candidates(scores, acts, self.sites, s.candidates, exclude)
+            if pool is not None and not s.relocate:
+                # plan and patch again over the first pool (methods.md §4: "repeat 3–4"); gap, arg
+                # and the competitor are the last plan's, which is exact
+                done = {(p["layer"], p["index"]) for p in res.patches}
+                cands = [c for c in pool if (c.layer, c.index) not in done]
+            else:
+                # one forward (+ backward) scores the neurons and measures the current state
+                scores, acts, logits = neuron_scores(self.model, self.sites, ids, t, a, s.locator, self.space)
+                g0, a0 = _gaps_from_logits(logits[None], t)
+                gap, arg = float(g0[0]), int(a0[0])
+                if it == 0:
+                    res.gap_before = gap
+                if self._ok(gap, arg, t):
+                    break
+                if arg != t:
+                    a = arg
+                if s.selectivity:
+                    scores = scores * acts.abs() / (self.ref.rms + 1e-6)
+                exclude = list(self.exclude)
+                if not s.share_neurons:
+                    exclude += [k for k, owner in self.owner.items() if owner != f.edit]
+                exclude += list(self.banned)
+                cands = pool = top_candidates(scores, acts, self.sites, s.candidates, exclude)
             if not cands:
                 break
             self._taus = {}
