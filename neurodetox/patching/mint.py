@@ -125,7 +125,8 @@ class MintSettings:
             alone, the next-token specificity on 250 held-out fact prompts was
             98.4% with the guard and 97.7% without, with the same 19/20 fixed
             (``benchmarks/patch_vs_finetune.py``). With 20 edits in one call
-            the two were within noise (88.8% / 89.2%).
+            the two were within noise (87.6% / 89.2% next-token; the benchmark's
+            answer-level 86.8% with the guard against 88.0% in session 3).
         guard_fallback: a failure that the guarded plan cannot fix within
             ``max_patches`` is repaired again by gain alone (the guard's
             first choices are weaker neurons: without the fallback 16 of the
