@@ -599,13 +599,15 @@ def test_compare_splits_changed_unrelated_answers_by_correctness():
 
 @pytest.mark.parametrize("family", __import__("test_sites").FAMILY_NAMES)
 def test_plan_gaps_equal_writing_each_patch(family):
-    """The batched plan (shared prefix, one row per candidate) gives, for every
-    row, the gap and argmax of a separate forward with that value vector
-    really written into the weights, for candidates in several layers."""
+    """The batched plan (shared prefix, one row per candidate, rows added at
+    their own layer, the block below them replayed) gives, for every row, the
+    gap and argmax of a separate forward with that value vector really written
+    into the weights, for candidates in several layers."""
     from test_sites import tiny
 
     from neurodetox.patching.locate import Candidate
-    from neurodetox.patching.mint import _NO_SHARED_PREFIX, _measure, _plan
+    from neurodetox.patching.mint import _NO_SHARED_PREFIX, _PrefixCache, _measure, _plan
+    from neurodetox.sites import decoder_layers
 
     model = copy.deepcopy(tiny(family))
     sites = resolve_sites(model, "mlp", "all")
@@ -619,7 +621,25 @@ def test_plan_gaps_equal_writing_each_patch(family):
         weight, axis = value_vector_parameter(by_layer[layer])
         cands.append(Candidate(layer=layer, index=(3 * k + 1) % weight.shape[axis], score=0.0, activation=1.0))
         deltas.append(20.0 * torch.randn(weight.shape[1 - axis], generator=g))
-    gaps, args = _plan(model, by_layer, ids, target, cands, deltas)
+    # every block's batch: one row (the unpatched model) below the lowest candidate layer, one more
+    # per candidate from its own layer up; the block below replays its recorded output
+    blocks = list(decoder_layers(model))
+    seen: dict[int, list] = {}
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: seen.setdefault(i, []).append(o)) for i, b in enumerate(blocks)]
+    prefix = _PrefixCache(model, below=layers[0])
+    try:
+        gaps, args = _plan(model, by_layer, ids, target, cands, deltas, prefix=prefix)  # records block 0
+        again, again_args = _plan(model, by_layer, ids, target, cands, deltas, prefix=prefix)  # replays it
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(gaps, again) and torch.equal(args, again_args)
+    first = seen[0]
+    assert len(first) == 2 and first[1] is first[0]  # the same recorded object, not a new forward
+    for i in range(1, len(blocks)):
+        out = seen[i][0] if isinstance(seen[i][0], torch.Tensor) else seen[i][0][0]
+        assert out.shape[0] == 1 + sum(c.layer <= i for c in cands), (family, i)
+    assert "forward" not in blocks[0].__dict__  # the replay was undone
     full_gaps, full_args = _plan(model, by_layer, ids, target, cands, deltas, share_prefix=False)
     base_gap, _ = _measure(model, ids, target)
     for r, (c, d) in enumerate(zip(cands, deltas)):
@@ -638,6 +658,48 @@ def test_plan_gaps_equal_writing_each_patch(family):
         assert int(args[r]) == arg == int(full_args[r])
     assert (gaps - base_gap).abs().max() > 1e-4  # the patches change the prediction: the check can fail
     assert type(model) not in _NO_SHARED_PREFIX  # the shared prefix really ran
+
+
+@pytest.mark.parametrize("family", __import__("test_sites").FAMILY_NAMES)
+def test_prefix_cache_replays_recorded_blocks_for_the_same_ids_and_their_prefixes(family):
+    """After one recorded forward, a forward over the same ids or a prefix of
+    them gives the logits of a plain forward without running the replayed
+    blocks (their weights are scrambled meanwhile, and the result is unchanged);
+    other ids run them."""
+    from test_sites import tiny
+
+    from neurodetox.logits import tail_logits
+    from neurodetox.patching.mint import _PrefixCache
+    from neurodetox.sites import decoder_layers
+
+    model = copy.deepcopy(tiny(family)).eval()
+    ids = [5, 9, 3, 17, 11, 4, 8]
+
+    def logits(x):
+        with torch.no_grad():
+            return tail_logits(model, len(x), input_ids=torch.tensor([x]))[0]
+
+    want_full, want_cut, want_other = logits(ids), logits(ids[:4]), logits([6, 2, 9])
+    cache = _PrefixCache(model, below=2)
+    with cache.replay(ids):
+        assert torch.allclose(logits(ids), want_full, atol=1e-6)  # recorded
+    block_params = [p for b in list(decoder_layers(model))[:2] for p in b.parameters()]
+    saved = [p.detach().clone() for p in block_params]
+    with torch.no_grad():
+        for p in block_params:
+            p.add_(torch.randn_like(p))  # the replayed blocks would now compute something else
+    try:
+        with cache.replay(ids):
+            assert torch.allclose(logits(ids), want_full, atol=1e-6)
+        with cache.replay(ids[:4]):
+            assert torch.allclose(logits(ids[:4]), want_cut, atol=1e-5)
+        with cache.replay([6, 2, 9]):  # not recorded: the blocks run (scrambled), and it is recorded
+            assert not torch.allclose(logits([6, 2, 9]), want_other, atol=1e-3)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(block_params, saved):
+                p.copy_(s)
+    assert all("forward" not in b.__dict__ for b in decoder_layers(model))
 
 
 def test_next_token_predictions_equal_unbatched_forwards():

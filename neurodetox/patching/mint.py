@@ -20,10 +20,14 @@ token ``t``, wrong argmax ``a``) is repaired in order:
    used (the smallest change that works), else the largest. With the guard
    (our addition, default on) "best" is the fewest reference prompts whose
    next token the patch is predicted to flip, then the gain; a failure the
-   guarded plan cannot fix is planned again by gain alone. The blocks below
-   the lowest candidate layer run once for all rows (shared prefix);
-4. patch the value vector ``w ← (w + α s τ) / (1 + α)`` and repeat 2–4 until
-   the argmax is ``t``. After ``max_patches`` (10) patches without success the
+   guarded plan cannot fix is planned again by gain alone. The forward
+   starts on one row (the unpatched model) and each candidate's row is added
+   at its own layer, so the blocks below it run once for all rows; the blocks
+   below the searched layers (never patched) replay their outputs recorded at
+   the edit's first forward;
+4. patch the value vector ``w ← (w + α s τ) / (1 + α)`` and repeat 2–4
+   (``relocate=False``: 3–4 over the same candidates) until the argmax is
+   ``t``. After ``max_patches`` (10) patches without success the
    failure's patches are undone and it is reported skipped.
 
 ``s`` is ``+1`` in the paper. With ``signed=True`` (default) it is the sign of
@@ -52,7 +56,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -467,17 +472,112 @@ def _measure(model: nn.Module, ids: Sequence[int], target: int) -> tuple[float, 
     return float(gap[0]), int(arg[0])
 
 
-def _expand_batch(batch: int):
-    """Forward pre-hook (``with_kwargs``) that repeats a decoder block's ``[1, T, d]`` input ``batch`` times."""
+def _append_rows(count: int):
+    """Forward pre-hook (``with_kwargs``) that appends ``count`` copies of row 0 of a decoder block's input."""
+
+    def grow(h):
+        return torch.cat([h, h[:1].expand(count, *h.shape[1:])], dim=0)
 
     def hook(module, args, kwargs):
         if args:
-            h = args[0]
-            return (h.expand(batch, *h.shape[1:]).contiguous(), *args[1:]), kwargs
-        h = kwargs["hidden_states"]
-        return args, {**kwargs, "hidden_states": h.expand(batch, *h.shape[1:]).contiguous()}
+            return (grow(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": grow(kwargs["hidden_states"])}
 
     return hook
+
+
+def _first_positions(output: Any, n: int) -> Any:
+    """A decoder block's batch-one output cut to its first ``n`` positions (``None`` when its form is unknown).
+
+    Known forms: the hidden states ``[1, T, d]``, alone or first in a tuple
+    whose other items are ``None`` or attention weights ``[1, H, T, T]``.
+    """
+    if isinstance(output, torch.Tensor):
+        return output[:, :n] if output.dim() == 3 else None
+    if not (isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 3):
+        return None
+    T = output[0].shape[1]
+    rest = []
+    for o in output[1:]:
+        if o is None:
+            rest.append(None)
+        elif isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[-2:] == (T, T):
+            rest.append(o[:, :, :n, :n])
+        else:
+            return None
+    return (output[0][:, :n], *rest)
+
+
+class _PrefixCache:
+    """Outputs of the decoder blocks below ``below``, recorded per input ids and replayed.
+
+    Within one :func:`repair` call only blocks of the searched layers are
+    patched, so the blocks below the lowest of them compute the same output
+    for the same ids every time. The first batch-one forward over some ids
+    runs them and records each block's output; later forwards over the same
+    ids, or over a prefix of them (causal attention: the first ``n``
+    positions do not depend on the rest), replace those blocks' ``forward``
+    with the recording for the duration of the call (same values, no FLOPs).
+    The least recently used recordings are dropped beyond ``size``.
+    """
+
+    def __init__(self, model: nn.Module, below: int, size: int = 4):
+        self.blocks = list(decoder_layers(model))[:max(int(below), 0)]
+        self.size = size
+        self.store: "OrderedDict[tuple[int, ...], list[Any]]" = OrderedDict()
+
+    def _recorded(self, key: tuple[int, ...]) -> Optional[list[Any]]:
+        for known, outputs in reversed(self.store.items()):
+            if known == key:
+                found = outputs
+            elif len(known) > len(key) and known[:len(key)] == key:
+                found = [_first_positions(o, len(key)) for o in outputs]
+                if any(c is None for c in found):
+                    continue
+            else:
+                continue
+            self.store.move_to_end(known)
+            return found
+        return None
+
+    @contextmanager
+    def replay(self, ids: Sequence[int]):
+        """Context in which a batch-one forward over ``ids`` reuses (or records) the blocks' outputs."""
+        key = tuple(int(i) for i in ids)
+        outputs = self._recorded(key) if self.blocks else None
+        if not self.blocks:
+            yield
+        elif outputs is not None:
+            saved = [b.__dict__.get("forward") for b in self.blocks]
+            for block, out in zip(self.blocks, outputs):
+                block.forward = lambda *args, _out=out, **kwargs: _out
+            try:
+                yield
+            finally:
+                for block, old in zip(self.blocks, saved):
+                    if old is None:
+                        del block.forward
+                    else:
+                        block.forward = old
+        else:
+            got: list[Any] = [None] * len(self.blocks)
+
+            def make(i):
+                def hook(module, args, output):
+                    got[i] = output
+
+                return hook
+
+            handles = [b.register_forward_hook(make(i)) for i, b in enumerate(self.blocks)]
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+            if all(o is not None for o in got):
+                self.store[key] = got
+                while len(self.store) > self.size:
+                    self.store.popitem(last=False)
 
 
 #: model classes whose decoder blocks cannot take a batch larger than the
@@ -487,15 +587,19 @@ _NO_SHARED_PREFIX: set[type] = set()
 
 @torch.no_grad()
 def _plan(model, sites_by_layer, ids, target, cands: list[Candidate], deltas: list[torch.Tensor],
-          share_prefix: bool = True):
+          share_prefix: bool = True, prefix: Optional[_PrefixCache] = None):
     """Gaps ``p_a − p_t`` after each candidate's patch, in one batched forward.
 
     Row ``r`` adds ``a_j · Δw_r`` to the FFN output of its candidate's layer
-    (exactly what writing the patched value vector does). The blocks below the
-    lowest candidate layer see the same input in every row: with
-    ``share_prefix`` they run once on a batch of one and the block input is
-    repeated ``B`` times there (same result, fewer FLOPs). Model classes whose
-    blocks reject that (a batch-shaped bias) fall back to the full batch.
+    (exactly what writing the patched value vector does). A row's blocks below
+    its candidate's layer see the unpatched input, the same for every row:
+    with ``share_prefix`` the forward starts on a batch of one (the unpatched
+    model) and each candidate layer's block appends a copy of it for each of
+    its rows, so a row costs only the blocks from its own layer up (same
+    result, fewer FLOPs). Model classes whose blocks reject a batch that grows
+    (a batch-shaped bias) fall back to the full batch from the first block.
+    ``prefix``: a :class:`_PrefixCache` whose blocks (all below every
+    candidate's layer, never patched) replay their recorded outputs.
 
     Returns:
         ``(gaps [B], argmax [B])`` on CPU.
@@ -505,42 +609,59 @@ def _plan(model, sites_by_layer, ids, target, cands: list[Candidate], deltas: li
     rows_by_layer: dict[int, list[int]] = defaultdict(list)
     for r, c in enumerate(cands):
         rows_by_layer[c.layer].append(r)
+    share = share_prefix and B >= 1 and type(model) not in _NO_SHARED_PREFIX
+    if share:
+        # batch layout: row 0 is the unpatched model, then the candidates' rows in layer order
+        order = [r for layer in sorted(rows_by_layer) for r in rows_by_layer[layer]]
+        at = {r: 1 + k for k, r in enumerate(order)}
+        seen, width = 1, {}
+        for layer in sorted(rows_by_layer):
+            seen += len(rows_by_layer[layer])
+            width[layer] = seen
+    else:
+        at = {r: r for r in range(B)}
+        width = {layer: B for layer in rows_by_layer}
+
     handles = []
     for layer, rows in rows_by_layer.items():
         site = sites_by_layer[layer]
-        r_idx = torch.tensor(rows, device=device)
+        r_idx = torch.tensor([at[r] for r in rows], device=device)
         j_idx = torch.tensor([cands[r].index for r in rows], device=device)
         dw = torch.stack([deltas[r] for r in rows]).to(device)  # [n, d]
 
-        def hook(module, args, output, r_idx=r_idx, j_idx=j_idx, dw=dw):
+        def hook(module, args, output, r_idx=r_idx, j_idx=j_idx, dw=dw, n=width[layer]):
             inp = args[0]
             out = output
-            inp3 = inp.reshape(B, -1, inp.shape[-1])
-            out3 = out.reshape(B, -1, out.shape[-1])
-            a = inp3[r_idx, :, j_idx]  # [n, T]
-            corr = a[:, :, None].float() * dw[:, None, :]  # [n, T, d]
+            inp3 = inp.reshape(n, -1, inp.shape[-1])
+            out3 = out.reshape(n, -1, out.shape[-1])
+            a = inp3[r_idx, :, j_idx]  # [k, T]
+            corr = a[:, :, None].float() * dw[:, None, :]  # [k, T, d]
             out3 = out3.clone()
             out3[r_idx] = (out3[r_idx].float() + corr).to(out3.dtype)
             return out3.reshape(out.shape)
 
         handles.append(site.module.register_forward_hook(hook))
-    share = share_prefix and B > 1 and type(model) not in _NO_SHARED_PREFIX
     try:
         logits = None
         if share:
-            first = min(rows_by_layer)
-            pre = decoder_layers(model)[first].register_forward_pre_hook(_expand_batch(B), with_kwargs=True)
+            blocks = decoder_layers(model)
+            for layer in sorted(rows_by_layer):
+                handles.append(blocks[layer].register_forward_pre_hook(
+                    _append_rows(len(rows_by_layer[layer])), with_kwargs=True))
             try:
-                logits = tail_logits(model, 1, input_ids=torch.tensor([list(ids)], device=device))[:, -1]
+                replay = prefix is not None and len(prefix.blocks) <= min(rows_by_layer)
+                with prefix.replay(ids) if replay else nullcontext():
+                    out = tail_logits(model, 1, input_ids=torch.tensor([list(ids)], device=device))[:, -1]
+                if out.shape[0] == B + 1:
+                    logits = out[[at[r] for r in range(B)]]
             except (RuntimeError, ValueError, IndexError) as err:  # a block that needs the real batch size
                 logger.debug("plan without a shared prefix for %s: %s", type(model).__name__, err)
+            if logits is None:
                 _NO_SHARED_PREFIX.add(type(model))
-            finally:
-                pre.remove()
-            if logits is not None and logits.shape[0] != B:
-                logits = None
-                _NO_SHARED_PREFIX.add(type(model))
-        if logits is None:
+                for h in handles:
+                    h.remove()
+                return _plan(model, sites_by_layer, ids, target, cands, deltas, share_prefix=False)
+        else:
             x = torch.tensor([list(ids)] * B, device=device)
             logits = tail_logits(model, 1, input_ids=x)[:, -1]
     finally:
@@ -623,6 +744,8 @@ class _Repairer:
         self.space = semantic_space(model, settings.fold_norm)
         storage = _DTYPES[str(settings.storage_dtype)] if settings.storage_dtype is not None else None
         self.tracker = _Tracker(model, self.sites, storage)
+        # the blocks below the searched layers are never patched here: plans replay their outputs
+        self.prefix = _PrefixCache(model, min(self.sites_by_layer, default=0))
         self.exclude: list[tuple[int, int]] = []
         if settings.entropy_guard:
             last = resolve_sites(model, "mlp", "last")[0].layer
@@ -642,6 +765,11 @@ class _Repairer:
         if settings.verify_reference:
             self.reference_batches = _encode_right_padded(
                 tokenizer, [p for p in (reference_prompts or DEFAULT_REFERENCE_PROMPTS) if p.strip()])
+
+    def failures(self, edit: Edit, i: int) -> list[Failure]:
+        """:func:`find_failures` of ``edit`` under the current weights (the unpatched blocks replayed)."""
+        with self.prefix.replay(list(edit.prompt_ids) + list(edit.target_ids)[:-1]):
+            return find_failures(self.model, edit, i)
 
     def reference_predictions(self) -> torch.Tensor:
         """Next-token argmax of every reference prompt under the current weights, ``[N]`` long."""
@@ -774,22 +902,29 @@ class _Repairer:
             if not cands:
                 break
             self._taus = {}
-            # plan, stage 1: every candidate at the largest step
+            # plan, stage 1: every candidate at the largest step; the fewest predicted flips win,
+            # then the gain, so only the candidates tied at the fewest flips need the forward
             rows = self._proposals(cands, t, a, alphas[-1:])
-            gaps, args = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in rows], [r[4] for r in rows])
             flips = self._flips(rows, guard)
-            best = min(range(len(rows)), key=lambda i: (int(flips[i]), float(gaps[i]), i))
+            fewest = int(flips.min())
+            rows = [r for r, fl in zip(rows, flips.tolist()) if fl == fewest]
+            gaps, args = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in rows], [r[4] for r in rows],
+                               prefix=self.prefix)
+            best = min(range(len(rows)), key=lambda i: (float(gaps[i]), i))
 
             chosen = (rows[best], float(gaps[best]), int(args[best]))
-            # plan, stage 2: the best candidate at smaller steps; keep the smallest step that fixes
+            # plan, stage 2: the best candidate at smaller steps (those predicted to flip no more
+            # reference prompts); keep the smallest step that fixes
             if len(alphas) > 1 and self._ok(float(gaps[best]), int(args[best]), t):
                 small = self._proposals([rows[best][0]], t, a, alphas[:-1])
-                g2, a2 = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in small], [r[4] for r in small])
-                f2 = self._flips(small, guard)
-                for r, g, ar, fl in zip(small, g2.tolist(), a2.tolist(), f2.tolist()):
-                    if self._ok(g, ar, t) and fl <= int(flips[best]):
-                        chosen = (r, g, ar)
-                        break
+                small = [r for r, fl in zip(small, self._flips(small, guard).tolist()) if fl <= fewest]
+                if small:
+                    g2, a2 = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in small],
+                                   [r[4] for r in small], prefix=self.prefix)
+                    for r, g, ar in zip(small, g2.tolist(), a2.tolist()):
+                        if self._ok(g, ar, t):
+                            chosen = (r, g, ar)
+                            break
             (c, alpha, sign, new, _), gap, arg = chosen
             self.tracker.write(c.layer, c.index, new)
             used_taus[c.layer] = self._taus[c.layer]
@@ -826,7 +961,7 @@ class _Repairer:
             current = self.tracker.column(*key)
             before = snap.get(key, self.tracker.originals[key])
             self.tracker.write(key[0], key[1], before)
-            if find_failures(self.model, edit, i):
+            if self.failures(edit, i):
                 self.tracker.write(key[0], key[1], current)
             else:
                 removed.add(key)
@@ -884,7 +1019,7 @@ class _Repairer:
 
     def repair_edit(self, i: int, edit: Edit, previous: Optional[EditResult] = None) -> EditResult:
         t0 = time.perf_counter()
-        failures = find_failures(self.model, edit, i)
+        failures = self.failures(edit, i)
         if not failures:
             status = "fixed" if previous is not None else "nothing_to_fix"
             msg = "" if previous is not None else (
@@ -904,7 +1039,7 @@ class _Repairer:
                 result.message = (f"target step {fr.step} ({fr.target_token!r} instead of {fr.argmax_token!r}) "
                                   f"not fixed within {self.s.max_patches} patches; all patches of this edit undone")
                 break
-            failures = find_failures(self.model, edit, i)
+            failures = self.failures(edit, i)
         if failures:
             self.tracker.restore(snap)
             result.status = "skipped" if previous is None else "broken"
