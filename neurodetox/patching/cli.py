@@ -170,9 +170,9 @@ def _add_setting_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
                    help="Prefer patches predicted not to flip the reference prompts' next token, falling back to "
                         "gain alone for a failure the guard cannot fix (default on; --no-guard: gain alone).")
-    g.add_argument("--relocate", action=argparse.BooleanOptionalAction, default=True,
-                   help="Locate neurons again before every patch of a failure (default on; --no-relocate: plan "
-                        "and patch repeat over the first candidate pool, faster).")
+    g.add_argument("--relocate", action=argparse.BooleanOptionalAction, default=False,
+                   help="Locate neurons again before every patch of a failure (slower). Default off: locate once "
+                        "per failure, then plan and patch repeat over that candidate pool.")
     g.add_argument("--prune", action="store_true", help="Undo neurons a fixed edit does not need (slower).")
     g.add_argument("--verify-reference", action="store_true",
                    help="Reference check: after each fixed edit, count the reference prompts whose next token "

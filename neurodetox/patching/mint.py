@@ -25,9 +25,9 @@ token ``t``, wrong argmax ``a``) is repaired in order:
    at its own layer, so the blocks below it run once for all rows; the blocks
    below the searched layers (never patched) replay their outputs recorded at
    the edit's first forward;
-4. patch the value vector ``w ← (w + α s τ) / (1 + α)`` and repeat 2–4
-   (``relocate=False``: 3–4 over the same candidates) until the argmax is
-   ``t``. After ``max_patches`` (10) patches without success the
+4. patch the value vector ``w ← (w + α s τ) / (1 + α)`` and repeat 3–4 over
+   the same candidates (``relocate=True``: 2–4, locating again) until the
+   argmax is ``t``. After ``max_patches`` (10) patches without success the
    failure's patches are undone and it is reported skipped.
 
 ``s`` is ``+1`` in the paper. With ``signed=True`` (default) it is the sign of
@@ -126,25 +126,25 @@ class MintSettings:
             flip the fewest reference prompts' next token (first-order direct
             effect through the final norm and LM head, from the reference
             statistics taken when :func:`repair` starts), then the best gain.
-            Default True: on 20 wrong facts of the demo model, each repaired
-            alone, the next-token specificity on 250 held-out fact prompts was
-            98.4% with the guard and 97.7% without, with the same 19/20 fixed
-            (``benchmarks/patch_vs_finetune.py``). With 20 edits in one call
-            the two were within noise (87.6% / 89.2% next-token; the benchmark's
-            answer-level 86.8% with the guard against 88.0% in session 3).
+            Default True: on 20 wrong facts of the demo model (relocating,
+            ``benchmarks/patch_vs_finetune.py``), each repaired alone, the
+            next-token specificity on 250 held-out fact prompts was 98.4% with
+            the guard and 97.7% without, with the same 19/20 fixed; with 20
+            edits in one call 87.6% against 89.2% (within noise). Without
+            relocating, 98.8% / 97.7% alone and 92.0% / 88.0% together.
         guard_fallback: a failure that the guarded plan cannot fix within
             ``max_patches`` is repaired again by gain alone (the guard's
             first choices are weaker neurons: without the fallback 16 of the
             20 facts above were fixed, with it 19). Default True.
         relocate: locate again (one forward + backward) before every patch
-            of a failure. ``False``: the plan and patch repeat over the first
-            candidate pool, minus the neurons already patched for this
-            failure, as methods.md §4 reads ("repeat 3–4"). Default True.
-            Measured on 20 wrong facts of the demo model, each repaired alone
-            (guard on, 2 threads, two alternating runs each): ``False`` fixed
-            18 facts instead of 19, with next-token specificity 98.8% against
-            98.4%, in 2.5–3.1 s per edit against 4.5–4.8 s. Not yet measured
-            with many edits in one call, so not the default.
+            of a failure. ``False`` (default): locate once per failure; the
+            plan and patch repeat over that candidate pool, minus the neurons
+            already patched for this failure, as methods.md §4 reads ("repeat
+            3–4"). Measured on 20 wrong facts of the demo model (guard on,
+            2 threads): each repaired alone, ``False`` fixed 18 facts against
+            19 with next-token specificity 98.8% against 98.4%, in 2.5–3.1 s
+            per edit against 4.5–4.8 s; all 20 in one call, 16 facts either
+            way, 92.0% against 87.6%, in 60 s against 137 s.
         prune: once an edit is fixed, undo each of its patched neurons in
             turn and keep it undone when the edit stays fixed without it
             (the smallest verifiable fix; one forward per neuron). Default
@@ -184,7 +184,7 @@ class MintSettings:
     selectivity: bool = True
     guard: bool = True
     guard_fallback: bool = True
-    relocate: bool = True
+    relocate: bool = False
     prune: bool = False
     share_neurons: bool = False
     verify_reference: bool = False
