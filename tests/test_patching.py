@@ -228,6 +228,44 @@ def test_grad_x_act_matches_finite_differences():
     assert scores.flatten().argsort(descending=True)[:10].tolist() == ref.flatten().argsort(descending=True)[:10].tolist()
 
 
+@pytest.mark.parametrize("family", __import__("test_sites").FAMILY_NAMES)
+def test_grad_x_act_matches_finite_differences_in_every_family(family):
+    """Every supported family, including OPT whose FFN sees flattened tokens
+    ``[batch * seq, d_ff]`` (its scores were all zero when the gradient was
+    taken at a reshaped view that the forward never used)."""
+    from test_sites import tiny
+
+    model = copy.deepcopy(tiny(family)).double().eval()
+    sites = resolve_sites(model, "mlp", "all")
+    ids, t, eps = [5, 9, 3, 17, 11], 7, 1e-2  # not tiny: some norms compute in float32
+    scores, _, _ = neuron_scores(model, sites, ids, t, 3, "grad_x_act")
+    x = torch.tensor([ids])
+
+    def p_t(si, j, pos, scale):
+        def hook(mod, args):
+            a = args[0].clone()
+            if a.dim() == 2:  # flattened tokens
+                a[pos, j] = a[pos, j] * scale
+            else:
+                a[0, pos, j] = a[0, pos, j] * scale
+            return (a,)
+
+        h = sites[si].module.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                return float(torch.softmax(model(input_ids=x).logits[0, -1].double(), -1)[t])
+        finally:
+            h.remove()
+
+    for si in range(len(sites)):
+        for j in range(0, sites[si].width, 9):
+            ref = torch.tensor([(p_t(si, j, pos, 1 + eps) - p_t(si, j, pos, 1 - eps)) / (2 * eps)
+                                for pos in range(len(ids))]).norm()
+            assert float(scores[si, j]) == pytest.approx(float(ref), rel=5e-2, abs=1e-2 * float(scores.max())), \
+                (family, si, j)
+    assert float(scores.max()) > 0
+
+
 def test_contrastive_and_activation_locators_match_explicit_sums():
     model = make_model(layers=2).double()
     tok = make_tokenizer()

@@ -306,7 +306,9 @@ def neuron_scores(
     def make_hook(i):
         def hook(x):
             acts[i] = x
-            return None
+            # handed back as the activation: where the site sees a reshaped view of a flattened
+            # input (OPT), the forward then runs through this tensor and the gradient reaches it
+            return x
 
         return hook
 
