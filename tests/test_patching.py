@@ -673,7 +673,7 @@ def test_plan_gaps_equal_writing_each_patch(family):
             h.remove()
     assert torch.equal(gaps, again) and torch.equal(args, again_args)
     first = seen[0]
-    assert len(first) == 2 and first[1] is first[0]  # the same recorded object, not a new forward
+    assert len(first) == 2 and first[1] is prefix.store[tuple(ids)]  # the recording, not a new forward
     for i in range(1, len(blocks)):
         out = seen[i][0] if isinstance(seen[i][0], torch.Tensor) else seen[i][0][0]
         assert out.shape[0] == 1 + sum(c.layer <= i for c in cands), (family, i)
@@ -700,13 +700,15 @@ def test_plan_gaps_equal_writing_each_patch(family):
 
 @pytest.mark.parametrize("family", __import__("test_sites").FAMILY_NAMES)
 def test_prefix_cache_replays_recorded_blocks_for_the_same_ids_and_their_prefixes(family):
-    """After one recorded forward, a forward over the same ids or a prefix of
-    them gives the logits of a plain forward without running the replayed
-    blocks (their weights are scrambled meanwhile, and the result is unchanged);
-    other ids run them."""
+    """After one recorded forward, a forward over the same ids, a prefix of
+    them, or a right-padded batch of both gives the logits of a plain forward
+    without running the replayed blocks (their weights are scrambled
+    meanwhile, and the result is unchanged); the locator's gradient scores are
+    unchanged with a frozen model; other ids run the blocks."""
     from test_sites import tiny
 
     from neurodetox.logits import tail_logits
+    from neurodetox.patching.failures import right_pad
     from neurodetox.patching.mint import _PrefixCache
     from neurodetox.sites import decoder_layers
 
@@ -731,6 +733,28 @@ def test_prefix_cache_replays_recorded_blocks_for_the_same_ids_and_their_prefixe
             assert torch.allclose(logits(ids), want_full, atol=1e-6)
         with cache.replay(ids[:4]):
             assert torch.allclose(logits(ids[:4]), want_cut, atol=1e-5)
+        # a right-padded batch of recorded ids (one a prefix): each row's real positions as alone
+        ids_b, mask_b = right_pad([ids, ids[:4]])
+        with cache.replay_batch([ids, ids[:4]]), torch.no_grad():
+            batch = tail_logits(model, ids_b.shape[1], input_ids=ids_b, attention_mask=mask_b)
+        if family != "gptj":  # its blocks also return attention weights: a batch is not stacked, the blocks run
+            assert torch.allclose(batch[0], want_full, atol=1e-5)
+            assert torch.allclose(batch[1, :4], want_cut, atol=1e-5)
+        # under grad mode the replayed input is a leaf: the locator's backward reaches the searched blocks
+        sites = resolve_sites(model, "mlp", "all")[2:]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with cache.replay(ids[:5], grad=True):
+            scores, acts, lg = neuron_scores(model, sites, ids[:5], 7, 3)
+        for p, s in zip(block_params, saved):
+            with torch.no_grad():
+                p.copy_(s)
+        plain_scores, plain_acts, plain_lg = neuron_scores(model, sites, ids[:5], 7, 3)
+        assert torch.allclose(scores, plain_scores, atol=1e-6, rtol=1e-4) and scores.abs().max() > 0
+        assert torch.allclose(lg, plain_lg, atol=1e-5)
+        with torch.no_grad():
+            for p in block_params:
+                p.add_(torch.randn_like(p))
         with cache.replay([6, 2, 9]):  # not recorded: the blocks run (scrambled), and it is recorded
             assert not torch.allclose(logits([6, 2, 9]), want_other, atol=1e-3)
     finally:
@@ -863,12 +887,12 @@ def test_guard_falls_back_to_gain_alone_for_a_failure_it_cannot_fix(monkeypatch)
     real = mint._Repairer._repair_failure
     calls = []
 
-    def guarded_fails(self, edit, f, guard):
+    def guarded_fails(self, edit, f, guard, relocate):
         calls.append(guard)
         if guard:  # the guarded plan gives up, leaving the model as it was
             return mint.FailureResult(step=f.step, position=f.position, target_id=f.target_id,
                                       argmax_id=f.argmax_id, status="skipped")
-        return real(self, edit, f, guard)
+        return real(self, edit, f, guard, relocate)
 
     monkeypatch.setattr(mint._Repairer, "_repair_failure", guarded_fails)
     patch, report = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=True), show_progress=False,
@@ -938,3 +962,4 @@ def test_relocate_off_plans_over_the_first_pool(monkeypatch, relocate):
         for f, pool in zip(failures, pools):
             keys = [(p["layer"], p["index"]) for p in f.patches]
             assert len(keys) == len(set(keys)) and set(keys) <= {(c.layer, c.index) for c in pool}
+

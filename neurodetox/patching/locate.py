@@ -102,10 +102,10 @@ class ReferenceStats:
         """``(coef [C, N], dlog [C, V])``: the direct-path logit change of prompt ``x`` under patch ``i`` is
         ``coef[i, x] · dlog[i]``."""
         W = unembedding.detach().float().cpu()
-        D = torch.stack([d.float().cpu() for d in deltas], dim=1)  # [d, C]
+        D = torch.stack([d.float().cpu() for d in deltas], dim=0)  # [C, d]
         if gain is not None:
-            D = D * gain.float().cpu()[:, None]
-        dlog = (W @ D).T  # [C, V]
+            D = D * gain.float().cpu()[None, :]
+        dlog = torch.nn.functional.linear(D, W)  # [C, V], one pass over W_U
         pos = {layer: i for i, layer in enumerate(self.layers)}
         coef = torch.stack([self.last_acts[:, pos[c.layer], c.index] for c in cands], dim=0)  # [C, N]
         return coef * self.norm_scale[None, :], dlog
@@ -135,34 +135,42 @@ class ReferenceStats:
     def predicted_flips(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
                         cands: Sequence["Candidate"], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
         """How many reference prompts would change their next-token argmax under
-        each candidate's patch, by :meth:`predicted_logits` (one candidate at a
-        time, to bound memory at ``N × V``).
+        each candidate's patch, by :meth:`predicted_logits`. Exact over the
+        whole vocabulary, though only each prompt's top 64 tokens are scored
+        for every candidate (``[C, N, 64]``); a prompt that a patch could move
+        beyond them is scored in full, one candidate at a time.
 
         Returns:
             int64 ``[len(cands)]``.
         """
         if not cands:
             return torch.zeros(0, dtype=torch.long)
-        coef, dlog = self._deltas(unembedding, gain, cands, deltas)
+        coef, dlog = self._deltas(unembedding, gain, cands, deltas)  # [C, N], [C, V]
         logits = self.last_logits
         top = logits.argmax(dim=-1)  # [N]
         # Exact, without scoring the whole vocabulary for every prompt: a token outside a
         # prompt's top k can only take over when its old logit (at most the k-th largest)
         # plus the largest possible move beats the best of the top k after the move; only
-        # those prompts are scored in full.
-        k = min(64, logits.shape[-1])
-        top_v, top_i = logits.topk(k, dim=-1)  # [N, k]
-        flips = []
-        for i in range(len(cands)):
-            c, d = coef[i], dlog[i]
-            moved = top_v + c[:, None] * d[top_i]  # [N, k]
-            best_v, best_k = moved.max(dim=-1)
-            new = top_i.gather(1, best_k[:, None])[:, 0]
-            full = (top_v[:, -1] + c.abs() * d.abs().max() >= best_v).nonzero()[:, 0]
-            if len(full):
-                new[full] = (logits[full] + c[full, None] * d[None, :]).argmax(dim=-1)
-            flips.append(int((new != top).sum()))
-        return torch.tensor(flips, dtype=torch.long)
+        # those (candidate, prompt) pairs are scored in full.
+        top_v, top_i = self._top_tokens(64)  # [N, k]
+        moved = top_v[None] + coef[:, :, None] * dlog[:, top_i]  # [C, N, k]
+        best_v, best_k = moved.max(dim=-1)  # [C, N]
+        new = top_i[None].expand(len(cands), -1, -1).gather(2, best_k[..., None])[..., 0]  # [C, N]
+        reach = coef.abs() * dlog.abs().max(dim=1).values[:, None]  # [C, N]
+        full = (top_v[None, :, -1] + reach >= best_v).nonzero()
+        for i in full[:, 0].unique().tolist():
+            x = full[full[:, 0] == i, 1]
+            new[i, x] = (logits[x] + coef[i, x, None] * dlog[i][None, :]).argmax(dim=-1)
+        return (new != top[None]).sum(dim=1)
+
+    def _top_tokens(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, indices)`` of each prompt's top ``k`` logits, ``[N, k]`` (computed once)."""
+        k = min(k, self.last_logits.shape[-1])
+        cached = getattr(self, "_top_cache", None)
+        if cached is None or cached[0].shape[-1] != k:
+            cached = self.last_logits.topk(k, dim=-1)
+            self._top_cache = cached
+        return cached
 
 
 @torch.no_grad()

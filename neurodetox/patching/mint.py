@@ -508,31 +508,62 @@ def _first_positions(output: Any, n: int) -> Any:
     return (output[0][:, :n], *rest)
 
 
+def _hidden(output: Any) -> Optional[torch.Tensor]:
+    """The hidden states of a block output of a known form (a tensor, or a tuple of it and ``None``s)."""
+    if isinstance(output, torch.Tensor) and output.dim() == 3:
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 3 \
+            and all(o is None for o in output[1:]):
+        return output[0]
+    return None
+
+
+def _with_hidden(output: Any, h: torch.Tensor) -> Any:
+    return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+
+
+def _detached(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, tuple):
+        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+    return output
+
+
+def _leaf(output: Any) -> Any:
+    """``output`` with its hidden states a fresh leaf that requires grad (gradients flow from there on)."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().requires_grad_(True)
+    return (output[0].detach().requires_grad_(True), *output[1:])
+
+
 class _PrefixCache:
-    """Outputs of the decoder blocks below ``below``, recorded per input ids and replayed.
+    """The input of the lowest searched block, recorded per input ids and replayed.
 
     Within one :func:`repair` call only blocks of the searched layers are
     patched, so the blocks below the lowest of them compute the same output
     for the same ids every time. The first batch-one forward over some ids
-    runs them and records each block's output; later forwards over the same
-    ids, or over a prefix of them (causal attention: the first ``n``
-    positions do not depend on the rest), replace those blocks' ``forward``
-    with the recording for the duration of the call (same values, no FLOPs).
-    The least recently used recordings are dropped beyond ``size``.
+    runs them and records the output of the last of them; later forwards
+    over the same ids, or over a prefix of them (causal attention: the first
+    ``n`` positions do not depend on the rest), replace those blocks'
+    ``forward`` with the recording for the duration of the call, so the
+    searched blocks get the same input without the FLOPs below them.
+    :meth:`replay_batch` does the same for a right-padded batch of recorded
+    ids. The least recently used recordings are dropped beyond ``size``.
     """
 
-    def __init__(self, model: nn.Module, below: int, size: int = 4):
+    def __init__(self, model: nn.Module, below: int, size: int = 64):
         self.blocks = list(decoder_layers(model))[:max(int(below), 0)]
         self.size = size
-        self.store: "OrderedDict[tuple[int, ...], list[Any]]" = OrderedDict()
+        self.store: "OrderedDict[tuple[int, ...], Any]" = OrderedDict()
 
-    def _recorded(self, key: tuple[int, ...]) -> Optional[list[Any]]:
-        for known, outputs in reversed(self.store.items()):
+    def _recorded(self, key: tuple[int, ...]) -> Any:
+        for known, output in reversed(self.store.items()):
             if known == key:
-                found = outputs
+                found = output
             elif len(known) > len(key) and known[:len(key)] == key:
-                found = [_first_positions(o, len(key)) for o in outputs]
-                if any(c is None for c in found):
+                found = _first_positions(output, len(key))
+                if found is None:
                     continue
             else:
                 continue
@@ -541,43 +572,64 @@ class _PrefixCache:
         return None
 
     @contextmanager
-    def replay(self, ids: Sequence[int]):
-        """Context in which a batch-one forward over ``ids`` reuses (or records) the blocks' outputs."""
+    def _stubbed(self, output: Any, grad: bool):
+        saved = [b.__dict__.get("forward") for b in self.blocks]
+        out = _leaf(output) if grad and torch.is_grad_enabled() else output
+        for block in self.blocks:  # the loop only passes the last one on
+            block.forward = lambda *args, **kwargs: out
+        try:
+            yield
+        finally:
+            for block, old in zip(self.blocks, saved):
+                if old is None:
+                    del block.forward
+                else:
+                    block.forward = old
+
+    @contextmanager
+    def replay(self, ids: Sequence[int], grad: bool = False):
+        """Context in which a batch-one forward over ``ids`` reuses (or records) the blocks' output.
+
+        ``grad``: under grad mode the replayed hidden states are a leaf that
+        requires grad, so a backward reaches the searched blocks' activations
+        even when no parameter requires grad.
+        """
         key = tuple(int(i) for i in ids)
-        outputs = self._recorded(key) if self.blocks else None
+        output = self._recorded(key) if self.blocks else None
         if not self.blocks:
             yield
-        elif outputs is not None:
-            saved = [b.__dict__.get("forward") for b in self.blocks]
-            for block, out in zip(self.blocks, outputs):
-                block.forward = lambda *args, _out=out, **kwargs: _out
-            try:
+        elif output is not None:
+            with self._stubbed(output, grad):
                 yield
-            finally:
-                for block, old in zip(self.blocks, saved):
-                    if old is None:
-                        del block.forward
-                    else:
-                        block.forward = old
         else:
-            got: list[Any] = [None] * len(self.blocks)
-
-            def make(i):
-                def hook(module, args, output):
-                    got[i] = output
-
-                return hook
-
-            handles = [b.register_forward_hook(make(i)) for i, b in enumerate(self.blocks)]
+            got: list[Any] = []
+            handle = self.blocks[-1].register_forward_hook(lambda m, a, o: got.append(_detached(o)))
             try:
                 yield
             finally:
-                for h in handles:
-                    h.remove()
-            if all(o is not None for o in got):
-                self.store[key] = got
+                handle.remove()
+            if len(got) == 1 and (_hidden(got[0]) is not None or _first_positions(got[0], 1) is not None):
+                self.store[key] = got[0]
                 while len(self.store) > self.size:
                     self.store.popitem(last=False)
+
+    @contextmanager
+    def replay_batch(self, seqs: Sequence[Sequence[int]]):
+        """Context for one forward over ``seqs`` right-padded to the longest: the
+        recorded outputs, stacked and zero-padded (padding is masked and never
+        read), when every sequence has one in a form that stacks; otherwise
+        the blocks run."""
+        outputs = [self._recorded(tuple(int(i) for i in s)) for s in seqs] if self.blocks else [None]
+        hidden = [_hidden(o) if o is not None else None for o in outputs]
+        if any(h is None for h in hidden):
+            yield
+            return
+        width = max(h.shape[1] for h in hidden)
+        stacked = hidden[0].new_zeros(len(hidden), width, hidden[0].shape[-1])
+        for i, h in enumerate(hidden):
+            stacked[i, : h.shape[1]] = h[0]
+        with self._stubbed(_with_hidden(outputs[0], stacked), grad=False):
+            yield
 
 
 #: model classes whose decoder blocks cannot take a batch larger than the
@@ -771,6 +823,15 @@ class _Repairer:
         with self.prefix.replay(list(edit.prompt_ids) + list(edit.target_ids)[:-1]):
             return find_failures(self.model, edit, i)
 
+    def still_failing(self, edits: Sequence[Edit], batch_size: int = 32) -> list[bool]:
+        """:func:`still_failing` under the current weights (the unpatched blocks replayed)."""
+        out: list[bool] = []
+        for start in range(0, len(edits), batch_size):
+            chunk = list(edits[start:start + batch_size])
+            with self.prefix.replay_batch([list(e.prompt_ids) + list(e.target_ids)[:-1] for e in chunk]):
+                out += still_failing(self.model, chunk, batch_size=batch_size)
+        return out
+
     def reference_predictions(self) -> torch.Tensor:
         """Next-token argmax of every reference prompt under the current weights, ``[N]`` long."""
         return torch.cat([_last_argmax(self.model, ids, mask) for ids, mask in self.reference_batches])
@@ -850,16 +911,16 @@ class _Repairer:
 
     def repair_failure(self, edit: Edit, f: Failure) -> FailureResult:
         """Repair one failure; with the guard, a failure it cannot fix is repaired again by gain alone."""
-        res = self._repair_failure(edit, f, guard=self.s.guard)
+        res = self._repair_failure(edit, f, guard=self.s.guard, relocate=self.s.relocate)
+        res.guarded = self.s.guard
         if res.status != "fixed" and self.s.guard and self.s.guard_fallback:
-            again = self._repair_failure(edit, f, guard=False)
+            again = self._repair_failure(edit, f, guard=False, relocate=self.s.relocate)
             again.seconds += res.seconds
             again.guarded = False
-            return again
-        res.guarded = self.s.guard
+            res = again
         return res
 
-    def _repair_failure(self, edit: Edit, f: Failure, guard: bool) -> FailureResult:
+    def _repair_failure(self, edit: Edit, f: Failure, guard: bool, relocate: bool) -> FailureResult:
         s = self.s
         t0 = time.perf_counter()
         ids = list(edit.prompt_ids) + list(edit.target_ids[: f.step])
@@ -876,14 +937,15 @@ class _Repairer:
             if it == s.max_patches:  # out of patches: measure the last one
                 gap, arg = _measure(self.model, ids, t)
                 break
-            if pool is not None and not s.relocate:
+            if pool is not None and not relocate:
                 # plan and patch again over the first pool (methods.md §4: "repeat 3–4"); gap, arg
                 # and the competitor are the last plan's, which is exact
                 done = {(p["layer"], p["index"]) for p in res.patches}
                 cands = [c for c in pool if (c.layer, c.index) not in done]
             else:
                 # one forward (+ backward) scores the neurons and measures the current state
-                scores, acts, logits = neuron_scores(self.model, self.sites, ids, t, a, s.locator, self.space)
+                with self.prefix.replay(ids, grad=True):
+                    scores, acts, logits = neuron_scores(self.model, self.sites, ids, t, a, s.locator, self.space)
                 g0, a0 = _gaps_from_logits(logits[None], t)
                 gap, arg = float(g0[0]), int(a0[0])
                 if it == 0:
@@ -978,7 +1040,7 @@ class _Repairer:
         if not fixed:
             return False
         found = False
-        for r, failing in zip(fixed, still_failing(self.model, [r.edit for r in fixed])):
+        for r, failing in zip(fixed, self.still_failing([r.edit for r in fixed])):
             if not failing:
                 continue
             found = True
@@ -995,7 +1057,7 @@ class _Repairer:
         """Final state: mark edits still failing as broken and undo their own neurons
         when that keeps every fixed edit fixed (fewer changed values, same fixes)."""
         fixed = [r for r in results if r.status == "fixed"]
-        for r, failing in zip(fixed, still_failing(self.model, [r.edit for r in fixed])):
+        for r, failing in zip(fixed, self.still_failing([r.edit for r in fixed])):
             if failing:
                 r.status = "broken"
         broken = [r for r in results if r.status == "broken"]
@@ -1010,7 +1072,7 @@ class _Repairer:
         for key in mine:
             self.tracker.write(key[0], key[1], self.tracker.originals[key])
         fixed = [r for r in results if r.status == "fixed"]
-        if any(still_failing(self.model, [r.edit for r in fixed])):
+        if any(self.still_failing([r.edit for r in fixed])):
             self.tracker.restore(snap)  # some fix relied on them: keep them
         else:
             for r in broken:
