@@ -868,7 +868,7 @@ def test_guard_plans_the_candidate_with_fewest_predicted_flips(monkeypatch):
                              for c in cands]))
     tok = make_tokenizer()
     model = make_model()
-    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(max_patches=1, guard_fallback=False),
+    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(max_patches=1, guard_fallback=False, relocate_fallback=False),
                            show_progress=False, reference_prompts=REFERENCE)
     first = report.edits[0].failures[0].patches[0]
     assert len(seen[0]) > 1
@@ -905,7 +905,7 @@ def test_guard_falls_back_to_gain_alone_for_a_failure_it_cannot_fix(monkeypatch)
     assert all(torch.equal(a.new, b.new) for a, b in zip(patch.params, plain_patch.params))
     monkeypatch.setattr(mint._Repairer, "_repair_failure", guarded_fails)
     calls.clear()
-    _, off = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=True, guard_fallback=False),
+    _, off = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=True, guard_fallback=False, relocate_fallback=False),
                     show_progress=False, reference_prompts=REFERENCE)
     assert off.edits[0].status == "skipped" and calls == [True]
 
@@ -950,7 +950,8 @@ def test_relocate_off_plans_over_the_first_pool(monkeypatch, relocate):
     real_top = mint.top_candidates
     monkeypatch.setattr(mint, "top_candidates", lambda *a, **k: pools.append(real_top(*a, **k)) or pools[-1])
     tok = make_tokenizer()
-    s = MintSettings(alpha=0.02, alpha_steps=(1.0,), guard=False, relocate=relocate)  # small steps: several patches
+    s = MintSettings(alpha=0.02, alpha_steps=(1.0,), guard=False, relocate=relocate,  # small steps: several patches
+                     relocate_fallback=False)
     patch, report = repair(make_model(), tok, [FIX_EDIT], s, show_progress=False, reference_prompts=REFERENCE)
     failures = report.edits[0].failures
     patches = sum(len(f.patches) for f in failures)
@@ -963,3 +964,37 @@ def test_relocate_off_plans_over_the_first_pool(monkeypatch, relocate):
             keys = [(p["layer"], p["index"]) for p in f.patches]
             assert len(keys) == len(set(keys)) and set(keys) <= {(c.layer, c.index) for c in pool}
 
+
+def test_relocate_fallback_repairs_what_the_pool_cannot(monkeypatch):
+    """Without relocating, a failure that its candidate pool cannot fix (guard and
+    gain-only attempts) is repaired again by gain alone, locating before every
+    patch; the result equals a repair with ``relocate=True`` and no guard.
+    ``relocate_fallback=False`` leaves it skipped."""
+    from neurodetox.patching import mint
+
+    tok = make_tokenizer()
+    plain_patch, plain = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=False, relocate=True),
+                                show_progress=False, reference_prompts=REFERENCE)
+    assert plain.edits[0].status == "fixed"
+    real = mint._Repairer._repair_failure
+    calls = []
+
+    def pool_fails(self, edit, f, guard, relocate):
+        calls.append((guard, relocate))
+        if not relocate:  # the first pool gives up, leaving the model as it was
+            return mint.FailureResult(step=f.step, position=f.position, target_id=f.target_id,
+                                      argmax_id=f.argmax_id, status="skipped")
+        return real(self, edit, f, guard, relocate)
+
+    monkeypatch.setattr(mint._Repairer, "_repair_failure", pool_fails)
+    patch, report = repair(make_model(), tok, [FIX_EDIT], MintSettings(), show_progress=False,
+                           reference_prompts=REFERENCE)
+    assert report.edits[0].status == "fixed"
+    assert calls[:3] == [(True, False), (False, False), (False, True)]
+    assert [(p.name, p.indices.tolist()) for p in patch.params] == [(p.name, p.indices.tolist())
+                                                                    for p in plain_patch.params]
+    assert all(torch.equal(a.new, b.new) for a, b in zip(patch.params, plain_patch.params))
+    calls.clear()
+    _, off = repair(make_model(), tok, [FIX_EDIT], MintSettings(relocate_fallback=False), show_progress=False,
+                    reference_prompts=REFERENCE)
+    assert off.edits[0].status == "skipped" and calls == [(True, False), (False, False)]

@@ -148,7 +148,8 @@ def _settings_from_args(a) -> Any:
     return MintSettings(alpha=a.alpha, alpha_steps=steps, locator=a.locator, candidates=a.candidates,
                         max_patches=a.max_patches, layers=a.layers, fold_norm=not a.no_fold_norm,
                         orthogonalize=a.orthogonalize, signed=not a.unsigned, entropy_guard=not a.no_entropy_guard,
-                        guard=a.guard, relocate=a.relocate, prune=a.prune, verify_reference=a.verify_reference,
+                        guard=a.guard, relocate=a.relocate, relocate_fallback=a.relocate_fallback, prune=a.prune,
+                        verify_reference=a.verify_reference,
                         max_reference_flips=a.max_reference_flips, reference_retries=a.reference_retries)
 
 
@@ -173,6 +174,9 @@ def _add_setting_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--relocate", action=argparse.BooleanOptionalAction, default=False,
                    help="Locate neurons again before every patch of a failure (slower). Default off: locate once "
                         "per failure, then plan and patch repeat over that candidate pool.")
+    g.add_argument("--relocate-fallback", action=argparse.BooleanOptionalAction, default=True,
+                   help="Without --relocate: a failure its candidate pool cannot fix is repaired again locating "
+                        "before every patch (default on).")
     g.add_argument("--prune", action="store_true", help="Undo neurons a fixed edit does not need (slower).")
     g.add_argument("--verify-reference", action="store_true",
                    help="Reference check: after each fixed edit, count the reference prompts whose next token "

@@ -145,6 +145,13 @@ class MintSettings:
             19 with next-token specificity 98.8% against 98.4%, in 2.5–3.1 s
             per edit against 4.5–4.8 s; all 20 in one call, 16 facts either
             way, 92.0% against 87.6%, in 60 s against 137 s.
+        relocate_fallback: with ``relocate=False``, a failure that its
+            candidate pool cannot fix (guard and guard fallback included) is
+            repaired again by gain alone, locating before every patch.
+            Default True: on the 20 facts above, each alone, 19 fixed instead
+            of 18 (98.6% next-token specificity against 98.8%, 2.45 against
+            2.02 s per edit); all 20 in one call, 17 instead of 16 (90.4%
+            against 92.0%, 48 s against 46 s).
         prune: once an edit is fixed, undo each of its patched neurons in
             turn and keep it undone when the edit stays fixed without it
             (the smallest verifiable fix; one forward per neuron). Default
@@ -185,6 +192,7 @@ class MintSettings:
     guard: bool = True
     guard_fallback: bool = True
     relocate: bool = False
+    relocate_fallback: bool = True
     prune: bool = False
     share_neurons: bool = False
     verify_reference: bool = False
@@ -915,6 +923,11 @@ class _Repairer:
         res.guarded = self.s.guard
         if res.status != "fixed" and self.s.guard and self.s.guard_fallback:
             again = self._repair_failure(edit, f, guard=False, relocate=self.s.relocate)
+            again.seconds += res.seconds
+            again.guarded = False
+            res = again
+        if res.status != "fixed" and not self.s.relocate and self.s.relocate_fallback:
+            again = self._repair_failure(edit, f, guard=False, relocate=True)
             again.seconds += res.seconds
             again.guarded = False
             res = again
