@@ -186,9 +186,10 @@ def test_repair_writes_exactly_the_update_rule():
 # ----------------------------------------------------------------------------- locators
 
 
-def _finite_difference_scores(model, sites, ids, t, eps=1e-2):
+def _finite_difference_scores(model, sites, ids, t, eps=1e-2, step=1):
     """|a_j(pos) · ∂P(t)/∂a_j(pos)| L2 over positions, by central differences (eps not tiny: Llama's RMSNorm
-    computes in float32 even in a float64 model)."""
+    computes in float32 even in a float64 model), for every ``step``-th neuron (the others stay 0). The FFN
+    input may be ``[batch, seq, d_ff]`` or flattened ``[batch * seq, d_ff]`` (OPT)."""
     width = sites[0].width
     out = torch.zeros(len(sites), width, dtype=torch.float64)
     x = torch.tensor([ids])
@@ -196,7 +197,10 @@ def _finite_difference_scores(model, sites, ids, t, eps=1e-2):
     def p_t(si, j, pos, scale):
         def hook(mod, args):
             a = args[0].clone()
-            a[0, pos, j] = a[0, pos, j] * scale
+            if a.dim() == 2:
+                a[pos, j] = a[pos, j] * scale
+            else:
+                a[0, pos, j] = a[0, pos, j] * scale
             return (a,)
 
         h = sites[si].module.register_forward_pre_hook(hook)
@@ -207,7 +211,7 @@ def _finite_difference_scores(model, sites, ids, t, eps=1e-2):
             h.remove()
 
     for si in range(len(sites)):
-        for j in range(width):
+        for j in range(0, width, step):
             per_pos = []
             for pos in range(len(ids)):
                 # a · ∂P/∂a = d P(a·(1+s)) / ds at s = 0
@@ -237,31 +241,12 @@ def test_grad_x_act_matches_finite_differences_in_every_family(family):
 
     model = copy.deepcopy(tiny(family)).double().eval()
     sites = resolve_sites(model, "mlp", "all")
-    ids, t, eps = [5, 9, 3, 17, 11], 7, 1e-2  # not tiny: some norms compute in float32
+    ids, t = [5, 9, 3, 17, 11], 7
     scores, _, _ = neuron_scores(model, sites, ids, t, 3, "grad_x_act")
-    x = torch.tensor([ids])
-
-    def p_t(si, j, pos, scale):
-        def hook(mod, args):
-            a = args[0].clone()
-            if a.dim() == 2:  # flattened tokens
-                a[pos, j] = a[pos, j] * scale
-            else:
-                a[0, pos, j] = a[0, pos, j] * scale
-            return (a,)
-
-        h = sites[si].module.register_forward_pre_hook(hook)
-        try:
-            with torch.no_grad():
-                return float(torch.softmax(model(input_ids=x).logits[0, -1].double(), -1)[t])
-        finally:
-            h.remove()
-
+    ref = _finite_difference_scores(model, sites, ids, t, step=9)
     for si in range(len(sites)):
         for j in range(0, sites[si].width, 9):
-            ref = torch.tensor([(p_t(si, j, pos, 1 + eps) - p_t(si, j, pos, 1 - eps)) / (2 * eps)
-                                for pos in range(len(ids))]).norm()
-            assert float(scores[si, j]) == pytest.approx(float(ref), rel=5e-2, abs=1e-2 * float(scores.max())), \
+            assert float(scores[si, j]) == pytest.approx(float(ref[si, j]), rel=5e-2, abs=1e-2 * float(scores.max())), \
                 (family, si, j)
     assert float(scores.max()) > 0
 
