@@ -983,3 +983,32 @@ def test_relocate_fallback_repairs_what_the_pool_cannot(monkeypatch):
     _, off = repair(make_model(), tok, [FIX_EDIT], MintSettings(relocate_fallback=False), show_progress=False,
                     reference_prompts=REFERENCE)
     assert off.edits[0].status == "skipped" and calls == [(True, False), (False, False)]
+
+
+def test_guard_flip_counts_are_reused_only_for_the_same_value_vector_change(monkeypatch):
+    """Planning the same pool again reuses the flip counts of unchanged rows:
+    the repair is bit-identical to one that counts every row afresh, with
+    fewer rows counted."""
+    from neurodetox.patching import mint
+    from neurodetox.patching.locate import ReferenceStats
+
+    real = ReferenceStats.predicted_flips
+    counted = []
+    monkeypatch.setattr(ReferenceStats, "predicted_flips",
+                        lambda self, *a: counted.append(len(a[2])) or real(self, *a))
+    tok = make_tokenizer()
+    s = MintSettings(alpha=0.02, alpha_steps=(1.0, 2.0), relocate_fallback=False)  # small steps: several patches
+    patch, report = repair(make_model(), tok, [FIX_EDIT], s, show_progress=False, reference_prompts=REFERENCE)
+    with_cache = sum(counted)
+
+    def afresh(self, rows, guard):
+        return self.ref.predicted_flips(self.head, self.gain, [r[0] for r in rows], [r[4] for r in rows])
+
+    monkeypatch.setattr(mint._Repairer, "_flips", afresh)
+    counted.clear()
+    patch2, report2 = repair(make_model(), tok, [FIX_EDIT], s, show_progress=False, reference_prompts=REFERENCE)
+    assert sum(len(f.patches) for f in report.edits[0].failures) > 1  # the pool was planned again
+    assert [f.patches for f in report.edits[0].failures] == [f.patches for f in report2.edits[0].failures]
+    assert [(p.name, p.indices.tolist()) for p in patch.params] == [(p.name, p.indices.tolist()) for p in patch2.params]
+    assert all(torch.equal(a.new, b.new) for a, b in zip(patch.params, patch2.params))
+    assert with_cache < sum(counted)

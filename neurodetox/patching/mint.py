@@ -820,6 +820,7 @@ class _Repairer:
         self.head = base_model(model).get_output_embeddings().weight
         self.gain = final_norm_gain(model)
         self.banned: set[tuple[int, int]] = set()  # neurons the current edit may not use (rejected attempts)
+        self._flip_cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # per failure, see _flips
         self.reference_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reference_now: Optional[torch.Tensor] = None  # next-token predictions of the current model
         if settings.verify_reference:
@@ -908,10 +909,27 @@ class _Repairer:
         return rows
 
     def _flips(self, rows, guard: bool) -> torch.Tensor:
-        """Predicted next-token flips of the reference prompts, per plan row (zeros without the guard)."""
+        """Predicted next-token flips of the reference prompts, per plan row (zeros without the guard).
+
+        A row whose neuron and value-vector change equal one already counted
+        (the same pool planned again after another neuron's patch) reuses its
+        count: the prediction reads only the reference statistics, which are
+        fixed for the call.
+        """
         if not guard or self.ref is None:
             return torch.zeros(len(rows), dtype=torch.long)
-        return self.ref.predicted_flips(self.head, self.gain, [r[0] for r in rows], [r[4] for r in rows])
+        out = [None] * len(rows)
+        for i, r in enumerate(rows):
+            known = self._flip_cache.get((r[0].layer, r[0].index))
+            if known is not None and torch.equal(known[0], r[4]):
+                out[i] = known[1]
+        todo = [i for i, o in enumerate(out) if o is None]
+        if todo:
+            new = self.ref.predicted_flips(self.head, self.gain, [rows[i][0] for i in todo], [rows[i][4] for i in todo])
+            for i, n in zip(todo, new.tolist()):
+                out[i] = n
+                self._flip_cache[(rows[i][0].layer, rows[i][0].index)] = (rows[i][4], n)
+        return torch.tensor(out, dtype=torch.long)
 
     def _ok(self, gap: float, arg: int, t: int) -> bool:
         """Fixed: ``t`` is the argmax, ahead of every other token by ``margin`` in probability."""
@@ -946,6 +964,7 @@ class _Repairer:
         a = f.argmax_id
         gap, arg = float("nan"), a
         pool: Optional[list[Candidate]] = None
+        self._flip_cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
         for it in range(s.max_patches + 1):
             if it == s.max_patches:  # out of patches: measure the last one
                 gap, arg = _measure(self.model, ids, t)
