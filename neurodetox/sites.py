@@ -155,7 +155,9 @@ def parse_layers(spec: LayerSpec, n_layers: int, kind: str = "mlp") -> list[int]
     Accepted specs: ``None`` or ``"all"``; ``"penultimate"`` (block ``L-2``,
     the SeND default), ``"last"``, ``"middle"`` (block ``(L+1)//2 - 1``,
     whose output is ``hidden_states[(L+1)//2]``, INSIDE's middle layer);
-    ``"second_half"`` (the last ``L//2`` blocks, MINT's search space); an int
+    ``"second_half"`` (the last ``L//2`` blocks, MINT's search space in
+    methods.md); ``"last_sixth"`` (the last ``max(L//6, 1)`` blocks, the
+    patching default); an int
     (negative counts from the end); a comma list ``"3,5,-1"``; a range
     ``"10-20"`` (inclusive); or a sequence of ints.
 
@@ -165,7 +167,7 @@ def parse_layers(spec: LayerSpec, n_layers: int, kind: str = "mlp") -> list[int]
     """
     valid = f"valid indices are {-n_layers}..{n_layers - 1}" if n_layers else "the model has no blocks"
     hint = (
-        "expected 'all', 'penultimate', 'last', 'middle', 'second_half', an index in "
+        "expected 'all', 'penultimate', 'last', 'middle', 'second_half', 'last_sixth', an index in "
         f"[-{n_layers}, {n_layers - 1}], a comma list '3,5' or a range '10-20'"
     )
 
@@ -192,6 +194,7 @@ def parse_layers(spec: LayerSpec, n_layers: int, kind: str = "mlp") -> list[int]
             "last": [n_layers - 1],
             "middle": [max((n_layers + 1) // 2 - 1, 0)],
             "second_half": list(range(n_layers - n_layers // 2, n_layers)),
+            "last_sixth": list(range(n_layers - max(n_layers // 6, 1), n_layers)) if n_layers else [],
         }
         if s in named:
             out = named[s]

@@ -1012,3 +1012,136 @@ def test_guard_flip_counts_are_reused_only_for_the_same_value_vector_change(monk
     assert [(p.name, p.indices.tolist()) for p in patch.params] == [(p.name, p.indices.tolist()) for p in patch2.params]
     assert all(torch.equal(a.new, b.new) for a, b in zip(patch.params, patch2.params))
     assert with_cache < sum(counted)
+
+
+# ----------------------------------------------------------------------------- reference protection
+
+
+def _protection_setup(strength: float, competitors: int = 2):
+    from neurodetox.patching.direction import final_norm, final_norm_gain, semantic_space
+    from neurodetox.patching.locate import reference_stats
+    from neurodetox.patching.protect import ReferenceProtection
+    from neurodetox.sites import base_model
+
+    tok = make_tokenizer()
+    model = make_model().double()
+    with torch.no_grad():  # a non-trivial gain, so leaving it out would show
+        final_norm(model).weight.copy_(torch.linspace(0.3, 2.0, final_norm(model).weight.numel()))
+    site = resolve_sites(model, "mlp", "last")[0]
+    stats = reference_stats(model, tok, [site], REFERENCE)
+    head = base_model(model).get_output_embeddings().weight
+    gain = final_norm_gain(model)
+    space = semantic_space(model, fold_norm=True)
+    prot = ReferenceProtection(stats, space, head, gain, strength, competitors)
+    return model, site, stats, head, gain, space, prot
+
+
+def test_protection_equals_the_dense_minimiser():
+    """``project`` (Woodbury, active rows only) equals the closed-form minimiser
+    ``(G + Cᵀ diag(λw) C)⁻¹ G Δ`` built densely from the LM head, row by row."""
+    from neurodetox.patching.locate import Candidate
+
+    model, site, stats, head, gain, space, prot = _protection_setup(50.0, competitors=2)
+    j = int(stats.last_acts[:, 0].abs().mean(dim=0).argmax())
+    cand = Candidate(layer=site.layer, index=j, score=0.0, activation=0.7)
+    delta = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    W = head.detach().double() * gain.double()[None, :]
+    G = W.T @ W
+    rows, weights = [], []
+    scale_p = float(stats.norm_scale.median())
+    for r in range(stats.last_logits.shape[0]):
+        order = stats.last_logits[r].double().argsort(descending=True)
+        coef = float(stats.last_acts[r, 0, j]) * float(stats.norm_scale[r])
+        for c in order[1:3].tolist():
+            gap = max(float(stats.last_logits[r, order[0]] - stats.last_logits[r, c]), 1e-3)
+            rows.append(W[order[0]] - W[c])
+            weights.append(50.0 * (coef / (0.7 * scale_p * gap)) ** 2)
+    C = torch.stack(rows)
+    dense = torch.linalg.solve(G + C.T @ torch.diag(torch.tensor(weights, dtype=torch.float64)) @ C, G @ delta)
+    got = prot.project(cand, delta)
+    assert torch.allclose(got, dense, rtol=1e-6, atol=1e-9 * float(dense.abs().max()))
+    assert not torch.allclose(got, delta)  # it did change something
+
+
+def test_strong_protection_keeps_reference_gaps_and_a_silent_neuron_is_untouched():
+    """With a very large ``λ`` the protected change no longer moves any protected
+    gap of a prompt where the neuron fires; a neuron silent on every reference
+    prompt keeps its change exactly."""
+    from neurodetox.patching.locate import Candidate
+
+    model, site, stats, head, gain, space, prot = _protection_setup(1e12, competitors=2)
+    j = int(stats.last_acts[:, 0].abs().mean(dim=0).argmax())
+    cand = Candidate(layer=site.layer, index=j, score=0.0, activation=1.0)
+    delta = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    before = (prot.C @ delta).abs()
+    after = (prot.C @ prot.project(cand, delta)).abs()
+    assert float(before.max()) > 0.1
+    assert float(after.max()) < 1e-5 * float(before.max())
+    stats.last_acts[:, 0, j] = 0.0  # silent everywhere
+    assert torch.equal(prot.project(cand, delta), delta)
+
+
+def test_repair_with_protection_writes_the_protected_update(monkeypatch):
+    """Every planned row of a protected repair is ``old + project(update_rule(old) − old)``,
+    and the protected repair still fixes the edit."""
+    from neurodetox.patching import mint
+    from neurodetox.patching.protect import ReferenceProtection
+
+    seen = []
+    real = mint._Repairer._proposals
+
+    def spy(self, cands, t, a, alphas):
+        rows = real(self, cands, t, a, alphas)
+        seen.append((self, rows, dict(self._taus)))
+        return rows
+
+    monkeypatch.setattr(mint._Repairer, "_proposals", spy)
+    tok = make_tokenizer()
+    model = make_model()
+    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(protect=0.01), show_progress=False,
+                           reference_prompts=REFERENCE)
+    assert report.edits[0].status == "fixed"
+    self_, rows, taus = seen[0]
+    assert isinstance(self_.protection, ReferenceProtection)
+    # recompute the first plan's rows on the original model
+    patch.revert(model)
+    for c, alpha, sign, new, delta in rows:
+        old = self_.tracker.column(c.layer, c.index).float()
+        plain = mint.update_rule(old, taus[c.layer], alpha, sign) - old
+        expect = old + self_.protection.project(c, plain)
+        assert torch.allclose(new.float(), expect, atol=1e-6)
+        assert not torch.allclose(new.float(), old + plain)
+    with pytest.raises(ValueError, match="protect must be"):
+        MintSettings(protect=-1.0).validate()
+    with pytest.raises(ValueError, match="protect_competitors"):
+        MintSettings(protect_competitors=0).validate()
+
+
+def test_reference_prompts_cover_every_relation():
+    """The built-in train split is sorted by relation; the reference prompts
+    and texts are interleaved so each relation is represented."""
+    import collections
+
+    from neurodetox.data import interleave_relations, load_facts
+    from neurodetox.patching.cli import _fact_pools, _reference_prompts
+
+    rows = [{"relation": r, "i": i} for i, r in enumerate("aaaabbc")]
+    assert [r["i"] for r in interleave_relations(rows)] == [0, 4, 6, 1, 5, 2, 3]
+    assert interleave_relations([]) == []
+    ds = load_facts("facts", seed=0)
+    relation = {r["prompt"]: r["relation"] for r in ds["train"]}
+    ref, unrelated, texts = _fact_pools("facts", 0, [], [], 50, 128, 12)
+    counts = collections.Counter(relation[p] for p in ref)
+    assert len(counts) == 3 and min(counts.values()) >= 42, counts
+    assert not set(ref) & {u["prompt"] for u in unrelated}
+    assert _reference_prompts("facts") == ref
+    assert len({relation[p] for p in _reference_prompts("facts+default")[:96]}) == 3
+
+
+def test_last_sixth_layer_spec():
+    from neurodetox.sites import parse_layers
+
+    assert parse_layers("last_sixth", 30) == [25, 26, 27, 28, 29]
+    assert parse_layers("last_sixth", 4) == [3]
+    assert parse_layers("second_half", 30) == list(range(15, 30))
+    assert MintSettings().layers == "last_sixth"

@@ -10,6 +10,7 @@ from .facts import (
     ascii_fold,
     build_fact_dataset,
     expand_aliases,
+    interleave_relations,
     write_fact_dataset,
 )
 from .files import SUPPORTED_EXTENSIONS, load_fact_file, load_facts
@@ -25,6 +26,7 @@ __all__ = [
     "ascii_fold",
     "build_fact_dataset",
     "expand_aliases",
+    "interleave_relations",
     "load_fact_file",
     "load_facts",
     "write_fact_dataset",

@@ -42,10 +42,34 @@ __all__ = [
     "ascii_fold",
     "build_fact_dataset",
     "expand_aliases",
+    "interleave_relations",
     "write_fact_dataset",
 ]
 
 RELATIONS: tuple[str, ...] = ("capital_of", "continent_of", "currency_of")
+
+
+def interleave_relations(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Reorder fact rows so the relations take turns (round robin).
+
+    Relations come in the order of their first row and rows keep their order
+    within a relation, so any prefix of the result covers every relation about
+    equally. The built-in splits are sorted by relation; a prefix of them is
+    one relation only. Rows without a ``relation`` key count as one relation.
+
+    Args:
+        rows: fact rows (mappings with ``relation``), e.g. a split as a list.
+
+    Returns:
+        A new list with the same rows.
+    """
+    groups: dict[Any, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r.get("relation"), []).append(r)
+    out: list[Mapping[str, Any]] = []
+    for k in range(max((len(g) for g in groups.values()), default=0)):
+        out += [g[k] for g in groups.values() if k < len(g)]
+    return out
 SPLITS: tuple[str, ...] = ("train", "tracking", "test")
 
 FACT_FEATURES = datasets.Features(

@@ -44,8 +44,10 @@ from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures, t
 from .locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, locate, neuron_scores
 from .mint import EditResult, FailureResult, MintSettings, RepairReport, repair, update_rule
 from .patchfile import ParamPatch, PatchError, PatchMismatchError, PatchSet, tensor_sha256
+from .protect import ReferenceProtection
 
 __all__ = [
+    "ReferenceProtection",
     "Candidate", "CheckpointError", "CheckpointInfo", "DEFAULT_REFERENCE_PROMPTS", "Edit", "EditResult", "Failure",
     "FailureResult", "LOCATORS", "MintSettings", "ParamPatch", "PatchError", "PatchMismatchError", "PatchSet",
     "RepairReport", "SemanticSpace", "apply_to_checkpoint", "bind_to_checkpoint", "checkpoint_states", "coerce_edits",

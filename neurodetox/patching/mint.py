@@ -72,6 +72,7 @@ from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures, r
 from .direction import final_norm_gain
 from .locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, neuron_scores, reference_stats, top_candidates
 from .patchfile import ParamPatch, PatchSet
+from .protect import ReferenceProtection
 
 __all__ = ["MintSettings", "FailureResult", "EditResult", "RepairReport", "repair", "update_rule"]
 
@@ -99,7 +100,16 @@ class MintSettings:
         locator: ``"grad_x_act"`` (default), ``"contrastive"`` or ``"activation"``.
         candidates: size of the candidate pool (global top-k). Default 10.
         max_patches: patches per failure before it is undone and skipped. Default 10.
-        layers: layers searched (site ``mlp``). Default ``"second_half"``.
+        layers: layers searched (site ``mlp``), a spec of
+            :func:`neurodetox.sites.parse_layers`. Default ``"last_sixth"``
+            (the last ``L//6`` blocks, blocks 25–29 of SmolLM2-135M), not
+            methods.md's ``"second_half"``: on 20 wrong facts of the demo
+            model (guard on, reference prompts of all three relations), each
+            repaired alone, both fixed 19–20 facts with the same next-token
+            specificity on 250 held-out fact prompts (98.5% against 98.3%) in
+            1.46 against 2.55 s per edit; all 20 in one call, 17 against 19
+            facts, 88.4% against 89.6%, in 29 against 55 s. The lower blocks'
+            output is replayed, so each plan and locate runs 5 blocks, not 15.
         fold_norm: fold the final norm's gain into ``W_U`` for ``δ``. Default True.
         orthogonalize: project ``τ`` off directions already used in the same
             layer by earlier repairs of this call. Default False.
@@ -172,6 +182,20 @@ class MintSettings:
         max_reference_flips: changed reference predictions an edit may cause
             without a retry. Default 0.
         reference_retries: extra repair attempts per edit. Default 2.
+        protect: strength ``λ`` of the reference protection
+            (:class:`~neurodetox.patching.protect.ReferenceProtection`): every
+            proposed value-vector change is replaced by the nearest one that
+            keeps the reference prompts' gaps between their top token and
+            ``protect_competitors`` competitors, weighted by how strongly the
+            neuron fires for them (direct path). ``0`` (default) turns it off.
+            On the 20 facts above, all in one call, ``1e4`` raised the
+            next-token specificity from 88.4% to 94.0% with 17 facts fixed
+            either way (42 s against 29 s); each alone, 18 facts instead of 20
+            at 98.8% against 98.5%. It acts on the direct path only: with the
+            methods.md layers (``"second_half"``) the changes of lower blocks
+            reach the logits mostly through later blocks and it did not help
+            (27 held-out flips against 26).
+        protect_competitors: competitors protected per reference prompt. Default 3.
     """
 
     alpha: float = 0.1
@@ -179,7 +203,7 @@ class MintSettings:
     locator: str = "grad_x_act"
     candidates: int = 10
     max_patches: int = 10
-    layers: Union[str, Sequence[int]] = "second_half"
+    layers: Union[str, Sequence[int]] = "last_sixth"
     fold_norm: bool = True
     orthogonalize: bool = False
     signed: bool = True
@@ -198,6 +222,8 @@ class MintSettings:
     verify_reference: bool = False
     max_reference_flips: int = 0
     reference_retries: int = 2
+    protect: float = 0.0
+    protect_competitors: int = 3
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field and what is valid."""
@@ -219,6 +245,11 @@ class MintSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if isinstance(self.protect, bool) or not isinstance(self.protect, (int, float)) or not self.protect >= 0:
+            raise ValueError(f"protect must be a number >= 0 (0 turns it off), got {self.protect!r}")
+        v = self.protect_competitors
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"protect_competitors must be an integer >= 1, got {v!r}")
         if self.storage_dtype is not None and str(self.storage_dtype) not in _DTYPES:
             raise ValueError(f"unknown storage_dtype {self.storage_dtype!r}; valid: {', '.join(_DTYPES)} or None")
 
@@ -815,10 +846,12 @@ class _Repairer:
         self.owner: dict[tuple[int, int], int] = {}  # neuron -> edit that patched it
         self.show_progress = show_progress
         self.ref = None
-        if settings.selectivity or settings.guard:
+        if settings.selectivity or settings.guard or settings.protect:
             self.ref = _cached_reference(model, tokenizer, self.sites, reference_prompts or DEFAULT_REFERENCE_PROMPTS)
         self.head = base_model(model).get_output_embeddings().weight
         self.gain = final_norm_gain(model)
+        self.protection = (ReferenceProtection(self.ref, self.space, self.head, self.gain, settings.protect,
+                                               settings.protect_competitors) if settings.protect else None)
         self.banned: set[tuple[int, int]] = set()  # neurons the current edit may not use (rejected attempts)
         self._flip_cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # per failure, see _flips
         self.reference_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -904,7 +937,10 @@ class _Repairer:
             sign = (1.0 if c.activation >= 0 else -1.0) if self.s.signed else 1.0
             old = self.tracker.column(c.layer, c.index)
             for alpha in alphas:
-                new = self.tracker.round(update_rule(old, self._taus[c.layer], alpha, sign), c.layer)
+                new = update_rule(old, self._taus[c.layer], alpha, sign)
+                if self.protection is not None:
+                    new = old.float() + self.protection.project(c, new - old.float())
+                new = self.tracker.round(new, c.layer)
                 rows.append((c, alpha, sign, new, new - old))
         return rows
 
