@@ -792,6 +792,46 @@ def test_reference_statistics_cache_follows_the_weights(monkeypatch):
     assert len(calls) == 3
 
 
+def test_weights_fingerprint_recomputes_written_tensors_only(monkeypatch):
+    """After an in-place write the fingerprint equals one computed from scratch,
+    and only the written tensor is summed again."""
+    from neurodetox.patching import mint
+
+    model = make_model()
+    first = mint._fingerprint(model)
+    weight, axis = value_vector_parameter(resolve_sites(model, "mlp", "last")[0])
+    with torch.no_grad():
+        weight.select(axis, 2).add_(0.25)
+    summed = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: summed.append(self.shape) or real_sum(self, *a, **k))
+    after = mint._fingerprint(model)
+    monkeypatch.setattr(torch.Tensor, "sum", real_sum)
+    assert summed == [weight.shape, weight.shape]  # its sum and abs-sum only
+    mint._FINGERPRINTS.pop(model)
+    assert after == mint._fingerprint(model) != first
+
+
+def test_entropy_neuron_scores_equal_an_svd_of_the_head():
+    """ρ_j = ‖U_kᵀ w_j‖ / ‖w_j‖ with U_k the bottom right singular vectors of W_U
+    (an independent SVD in float64)."""
+    from neurodetox.patching.analysis import entropy_neuron_scores
+    from neurodetox.sites import base_model
+
+    model = make_model()
+    W_U = base_model(model).get_output_embeddings().weight.detach().double()
+    _, _, Vh = torch.linalg.svd(W_U, full_matrices=False)
+    k = max(1, round(0.25 * W_U.shape[1]))
+    U = Vh[-k:].T  # [d, k], smallest singular values
+    weight, axis = value_vector_parameter(resolve_sites(model, "mlp", "last")[0])
+    W = weight.detach().double()
+    W = W if axis == 1 else W.T
+    expect = (U.T @ W).norm(dim=0) / W.norm(dim=0)
+    got = entropy_neuron_scores(model, -1, bottom_fraction=0.25)
+    assert torch.allclose(got.double(), expect, atol=1e-5)
+    assert torch.equal(entropy_neuron_scores(model, -1, bottom_fraction=0.25), got)  # cached eigenvectors
+
+
 def test_guard_predicted_logits_match_a_real_last_layer_patch():
     """For a last-layer neuron the guard's prediction (direct path through the
     final norm and LM head) matches the logits of a forward with the patch

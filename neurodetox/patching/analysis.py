@@ -48,8 +48,7 @@ def entropy_neuron_scores(model: nn.Module, layer: int = -1, bottom_fraction: fl
     space = semantic_space(model, fold_norm=False)
     d = space.hidden_size
     k = max(1, round(bottom_fraction * d))
-    _, vecs = torch.linalg.eigh(space.G)  # ascending eigenvalues
-    U = vecs[:, :k].float()  # [d, k]
+    U = space.bottom_eigenvectors(k).float()  # [d, k]
     site = resolve_sites(model, "mlp", [layer])[0]
     weight, axis = value_vector_parameter(site)
     W = weight.detach().float().cpu()

@@ -131,6 +131,14 @@ class SemanticSpace:
         u = self.W[int(token)].detach().to(torch.float64).cpu()
         return u * self.gain if self.gain is not None else u
 
+    def bottom_eigenvectors(self, k: int) -> torch.Tensor:
+        """The ``k`` eigenvectors of ``G`` with the smallest eigenvalues, float64 ``[d, k]`` (one ``eigh``, cached)."""
+        vecs = getattr(self, "_eigvecs", None)
+        if vecs is None:
+            _, vecs = torch.linalg.eigh(self.G)  # ascending eigenvalues
+            self._eigvecs = vecs
+        return vecs[:, :k]
+
     def delta(self, target: int, argmax: int) -> torch.Tensor:
         """``δ = G⁻¹ (u_t − u_a)``, float64 ``[d]`` (solved with the cached Cholesky factor)."""
         rhs = (self.row(target) - self.row(argmax))[:, None]

@@ -786,25 +786,29 @@ def _last_argmax(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tor
 _REF_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple]]" = weakref.WeakKeyDictionary()
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(model: nn.Module) -> tuple:
     """Cheap identity of the model's current weights: float32 sum and abs-sum of every parameter.
 
-    Recomputed only when a parameter was replaced or written in place since the
-    last call (storage pointer and autograd version counter); an unchanged
-    model costs a pass over the parameter list, not over their values.
+    Each parameter's pair is recomputed only when it was replaced or written in
+    place since the last call (storage pointer and autograd version counter):
+    an unchanged model costs a pass over the parameter list, and a patch
+    applied or reverted costs the sums of the touched tensors only.
     """
-    params = list(model.parameters())
-    versions = tuple((p.data_ptr(), p._version) for p in params)
-    known = _FINGERPRINTS.get(model)
-    if known is not None and known[0] == versions:
-        return known[1]
+    known = _FINGERPRINTS.setdefault(model, {})
+    fp, seen = [], {}
     with torch.no_grad():
-        fp = tuple((float(p.detach().sum()), float(p.detach().abs().sum())) for p in params)
-    _FINGERPRINTS[model] = (versions, fp)
-    return fp
+        for i, p in enumerate(model.parameters()):
+            key = (i, p.data_ptr(), p._version)
+            pair = known.get(key)
+            if pair is None:
+                pair = (float(p.detach().sum()), float(p.detach().abs().sum()))
+            seen[key] = pair
+            fp.append(pair)
+    _FINGERPRINTS[model] = seen
+    return tuple(fp)
 
 
 def _cached_reference(model, tokenizer, sites, prompts):

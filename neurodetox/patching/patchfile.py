@@ -24,6 +24,7 @@ Repair for Code Generation", arXiv 2312.05356.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -136,6 +137,12 @@ class ParamPatch:
 
 
 def _versions() -> dict[str, str]:
+    return dict(_installed_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> dict[str, str]:
+    """Versions of the packages a patch records (read once per process: about 3 ms each)."""
     from importlib import metadata
 
     out = {}
