@@ -888,7 +888,7 @@ def test_guard_plans_the_candidate_with_fewest_predicted_flips(monkeypatch):
     real_top = mint.top_candidates
     monkeypatch.setattr(mint, "top_candidates", lambda *a, **k: seen.append(real_top(*a, **k)) or seen[-1])
     monkeypatch.setattr(ReferenceStats, "predicted_flips",
-                        lambda self, head, gain, cands, deltas: torch.tensor(
+                        lambda self, head, gain, cands, deltas, dlog=None: torch.tensor(
                             [0 if (c.layer, c.index) == (seen[-1][-1].layer, seen[-1][-1].index) else 5
                              for c in cands]))
     tok = make_tokenizer()
@@ -1185,3 +1185,38 @@ def test_last_sixth_layer_spec():
     assert parse_layers("last_sixth", 4) == [3]
     assert parse_layers("second_half", 30) == list(range(15, 30))
     assert MintSettings().layers == "last_sixth"
+
+
+def test_guard_head_changes_scaled_within_a_round_equal_a_fresh_pass(monkeypatch):
+    """The guard's ``W_U (g ⊙ Δ)`` of a candidate at a smaller step, scaled from
+    its largest step by linearity, equals a fresh pass over the LM head."""
+    from neurodetox.patching.locate import ReferenceStats
+    from neurodetox.sites import base_model
+
+    calls = []
+    real = ReferenceStats.predicted_flips
+
+    def spy(self, head, gain, cands, deltas, dlog=None):
+        calls.append((self, head, gain, list(deltas), dlog))
+        return real(self, head, gain, cands, deltas, dlog)
+
+    from neurodetox.patching import mint
+
+    scaled = []
+    real_changes = mint._Repairer._head_changes
+
+    def count(self, rows):
+        scaled.append(sum((r[0].layer, r[0].index) in self._head_cache for r in rows))
+        return real_changes(self, rows)
+
+    monkeypatch.setattr(ReferenceStats, "predicted_flips", spy)
+    monkeypatch.setattr(mint._Repairer, "_head_changes", count)
+    tok = make_tokenizer()
+    model = make_model()
+    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(layers="second_half"), show_progress=False,
+                           reference_prompts=REFERENCE)
+    assert len(calls) >= 2 and sum(scaled) > 0  # some rows were scaled, not recomputed
+    for stats, head, gain, deltas, dlog in calls:
+        fresh = stats.head_change(head, gain, deltas)
+        assert dlog is not None
+        assert torch.allclose(dlog, fresh, rtol=1e-4, atol=1e-6 * float(fresh.abs().max()))

@@ -98,14 +98,20 @@ class ReferenceStats:
     norm_scale: torch.Tensor
     layers: list[int]
 
-    def _deltas(self, unembedding, gain, cands, deltas) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(coef [C, N], dlog [C, V])``: the direct-path logit change of prompt ``x`` under patch ``i`` is
-        ``coef[i, x] · dlog[i]``."""
+    def head_change(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
+                    deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``W_U (g ⊙ Δ_i)`` for each value-vector change ``Δ_i`` (float32 ``[C, V]``, one pass over ``W_U``)."""
         W = unembedding.detach().float().cpu()
         D = torch.stack([d.float().cpu() for d in deltas], dim=0)  # [C, d]
         if gain is not None:
             D = D * gain.float().cpu()[None, :]
-        dlog = torch.nn.functional.linear(D, W)  # [C, V], one pass over W_U
+        return torch.nn.functional.linear(D, W)  # [C, V]
+
+    def _deltas(self, unembedding, gain, cands, deltas, dlog=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(coef [C, N], dlog [C, V])``: the direct-path logit change of prompt ``x`` under patch ``i`` is
+        ``coef[i, x] · dlog[i]``."""
+        if dlog is None:
+            dlog = self.head_change(unembedding, gain, deltas)
         pos = {layer: i for i, layer in enumerate(self.layers)}
         coef = torch.stack([self.last_acts[:, pos[c.layer], c.index] for c in cands], dim=0)  # [C, N]
         return coef * self.norm_scale[None, :], dlog
@@ -133,19 +139,24 @@ class ReferenceStats:
         return self.last_logits[None] + coef[:, :, None] * dlog[:, None, :]
 
     def predicted_flips(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
-                        cands: Sequence["Candidate"], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+                        cands: Sequence["Candidate"], deltas: Sequence[torch.Tensor],
+                        dlog: Optional[torch.Tensor] = None) -> torch.Tensor:
         """How many reference prompts would change their next-token argmax under
         each candidate's patch, by :meth:`predicted_logits`. Exact over the
         whole vocabulary, though only each prompt's top 64 tokens are scored
         for every candidate (``[C, N, 64]``); a prompt that a patch could move
         beyond them is scored in full, one candidate at a time.
 
+        Args:
+            dlog: optional :meth:`head_change` of ``deltas``, already computed
+                (e.g. by linearity from a proportional change).
+
         Returns:
             int64 ``[len(cands)]``.
         """
         if not cands:
             return torch.zeros(0, dtype=torch.long)
-        coef, dlog = self._deltas(unembedding, gain, cands, deltas)  # [C, N], [C, V]
+        coef, dlog = self._deltas(unembedding, gain, cands, deltas, dlog)  # [C, N], [C, V]
         logits = self.last_logits
         top = logits.argmax(dim=-1)  # [N]
         # Exact, without scoring the whole vocabulary for every prompt: a token outside a

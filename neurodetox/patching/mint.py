@@ -858,6 +858,7 @@ class _Repairer:
                                                settings.protect_competitors) if settings.protect else None)
         self.banned: set[tuple[int, int]] = set()  # neurons the current edit may not use (rejected attempts)
         self._flip_cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # per failure, see _flips
+        self._head_cache: dict[tuple[int, int], tuple] = {}  # per failure, see _head_changes
         self.reference_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reference_now: Optional[torch.Tensor] = None  # next-token predictions of the current model
         if settings.verify_reference:
@@ -965,11 +966,44 @@ class _Repairer:
                 out[i] = known[1]
         todo = [i for i, o in enumerate(out) if o is None]
         if todo:
-            new = self.ref.predicted_flips(self.head, self.gain, [rows[i][0] for i in todo], [rows[i][4] for i in todo])
+            dlog = self._head_changes([rows[i] for i in todo])
+            new = self.ref.predicted_flips(self.head, self.gain, [rows[i][0] for i in todo], [rows[i][4] for i in todo],
+                                           dlog)
             for i, n in zip(todo, new.tolist()):
                 out[i] = n
                 self._flip_cache[(rows[i][0].layer, rows[i][0].index)] = (rows[i][4], n)
         return torch.tensor(out, dtype=torch.long)
+
+    def _head_changes(self, rows) -> torch.Tensor:
+        """``W_U (g ⊙ Δ)`` per plan row (float32 ``[R, V]``) for the guard.
+
+        A candidate's changes at different steps are proportional,
+        ``Δ(α) = α/(1+α) · (±τ − w)`` (the reference protection is linear
+        too), so when nothing rounds them (float32 weights) a candidate's head
+        change is computed once per failure and scaled for its other steps, as
+        long as its ``τ``, sign and value vector ``w`` are the same: one pass
+        over ``W_U`` per candidate, not one per plan stage.
+        """
+        out: list[Optional[torch.Tensor]] = [None] * len(rows)
+        miss = []
+        for i, (c, alpha, sign, _, _) in enumerate(rows):
+            known = self._head_cache.get((c.layer, c.index))
+            if (known is not None and known[0] == sign and torch.equal(known[1], self._taus[c.layer])
+                    and torch.equal(known[2], self.tracker.column(c.layer, c.index))):
+                out[i] = known[4] * ((alpha / (1.0 + alpha)) / known[3])
+            else:
+                miss.append(i)
+        if miss:
+            fresh = self.ref.head_change(self.head, self.gain, [rows[i][4] for i in miss])
+            for i, row in zip(miss, fresh):
+                out[i] = row
+                c, alpha, sign = rows[i][0], rows[i][1], rows[i][2]
+                if self.tracker.entries[c.layer][1].dtype == torch.float32 and self.tracker.storage in (
+                        None, torch.float32):
+                    self._head_cache[(c.layer, c.index)] = (sign, self._taus[c.layer],
+                                                            self.tracker.column(c.layer, c.index),
+                                                            alpha / (1.0 + alpha), row)
+        return torch.stack(out)
 
     def _ok(self, gap: float, arg: int, t: int) -> bool:
         """Fixed: ``t`` is the argmax, ahead of every other token by ``margin`` in probability."""
@@ -1005,6 +1039,7 @@ class _Repairer:
         gap, arg = float("nan"), a
         pool: Optional[list[Candidate]] = None
         self._flip_cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+        self._head_cache = {}
         for it in range(s.max_patches + 1):
             if it == s.max_patches:  # out of patches: measure the last one
                 gap, arg = _measure(self.model, ids, t)
