@@ -837,20 +837,9 @@ def test_guard_predicted_logits_match_a_real_last_layer_patch():
     final norm and LM head) matches the logits of a forward with the patch
     really written, up to the change of the norm's scale that it leaves out;
     the predicted flips are the argmax changes of those logits."""
-    from neurodetox.patching.direction import final_norm_gain
-    from neurodetox.patching.locate import Candidate, reference_stats
-    from neurodetox.sites import base_model
+    from neurodetox.patching.locate import Candidate
 
-    from neurodetox.patching.direction import final_norm
-
-    tok = make_tokenizer()
-    model = make_model()
-    with torch.no_grad():  # a non-trivial gain, so leaving it out would show
-        final_norm(model).weight.copy_(torch.linspace(0.3, 2.0, final_norm(model).weight.numel()))
-    site = resolve_sites(model, "mlp", "last")[0]
-    stats = reference_stats(model, tok, [site], REFERENCE)
-    head = base_model(model).get_output_embeddings().weight
-    gain = final_norm_gain(model)
+    tok, model, site, stats, head, gain = _last_layer_reference()
     weight, axis = value_vector_parameter(site)
     j = int(stats.last_acts[:, 0].abs().mean(dim=0).argmax())  # a neuron that fires on these prompts
     g = torch.Generator().manual_seed(0)
@@ -1057,20 +1046,28 @@ def test_guard_flip_counts_are_reused_only_for_the_same_value_vector_change(monk
 # ----------------------------------------------------------------------------- reference protection
 
 
-def _protection_setup(strength: float, competitors: int = 2):
-    from neurodetox.patching.direction import final_norm, final_norm_gain, semantic_space
+def _last_layer_reference(dtype=torch.float32):
+    """A tiny model with a non-trivial final-norm gain, and the reference statistics of its last block:
+    ``(tok, model, site, stats, head, gain)``."""
+    from neurodetox.patching.direction import final_norm, final_norm_gain
     from neurodetox.patching.locate import reference_stats
-    from neurodetox.patching.protect import ReferenceProtection
     from neurodetox.sites import base_model
 
     tok = make_tokenizer()
-    model = make_model().double()
+    model = make_model().to(dtype)
     with torch.no_grad():  # a non-trivial gain, so leaving it out would show
         final_norm(model).weight.copy_(torch.linspace(0.3, 2.0, final_norm(model).weight.numel()))
     site = resolve_sites(model, "mlp", "last")[0]
     stats = reference_stats(model, tok, [site], REFERENCE)
     head = base_model(model).get_output_embeddings().weight
-    gain = final_norm_gain(model)
+    return tok, model, site, stats, head, final_norm_gain(model)
+
+
+def _protection_setup(strength: float, competitors: int = 2):
+    from neurodetox.patching.direction import semantic_space
+    from neurodetox.patching.protect import ReferenceProtection
+
+    tok, model, site, stats, head, gain = _last_layer_reference(torch.float64)
     space = semantic_space(model, fold_norm=True)
     prot = ReferenceProtection(stats, space, head, gain, strength, competitors)
     return model, site, stats, head, gain, space, prot
@@ -1191,7 +1188,6 @@ def test_guard_head_changes_scaled_within_a_round_equal_a_fresh_pass(monkeypatch
     """The guard's ``W_U (g ⊙ Δ)`` of a candidate at a smaller step, scaled from
     its largest step by linearity, equals a fresh pass over the LM head."""
     from neurodetox.patching.locate import ReferenceStats
-    from neurodetox.sites import base_model
 
     calls = []
     real = ReferenceStats.predicted_flips
