@@ -22,7 +22,8 @@ with one row ``c_rc = g ⊙ (u_top(r) − u_c)`` per reference prompt ``r`` and
 each of its ``k`` nearest competitors ``c``, and ``D = diag(λ w_rc)``,
 ``w_rc = (coef_j(r) / (coef_j(p) · m_rc))²``: the squared move of that gap,
 relative to the gap ``m_rc`` itself (logits) and to the neuron's strength at
-the failing prompt ``p``. Rows where the neuron is silent (``w`` below
+the failing prompt ``p`` (its activation there times the median final-norm
+scale of the reference prompts, which stands in for the failing prompt's). Rows where the neuron is silent (``w`` below
 ``1e-12`` of the largest) are dropped, so a neuron that fires only for the
 failing prompt keeps its change; one that fires for many references loses the
 part of its change that would move their answers, and the plan (which
