@@ -119,6 +119,13 @@ def lora_fix(model, edits, rank: int, lr: float, max_steps: int, targets: list[s
     return model, records
 
 
+def mint_settings(a) -> MintSettings:
+    """MINT's defaults, with the benchmark's ``--layers`` and ``--protect``."""
+    s = MintSettings(layers=a.layers, protect=a.protect)
+    s.validate()
+    return s
+
+
 def one_at_a_time(model, tok, edits, wrong, unrelated, ref, a, original) -> dict:
     """Each fact fixed alone on the original model: success, next-token specificity and seconds per edit."""
     from tqdm.auto import tqdm
@@ -134,7 +141,7 @@ def one_at_a_time(model, tok, edits, wrong, unrelated, ref, a, original) -> dict
     out = {"mint": [], "lora": []}
     for e, w in zip(tqdm(edits, desc="one edit at a time", unit="edit"), wrong):
         t0 = time.perf_counter()
-        patch, report = repair(model, tok, [w], MintSettings(), show_progress=False, reference_prompts=ref)
+        patch, report = repair(model, tok, [w], mint_settings(a), show_progress=False, reference_prompts=ref)
         seconds = time.perf_counter() - t0
         fixed = bool(report.fixed)
         patch.apply(model)
@@ -188,6 +195,10 @@ def main(argv=None) -> int:
     p.add_argument("--lora-targets", default="down_proj", help="Comma list of module names (default down_proj).")
     p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
                    help="Also fix each fact alone on the original model and score it (default on).")
+    p.add_argument("--layers", default=MintSettings.layers,
+                   help=f"MINT: blocks searched (default {MintSettings.layers}; 'second_half' as in methods.md).")
+    p.add_argument("--protect", type=float, default=MintSettings.protect,
+                   help="MINT: reference protection strength λ (default 0 = off; e.g. 1e4).")
     p.add_argument("--threads", default="auto")
     p.add_argument("--json", help="Write the full results here (atomically).")
     a = p.parse_args(argv)
@@ -211,7 +222,7 @@ def main(argv=None) -> int:
 
     # --- MINT
     t0 = time.perf_counter()
-    patch, report = repair(model, tok, wrong, MintSettings(), show_progress=True, reference_prompts=ref)
+    patch, report = repair(model, tok, wrong, mint_settings(a), show_progress=True, reference_prompts=ref)
     mint_seconds = time.perf_counter() - t0
     patch.apply(model)
     mint_after = measure_model(model, tok, edits, unrelated, texts, max_new_tokens=a.max_new_tokens)
