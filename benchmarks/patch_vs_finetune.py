@@ -56,7 +56,7 @@ from neurodetox.data import load_facts
 from neurodetox.io import atomic_write_json
 from neurodetox.metrics.factual import is_correct
 from neurodetox.models import load_model
-from neurodetox.patching import MintSettings, repair
+from neurodetox.patching import UPDATE_RULES, MintSettings, repair
 from neurodetox.patching.cli import _fact_pools, set_threads
 from neurodetox.patching.evaluate import compare, measure_model, next_token_predictions, unrelated_prompts
 from neurodetox.patching.failures import coerce_edits, encode_edit, find_failures, teacher_forced_argmax
@@ -120,8 +120,8 @@ def lora_fix(model, edits, rank: int, lr: float, max_steps: int, targets: list[s
 
 
 def mint_settings(a) -> MintSettings:
-    """MINT's defaults, with the benchmark's ``--layers`` and ``--protect``."""
-    s = MintSettings(layers=a.layers, protect=a.protect)
+    """MINT's defaults, with the benchmark's ``--update``, ``--layers`` and ``--protect``."""
+    s = MintSettings(update=a.update, layers=a.layers, protect=a.protect)
     s.validate()
     return s
 
@@ -195,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora-targets", default="down_proj", help="Comma list of module names (default down_proj).")
     p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
                    help="Also fix each fact alone on the original model and score it (default on).")
+    p.add_argument("--update", default=MintSettings.update, choices=UPDATE_RULES,
+                   help=f"MINT's value-vector update (default {MintSettings.update}).")
     p.add_argument("--layers", default=MintSettings.layers,
                    help=f"MINT: blocks searched (default {MintSettings.layers}; 'second_half' as in methods.md).")
     p.add_argument("--protect", type=float, default=MintSettings.protect,

@@ -152,17 +152,30 @@ def test_semantic_space_is_cached_per_model():
 
 
 def test_update_rule_formula():
+    from neurodetox.patching.mint import _step_scale
+
     w, tau = torch.randn(32), torch.randn(32)
     for alpha in (0.01, 0.1, 1.0):
         for sign in (1.0, -1.0):
-            assert torch.equal(update_rule(w, tau, alpha, sign), (w + alpha * sign * tau) / (1 + alpha))
+            assert torch.equal(update_rule(w, tau, alpha, sign, "interpolate"), (w + alpha * sign * tau) / (1 + alpha))
+            assert torch.equal(update_rule(w, tau, alpha, sign, "additive"), w + alpha * sign * tau)
+            assert torch.equal(update_rule(w, tau, alpha, sign), update_rule(w, tau, alpha, sign, "additive"))
+            # the step scale c(α) of the guard's head-change cache: Δ(α) = c(α) · v with v independent of α
+            for rule, v in (("interpolate", sign * tau - w), ("additive", sign * tau)):
+                c = _step_scale(alpha, rule)
+                assert torch.allclose(update_rule(w, tau, alpha, sign, rule) - w, c * v, atol=1e-6)
+    with pytest.raises(ValueError, match="valid rules are additive, interpolate"):
+        update_rule(w, tau, 0.1, 1.0, "multiply")
+    with pytest.raises(ValueError, match="unknown update 'multiply'; valid updates are additive, interpolate"):
+        MintSettings(update="multiply").validate()
 
 
-def test_repair_writes_exactly_the_update_rule():
+@pytest.mark.parametrize("rule", ["additive", "interpolate"])
+def test_repair_writes_exactly_the_update_rule(rule):
     model = make_model()
     tok = make_tokenizer()
-    settings = MintSettings(alpha=0.5, alpha_steps=(1.0,), max_patches=1, entropy_guard=False, prune=False,
-                            selectivity=False, fold_norm=False)
+    settings = MintSettings(update=rule, alpha=0.5, alpha_steps=(1.0,), max_patches=1, entropy_guard=False,
+                            prune=False, selectivity=False, fold_norm=False)
     edit = encode_edit(tok, coerce_edits([FIX_EDIT])[0])
     fail = find_failures(model, edit)[0]
     patch, report = repair(model, tok, [FIX_EDIT], settings, show_progress=False)
@@ -173,7 +186,9 @@ def test_repair_writes_exactly_the_update_rule():
     site = resolve_sites(model, "mlp", [p["layer"]])[0]
     weight, axis = value_vector_parameter(site)
     old = weight.detach().select(axis, p["index"]).float()
-    expected = (old + 0.5 * p["sign"] * tau) / 1.5
+    expected = old + 0.5 * p["sign"] * tau
+    if rule == "interpolate":
+        expected = expected / 1.5
     if report.edits[0].status == "fixed":
         pp = patch.params[0]
         got = pp.new.select(pp.axis, pp.indices.tolist().index(p["index"]))
@@ -539,6 +554,22 @@ def test_cli_find_apply_show_eval_revert(tmp_path, capsys):
     # bad usage: exit status 2 with a message
     assert cmd_patch(["apply", str(folder), str(tmp_path / "patch")]) == 2
     assert "--out DIR" in capsys.readouterr().err
+
+
+def test_cli_update_rule_reaches_the_manifest(tmp_path, capsys):
+    from neurodetox.patching.cli import cmd_patch
+
+    folder = save_checkpoint(make_model(), make_tokenizer(), tmp_path / "base")
+    for rule in ("interpolate", "additive"):
+        out = tmp_path / rule
+        rc = cmd_patch(["--threads", "1", "--quiet", "find", "--model", str(folder), "--prompt", FIX_EDIT["prompt"],
+                        "--target", FIX_EDIT["target"], "--update", rule, "--out", str(out)])
+        assert rc in (0, 1)
+        assert json.loads((out / "manifest.json").read_text())["settings"]["update"] == rule
+    with pytest.raises(SystemExit):
+        cmd_patch(["find", "--model", str(folder), "--prompt", "x", "--target", "y", "--update", "shrink",
+                   "--out", str(tmp_path / "bad")])
+    assert "invalid choice: 'shrink'" in capsys.readouterr().err
 
 
 def _tiny_facts(tmp_path):
@@ -1184,7 +1215,8 @@ def test_last_sixth_layer_spec():
     assert MintSettings().layers == "last_sixth"
 
 
-def test_guard_head_changes_scaled_within_a_round_equal_a_fresh_pass(monkeypatch):
+@pytest.mark.parametrize("rule", ["additive", "interpolate"])
+def test_guard_head_changes_scaled_within_a_round_equal_a_fresh_pass(monkeypatch, rule):
     """The guard's ``W_U (g ⊙ Δ)`` of a candidate at a smaller step, scaled from
     its largest step by linearity, equals a fresh pass over the LM head."""
     from neurodetox.patching.locate import ReferenceStats
@@ -1209,8 +1241,8 @@ def test_guard_head_changes_scaled_within_a_round_equal_a_fresh_pass(monkeypatch
     monkeypatch.setattr(mint._Repairer, "_head_changes", count)
     tok = make_tokenizer()
     model = make_model()
-    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(layers="second_half"), show_progress=False,
-                           reference_prompts=REFERENCE)
+    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(layers="second_half", update=rule),
+                           show_progress=False, reference_prompts=REFERENCE)
     assert len(calls) >= 2 and sum(scaled) > 0  # some rows were scaled, not recomputed
     for stats, head, gain, deltas, dlog in calls:
         fresh = stats.head_change(head, gain, deltas)

@@ -42,7 +42,7 @@ from .direction import SemanticSpace, semantic_space
 from .evaluate import compare, evaluate_patch, measure_model, perplexity
 from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures, teacher_forced_argmax
 from .locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, locate, neuron_scores
-from .mint import EditResult, FailureResult, MintSettings, RepairReport, repair, update_rule
+from .mint import UPDATE_RULES, EditResult, FailureResult, MintSettings, RepairReport, repair, update_rule
 from .patchfile import ParamPatch, PatchError, PatchMismatchError, PatchSet, tensor_sha256
 from .protect import ReferenceProtection
 
@@ -54,5 +54,5 @@ __all__ = [
     "compare", "copy_checkpoint", "decode_neuron", "decode_vector", "encode_edit", "entropy_neuron_scores",
     "entropy_neurons", "evaluate_patch", "find_failures", "folder_sha256", "inspect_checkpoint", "locate",
     "measure_model", "neuron_scores", "perplexity", "repair", "revert_checkpoint", "semantic_space", "tensor_sha256",
-    "teacher_forced_argmax", "update_rule", "value_vector", "verify_checkpoint",
+    "teacher_forced_argmax", "UPDATE_RULES", "update_rule", "value_vector", "verify_checkpoint",
 ]

@@ -145,8 +145,8 @@ def _settings_from_args(a) -> Any:
     from .mint import MintSettings
 
     steps = tuple(float(x) for x in a.alpha_steps.split(",")) if a.alpha_steps else (1.0,)
-    return MintSettings(alpha=a.alpha, alpha_steps=steps, locator=a.locator, candidates=a.candidates,
-                        max_patches=a.max_patches, layers=a.layers, fold_norm=not a.no_fold_norm,
+    return MintSettings(update=a.update, alpha=a.alpha, alpha_steps=steps, locator=a.locator,
+                        candidates=a.candidates, max_patches=a.max_patches, layers=a.layers, fold_norm=not a.no_fold_norm,
                         orthogonalize=a.orthogonalize, signed=not a.unsigned, entropy_guard=not a.no_entropy_guard,
                         guard=a.guard, relocate=a.relocate, relocate_fallback=a.relocate_fallback, prune=a.prune,
                         verify_reference=a.verify_reference,
@@ -156,10 +156,14 @@ def _settings_from_args(a) -> Any:
 
 def _add_setting_args(p: argparse.ArgumentParser) -> None:
     from .locate import LOCATORS
+    from .mint import UPDATE_RULES
 
     g = p.add_argument_group("MINT settings")
     g.add_argument("--locator", default="grad_x_act", choices=LOCATORS, help="Neuron locator (default grad_x_act).")
-    g.add_argument("--alpha", type=float, default=0.1, help="Update step α of w <- (w + α τ)/(1 + α) (default 0.1).")
+    g.add_argument("--update", default="additive", choices=UPDATE_RULES,
+                   help="Value-vector update: 'additive' w <- w + α τ (default) or 'interpolate', MINT's "
+                        "w <- (w + α τ)/(1 + α), which also scales the neuron's existing output by 1/(1 + α).")
+    g.add_argument("--alpha", type=float, default=0.1, help="Update step α (default 0.1).")
     g.add_argument("--alpha-steps", default="1,2.5,5,10",
                    help="Multipliers of α the planner may use, comma list (default 1,2.5,5,10; '1' = fixed step).")
     g.add_argument("--candidates", type=int, default=10, help="Candidate pool size (default 10).")

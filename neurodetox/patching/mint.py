@@ -25,7 +25,9 @@ token ``t``, wrong argmax ``a``) is repaired in order:
    at its own layer, so the blocks below it run once for all rows; the blocks
    below the searched layers (never patched) replay their outputs recorded at
    the edit's first forward;
-4. patch the value vector ``w ← (w + α s τ) / (1 + α)`` and repeat 3–4 over
+4. patch the value vector ``w ← (w + α s τ) / (1 + α)`` (the paper's rule,
+   ``update="interpolate"``; the default ``"additive"`` is ``w ← w + α s τ``,
+   see :class:`MintSettings`) and repeat 3–4 over
    the same candidates (``relocate=True``: 2–4, locating again) until the
    argmax is ``t``. After ``max_patches`` (10) patches without success the
    failure's patches are undone and it is reported skipped.
@@ -74,7 +76,7 @@ from .locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, neuron_score
 from .patchfile import ParamPatch, PatchSet
 from .protect import ReferenceProtection
 
-__all__ = ["MintSettings", "FailureResult", "EditResult", "RepairReport", "repair", "update_rule"]
+__all__ = ["MintSettings", "FailureResult", "EditResult", "RepairReport", "repair", "update_rule", "UPDATE_RULES"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +84,43 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-def update_rule(w: torch.Tensor, tau: torch.Tensor, alpha: float, sign: float = 1.0) -> torch.Tensor:
-    """MINT's value-vector update ``(w + α·sign·τ) / (1 + α)`` (float32 math)."""
-    return (w.float() + (alpha * sign) * tau.float()) / (1.0 + alpha)
+UPDATE_RULES = ("additive", "interpolate")
+
+
+def update_rule(w: torch.Tensor, tau: torch.Tensor, alpha: float, sign: float = 1.0,
+                rule: str = "additive") -> torch.Tensor:
+    """A value-vector update, in float32 math.
+
+    Args:
+        w: the neuron's value vector, ``[d_model]`` (any float dtype).
+        tau: the direction ``τ``, ``[d_model]``.
+        alpha: the step ``α > 0``.
+        sign: ``±1``, the orientation of ``τ`` (see ``MintSettings.signed``).
+        rule: ``"additive"`` (default): ``w + α·sign·τ``, which adds the
+            direction and leaves the rest of ``w`` as it is. ``"interpolate"``:
+            MINT's ``(w + α·sign·τ) / (1 + α)`` (Gu et al., arXiv
+            2312.05356), which also scales the neuron's existing output down
+            by ``1/(1 + α)`` on every prompt where it fires.
+
+    Returns:
+        the new value vector, float32 ``[d_model]``.
+
+    Raises:
+        ValueError: an unknown ``rule``.
+    """
+    if rule == "additive":
+        return w.float() + (alpha * sign) * tau.float()
+    if rule == "interpolate":
+        return (w.float() + (alpha * sign) * tau.float()) / (1.0 + alpha)
+    raise ValueError(f"unknown update rule {rule!r}; valid rules are {', '.join(UPDATE_RULES)}")
+
+
+def _step_scale(alpha: float, rule: str) -> float:
+    """``c(α)`` with ``update_rule(w, τ, α, s) − w = c(α) · v``, ``v`` independent of ``α``.
+
+    ``"additive"``: ``c = α``, ``v = s·τ``; ``"interpolate"``: ``c = α/(1+α)``, ``v = s·τ − w``.
+    """
+    return alpha if rule == "additive" else alpha / (1.0 + alpha)
 
 
 @dataclass
@@ -92,6 +128,18 @@ class MintSettings:
     """Settings of :func:`repair`.
 
     Attributes:
+        update: the value-vector update (:func:`update_rule`). ``"additive"``
+            (default): ``w ← w + α s τ``. ``"interpolate"``: MINT's
+            ``w ← (w + α s τ) / (1 + α)`` (methods.md §4), which also scales
+            the neuron's existing output by ``1/(1 + α)`` (by half at
+            ``α = 1``) on every prompt where the neuron fires. Measured on the
+            demo model with two sets of 20 wrong facts (A: mostly capitals;
+            B: continents and currencies), next-token specificity on 250
+            held-out fact prompts per set: all 20 edits in one call, additive
+            fixed 20 and 17 facts at 92.4% and 86.8% in 26 and 16 s,
+            interpolate 17 and 19 facts at 88.4% and 79.6% in 32 and 22 s;
+            each edit alone, both fixed 40 of 40, additive at 98.9% and
+            97.9%, interpolate at 98.5% and 97.6%.
         alpha: step ``α`` of the update rule. Default 0.1 (the authors'
             benchmark path; methods.md lists 0.01 for the paper's prose).
         alpha_steps: multipliers of ``alpha`` the planner may use (step-size
@@ -198,6 +246,7 @@ class MintSettings:
         protect_competitors: competitors protected per reference prompt. Default 3.
     """
 
+    update: str = "additive"
     alpha: float = 0.1
     alpha_steps: tuple[float, ...] = (1.0, 2.5, 5.0, 10.0)
     locator: str = "grad_x_act"
@@ -229,6 +278,8 @@ class MintSettings:
         """Raise ``ValueError`` naming the bad field and what is valid."""
         if not isinstance(self.margin, (int, float)) or not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin!r}")
+        if self.update not in UPDATE_RULES:
+            raise ValueError(f"unknown update {self.update!r}; valid updates are {', '.join(UPDATE_RULES)}")
         if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
         steps = tuple(self.alpha_steps) if not isinstance(self.alpha_steps, (int, float)) else (self.alpha_steps,)
@@ -942,7 +993,7 @@ class _Repairer:
             sign = (1.0 if c.activation >= 0 else -1.0) if self.s.signed else 1.0
             old = self.tracker.column(c.layer, c.index)
             for alpha in alphas:
-                new = update_rule(old, self._taus[c.layer], alpha, sign)
+                new = update_rule(old, self._taus[c.layer], alpha, sign, self.s.update)
                 if self.protection is not None:
                     new = old.float() + self.protection.project(c, new - old.float())
                 new = self.tracker.round(new, c.layer)
@@ -978,8 +1029,8 @@ class _Repairer:
         """``W_U (g ⊙ Δ)`` per plan row (float32 ``[R, V]``) for the guard.
 
         A candidate's changes at different steps are proportional,
-        ``Δ(α) = α/(1+α) · (±τ − w)`` (the reference protection is linear
-        too), so when nothing rounds them (float32 weights) a candidate's head
+        ``Δ(α) = c(α) · v`` (see :func:`_step_scale`; the reference
+        protection is linear too), so when nothing rounds them (float32 weights) a candidate's head
         change is computed once per failure and scaled for its other steps, as
         long as its ``τ``, sign and value vector ``w`` are the same: one pass
         over ``W_U`` per candidate, not one per plan stage.
@@ -990,7 +1041,7 @@ class _Repairer:
             known = self._head_cache.get((c.layer, c.index))
             if (known is not None and known[0] == sign and torch.equal(known[1], self._taus[c.layer])
                     and torch.equal(known[2], self.tracker.column(c.layer, c.index))):
-                out[i] = known[4] * ((alpha / (1.0 + alpha)) / known[3])
+                out[i] = known[4] * (_step_scale(alpha, self.s.update) / known[3])
             else:
                 miss.append(i)
         if miss:
@@ -1002,7 +1053,7 @@ class _Repairer:
                         None, torch.float32):
                     self._head_cache[(c.layer, c.index)] = (sign, self._taus[c.layer],
                                                             self.tracker.column(c.layer, c.index),
-                                                            alpha / (1.0 + alpha), row)
+                                                            _step_scale(alpha, self.s.update), row)
         return torch.stack(out)
 
     def _ok(self, gap: float, arg: int, t: int) -> bool:
