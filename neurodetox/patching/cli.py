@@ -146,10 +146,10 @@ def _settings_from_args(a) -> Any:
 
     steps = tuple(float(x) for x in a.alpha_steps.split(",")) if a.alpha_steps else (1.0,)
     return MintSettings(update=a.update, alpha=a.alpha, alpha_steps=steps, locator=a.locator,
-                        candidates=a.candidates, max_patches=a.max_patches, layers=a.layers, fold_norm=not a.no_fold_norm,
-                        orthogonalize=a.orthogonalize, signed=not a.unsigned, entropy_guard=not a.no_entropy_guard,
-                        guard=a.guard, relocate=a.relocate, relocate_fallback=a.relocate_fallback, prune=a.prune,
-                        verify_reference=a.verify_reference,
+                        candidates=a.candidates, max_patches=a.max_patches, layers=a.layers,
+                        fold_norm=not a.no_fold_norm, orthogonalize=a.orthogonalize, signed=not a.unsigned,
+                        entropy_guard=not a.no_entropy_guard, guard=a.guard, relocate=a.relocate,
+                        relocate_fallback=a.relocate_fallback, prune=a.prune, verify_reference=a.verify_reference,
                         max_reference_flips=a.max_reference_flips, reference_retries=a.reference_retries,
                         protect=a.protect)
 

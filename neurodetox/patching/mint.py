@@ -139,7 +139,9 @@ class MintSettings:
             fixed 20 and 17 facts at 92.4% and 86.8% in 26 and 16 s,
             interpolate 17 and 19 facts at 88.4% and 79.6% in 32 and 22 s;
             each edit alone, both fixed 40 of 40, additive at 98.9% and
-            97.9%, interpolate at 98.5% and 97.6%.
+            97.9%, interpolate at 98.5% and 97.6%. The cost: a patched
+            neuron keeps all of its old output, so perplexity drifts more
+            (set A in one call: +3.7% against +2.0% on 64 fact statements).
         alpha: step ``α`` of the update rule. Default 0.1 (the authors'
             benchmark path; methods.md lists 0.01 for the paper's prose).
         alpha_steps: multipliers of ``alpha`` the planner may use (step-size
@@ -236,10 +238,13 @@ class MintSettings:
             keeps the reference prompts' gaps between their top token and
             ``protect_competitors`` competitors, weighted by how strongly the
             neuron fires for them (direct path). ``0`` (default) turns it off.
-            On the 20 facts above, all in one call, ``1e4`` raised the
-            next-token specificity from 88.4% to 94.0% with 17 facts fixed
-            either way (42 s against 29 s); each alone, 18 facts instead of 20
-            at 98.8% against 98.5%. It acts on the direct path only: with the
+            With ``update="interpolate"``, on the 20 facts above, all in one
+            call, ``1e4`` raised the next-token specificity from 88.4% to 94.0%
+            with 17 facts fixed either way (42 s against 29 s); each alone, 18
+            facts instead of 20 at 98.8% against 98.5%. With the additive
+            update, all in one call: 92.4% → 94.0% with 18 facts fixed instead
+            of 20 (set A of ``update``), 86.8% → 90.4% with 15 instead of 17
+            (set B). It acts on the direct path only: with the
             methods.md layers (``"second_half"``) the changes of lower blocks
             reach the logits mostly through later blocks and it did not help
             (27 held-out flips against 26).
