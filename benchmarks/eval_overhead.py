@@ -48,8 +48,8 @@ def main(argv=None) -> int:
 
     from neurodetox.data import load_facts
     from neurodetox.metrics import eigenscore
-    from neurodetox.models import load_model
-    from neurodetox.sampling import _eos_ids, _generation_mode, sample_answers
+    from neurodetox.core.models import load_model
+    from neurodetox.metrics.sampling import _eos_ids, _generation_mode, sample_answers
 
     model, tok = load_model(a.model)
     ds = load_facts("facts", seed=0)

@@ -53,14 +53,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from neurodetox.data import load_facts
-from neurodetox.io import atomic_write_json
+from neurodetox.core.io import atomic_write_json
 from neurodetox.metrics.factual import is_correct
-from neurodetox.models import load_model
+from neurodetox.core.models import load_model
 from neurodetox.patching import UPDATE_RULES, MintSettings, repair
-from neurodetox.patching.cli import _fact_pools, set_threads
-from neurodetox.patching.evaluate import compare, measure_model, next_token_predictions, unrelated_prompts
+from neurodetox.cli.patch import _fact_pools, set_threads
+from neurodetox.patching.edit_metrics import compare, measure_model, next_token_predictions, unrelated_prompts
 from neurodetox.patching.failures import coerce_edits, encode_edit, find_failures, teacher_forced_argmax
-from neurodetox.sampling import greedy_answers
+from neurodetox.metrics.sampling import greedy_answers
 
 
 def find_wrong_facts(model, tok, facts, n: int, max_new_tokens: int = 8) -> list[dict]:

@@ -50,8 +50,8 @@ def one(setup: str, arm: str, steps: int, window: int) -> dict:
 
     from neurodetox.data import load_facts
     from neurodetox.data.lm import tokenize_texts
-    from neurodetox.models import load_model
-    from neurodetox.trainer import SeNDConfig, SeNDTrainer
+    from neurodetox.core.models import load_model
+    from neurodetox.send import SeNDConfig, SeNDTrainer
 
     model, tok = load_model("smollm2-135m-instruct")
     ds = load_facts("facts", seed=0)

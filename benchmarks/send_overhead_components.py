@@ -7,7 +7,7 @@ process per setup (plain full fine-tuning, LoRA) it interleaves blocks of
 optimizer steps (forward, backward, AdamW) on the same batch with
 
 * ``off``   — no hooks (the reference),
-* ``stats`` — :class:`~neurodetox.callbacks.ActivationStatsCallback` on every
+* ``stats`` — :class:`~neurodetox.send.callbacks.ActivationStatsCallback` on every
   FFN neuron of every layer,
 * ``mask``  — SeND's deterministic dropout of 20 % of the penultimate
   residual site (what every SeND training step pays),
@@ -41,10 +41,10 @@ import torch
 
 
 def measure(setup: str, window: int, rounds: int, steps: int) -> dict:
-    from neurodetox.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback
+    from neurodetox.send.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback
     from neurodetox.data import load_facts
     from neurodetox.data.lm import CausalLMCollator, tokenize_texts
-    from neurodetox.models import load_model
+    from neurodetox.core.models import load_model
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m-instruct")
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     print("targets: SeND/off <= 1.10, stats/off <= 1.05; stats/off and mask/off: medians of per-round paired "
           "ratios; SeND/off = mask/off + window end / (window * off step)")
     if a.json:
-        from neurodetox.io import atomic_write_json
+        from neurodetox.core.io import atomic_write_json
 
         atomic_write_json(a.json, {"rows": rows})
     return 0

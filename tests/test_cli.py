@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neurodetox.cli import main
-from neurodetox.trainer import SeNDConfig
+from neurodetox.cli.main import main
+from neurodetox.send import SeNDConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-facts-send.yaml"

@@ -8,12 +8,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import neurodetox.evaluation as evaluation
-from neurodetox.detection import cmd_eval, select_probes
-from neurodetox.evaluation import EigenScoreSettings, score_probes
+import neurodetox.metrics.probes as evaluation
+from neurodetox.cli.eval import cmd_eval, select_probes
+from neurodetox.metrics.probes import EigenScoreSettings, score_probes
 from neurodetox.metrics import (auroc, bootstrap_auroc, detection_summary, eigenscore, length_normalized_entropy,
                                 lexical_similarity, paired_auroc_difference, perplexity)
-from neurodetox.sampling import greedy_answers, sample_answers
+from neurodetox.metrics.sampling import greedy_answers, sample_answers
 
 
 @pytest.fixture(autouse=True)
@@ -198,7 +198,7 @@ def test_cli_errors_before_loading_a_model(argv, match, capsys):
 
 @pytest.mark.real_model
 def test_cli_end_to_end_real_model(tmp_path, capsys):
-    from neurodetox.cli import main
+    from neurodetox.cli.main import main
 
     out = tmp_path / "ev"
     rep = tmp_path / "detection.md"

@@ -2,10 +2,10 @@
 
 import torch
 
-from neurodetox.callbacks import ActivationStatsCallback
-from neurodetox.dropout import NeuronDropout
-from neurodetox.runtime import in_backward_recompute
-from neurodetox.sites import register_site_hook, resolve_sites
+from neurodetox.send.callbacks import ActivationStatsCallback
+from neurodetox.send.masks import NeuronDropout
+from neurodetox.core.runtime import in_backward_recompute
+from neurodetox.core.sites import register_site_hook, resolve_sites
 
 
 def _batch(tok):

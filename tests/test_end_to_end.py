@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from neurodetox.cli import main
+from neurodetox.cli.main import main
 
 
 @pytest.mark.real_model

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurodetox.cli import main
+from neurodetox.cli.main import main
 from neurodetox.experiment import interval, paired_difference, plan_study, verdict
 from neurodetox.experiment.measure import statement_embeddings
 
@@ -132,7 +132,7 @@ def test_whole_tiny_study_writes_page_and_reuses_complete_runs(tiny_model_dir, t
 
 
 def test_quick_mode_plan_and_user_overrides_win(tmp_path):
-    from neurodetox.experiment.cli import QUICK_FIELDS, build_parser, plan_from_args
+    from neurodetox.cli.experiment import QUICK_FIELDS, build_parser, plan_from_args
 
     a = build_parser().parse_args(["--quick", "--seeds", "3,4", "--variants", "drop0.3"])
     plan = plan_from_args(a)

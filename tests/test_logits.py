@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import neurodetox.logits as lg
-from neurodetox.logits import tail_logits
+import neurodetox.core.logits as lg
+from neurodetox.core.logits import tail_logits
 
 from conftest import make_tiny_llama
 

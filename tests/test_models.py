@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from neurodetox import models
-from neurodetox.models import DEFAULT_MODEL, convert_gguf, embedded_gguf_path, load_model
+from neurodetox.core import models
+from neurodetox.core.models import DEFAULT_MODEL, convert_gguf, embedded_gguf_path, load_model
 
 from conftest import make_tiny_llama, make_tokenizer
 

@@ -43,7 +43,7 @@ from neurodetox.patching import (
 )
 from neurodetox.patching import checkpoint as ckpt_mod
 from neurodetox.patching.direction import SemanticSpace, final_norm_gain
-from neurodetox.sites import resolve_sites, value_vector_parameter
+from neurodetox.core.sites import resolve_sites, value_vector_parameter
 
 FIX_EDIT = {"prompt": "the capital of france is", "target": "paris"}
 
@@ -78,7 +78,7 @@ def save_checkpoint(model, tok, folder, **kw):
 @pytest.fixture(scope="module")
 def fixed(tmp_path_factory):
     """A checkpoint, a model loaded from it and a bound patch that fixes FIX_EDIT."""
-    from neurodetox.models import load_model
+    from neurodetox.core.models import load_model
 
     torch.set_num_threads(1)
     tok = make_tokenizer()
@@ -387,7 +387,7 @@ def test_apply_revert_checkpoint_bit_exact(fixed, tmp_path):
 
 
 def test_fixed_failure_stays_fixed_after_reload(fixed, tmp_path):
-    from neurodetox.models import load_model
+    from neurodetox.core.models import load_model
 
     folder, _, _, patch, report = fixed
     out = tmp_path / "patched"
@@ -453,7 +453,7 @@ def test_sharded_checkpoint_touches_only_touched_shards(fixed, tmp_path):
 
 
 def test_bf16_checkpoint_roundtrip_reports_cast_error(tmp_path):
-    from neurodetox.models import load_model
+    from neurodetox.core.models import load_model
 
     tok = make_tokenizer()
     folder = save_checkpoint(make_model(dtype=torch.bfloat16), tok, tmp_path / "bf16", max_shard_size="80KB")
@@ -522,7 +522,7 @@ def test_tensor_sha256_is_the_stored_bytes(tmp_path):
 
 
 def test_cli_find_apply_show_eval_revert(tmp_path, capsys):
-    from neurodetox.patching.cli import cmd_patch
+    from neurodetox.cli.patch import cmd_patch
 
     tok = make_tokenizer()
     folder = save_checkpoint(make_model(), tok, tmp_path / "base")
@@ -557,7 +557,7 @@ def test_cli_find_apply_show_eval_revert(tmp_path, capsys):
 
 
 def test_cli_update_rule_reaches_the_manifest(tmp_path, capsys):
-    from neurodetox.patching.cli import cmd_patch
+    from neurodetox.cli.patch import cmd_patch
 
     folder = save_checkpoint(make_model(), make_tokenizer(), tmp_path / "base")
     for rule in ("interpolate", "additive"):
@@ -635,7 +635,7 @@ def test_reference_settings_are_validated():
 
 
 def test_compare_splits_changed_unrelated_answers_by_correctness():
-    from neurodetox.patching.evaluate import compare
+    from neurodetox.patching.edit_metrics import compare
 
     unrelated = [{"prompt": f"q{i}", "aliases": [a]} for i, a in enumerate(["paris", "rome", "tokyo", "berlin", "yen"])]
     state = lambda answers, nxt: {"teacher_forced": [], "edit_answers": [], "paraphrase_answers": [],  # noqa: E731
@@ -661,7 +661,7 @@ def test_plan_gaps_equal_writing_each_patch(family):
 
     from neurodetox.patching.locate import Candidate
     from neurodetox.patching.mint import _NO_SHARED_PREFIX, _PrefixCache, _measure, _plan
-    from neurodetox.sites import decoder_layers
+    from neurodetox.core.sites import decoder_layers
 
     model = copy.deepcopy(tiny(family))
     sites = resolve_sites(model, "mlp", "all")
@@ -723,10 +723,10 @@ def test_prefix_cache_replays_recorded_blocks_for_the_same_ids_and_their_prefixe
     unchanged with a frozen model; other ids run the blocks."""
     from test_sites import tiny
 
-    from neurodetox.logits import tail_logits
+    from neurodetox.core.logits import tail_logits
     from neurodetox.patching.failures import right_pad
     from neurodetox.patching.mint import _PrefixCache
-    from neurodetox.sites import decoder_layers
+    from neurodetox.core.sites import decoder_layers
 
     model = copy.deepcopy(tiny(family)).eval()
     ids = [5, 9, 3, 17, 11, 4, 8]
@@ -782,7 +782,7 @@ def test_prefix_cache_replays_recorded_blocks_for_the_same_ids_and_their_prefixe
 
 def test_next_token_predictions_equal_unbatched_forwards():
     """Left-padded batches of mixed lengths (batch smaller than the prompt list) give each prompt's own argmax."""
-    from neurodetox.patching.evaluate import next_token_predictions
+    from neurodetox.patching.edit_metrics import next_token_predictions
 
     tok = make_tokenizer()
     model = make_model()
@@ -846,8 +846,8 @@ def test_weights_fingerprint_recomputes_written_tensors_only(monkeypatch):
 def test_entropy_neuron_scores_equal_an_svd_of_the_head():
     """ρ_j = ‖U_kᵀ w_j‖ / ‖w_j‖ with U_k the bottom right singular vectors of W_U
     (an independent SVD in float64)."""
-    from neurodetox.patching.analysis import entropy_neuron_scores
-    from neurodetox.sites import base_model
+    from neurodetox.patching.neurons import entropy_neuron_scores
+    from neurodetox.core.sites import base_model
 
     model = make_model()
     W_U = base_model(model).get_output_embeddings().weight.detach().double()
@@ -1082,7 +1082,7 @@ def _last_layer_reference(dtype=torch.float32):
     ``(tok, model, site, stats, head, gain)``."""
     from neurodetox.patching.direction import final_norm, final_norm_gain
     from neurodetox.patching.locate import reference_stats
-    from neurodetox.sites import base_model
+    from neurodetox.core.sites import base_model
 
     tok = make_tokenizer()
     model = make_model().to(dtype)
@@ -1191,7 +1191,7 @@ def test_reference_prompts_cover_every_relation():
     import collections
 
     from neurodetox.data import interleave_relations, load_facts
-    from neurodetox.patching.cli import _fact_pools, _reference_prompts
+    from neurodetox.cli.patch import _fact_pools, _reference_prompts
 
     rows = [{"relation": r, "i": i} for i, r in enumerate("aaaabbc")]
     assert [r["i"] for r in interleave_relations(rows)] == [0, 4, 6, 1, 5, 2, 3]
@@ -1207,7 +1207,7 @@ def test_reference_prompts_cover_every_relation():
 
 
 def test_last_sixth_layer_spec():
-    from neurodetox.sites import parse_layers
+    from neurodetox.core.sites import parse_layers
 
     assert parse_layers("last_sixth", 30) == [25, 26, 27, 28, 29]
     assert parse_layers("last_sixth", 4) == [3]

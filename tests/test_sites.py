@@ -1,9 +1,9 @@
-"""Tests for ``neurodetox.sites`` against independent references.
+"""Tests for ``neurodetox.core.sites`` against independent references.
 
 Every model is a tiny, randomly initialised transformers model built from a
 config (nothing is downloaded). The expected module names, FFN widths and
 final-norm modules below are written out by hand from the transformers model
-code, not read back from ``neurodetox.sites.FAMILIES``, so the tests check the
+code, not read back from ``neurodetox.core.sites.FAMILIES``, so the tests check the
 table instead of echoing it.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig  # noqa: E402
 
-from neurodetox.sites import (  # noqa: E402
+from neurodetox.core.sites import (  # noqa: E402
     NeuronSite,
     UnsupportedArchitectureError,
     decoder_layers,

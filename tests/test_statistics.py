@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurodetox.statistics import RunningMoments
+from neurodetox.core.moments import RunningMoments
 
 
 def test_batches_match_brute_force():

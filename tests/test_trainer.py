@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from neurodetox.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback
+from neurodetox.send.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback
 from neurodetox.data.lm import tokenize_texts
-from neurodetox.trainer import SeNDConfig, SeNDTrainer, last_checkpoint
+from neurodetox.send import SeNDConfig, SeNDTrainer, last_checkpoint
 
 from conftest import make_tiny_llama, make_tokenizer
 
@@ -191,7 +191,7 @@ def test_tracking_embeddings_equal_one_item_reference_in_dataset_order(monkeypat
     """Length-sorted batches and the early stop change nothing: each item's embedding equals its own
     unbatched forward (independent ``output_hidden_states`` route), in tracking-set order; the LM head
     does not run unless ZeRO-3 needs every forward to complete."""
-    import neurodetox.callbacks.sensitive_dropout as sd
+    import neurodetox.send.callbacks.sensitive_dropout as sd
     from neurodetox.data.lm import CausalLMCollator
 
     monkeypatch.setattr(sd, "zero3_enabled", lambda: zero3)

@@ -1,10 +1,17 @@
-"""Trainer callbacks: activation statistics, sensitive-neuron dropout, EigenScore."""
+"""Compatibility alias: the Trainer callbacks at their pre-0.2 path.
 
-from .activation_stats import ActivationStatsCallback
-from .base import CheckpointedCallback
-from .eigenscore import EigenScoreCallback
-from .metrics_log import JsonlMetricsCallback
-from .sensitive_dropout import SEND_MODES, SensitiveNeuronDropoutCallback
+New code imports them from :mod:`neurodetox.send.callbacks`,
+:mod:`neurodetox.metrics.callback` and :mod:`neurodetox.reports.metrics_log`.
+"""
+
+from neurodetox.metrics.callback import EigenScoreCallback
+from neurodetox.reports.metrics_log import JsonlMetricsCallback
+from neurodetox.send.callbacks import (
+    SEND_MODES,
+    ActivationStatsCallback,
+    CheckpointedCallback,
+    SensitiveNeuronDropoutCallback,
+)
 
 __all__ = [
     "ActivationStatsCallback",

@@ -1,6 +1,6 @@
 """Fact data: the built-in geonames facts and user fact files, in one schema."""
 
-from .facts import (
+from neurodetox.data.facts import (
     CONTINENT_NAMES,
     FACT_FEATURES,
     RELATION_TEMPLATES,
@@ -13,7 +13,7 @@ from .facts import (
     interleave_relations,
     write_fact_dataset,
 )
-from .files import SUPPORTED_EXTENSIONS, load_fact_file, load_facts
+from neurodetox.data.files import SUPPORTED_EXTENSIONS, load_fact_file, load_facts
 
 __all__ = [
     "CONTINENT_NAMES",

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import datasets
 
-from .facts import (
+from neurodetox.data.facts import (
     RELATIONS,
     SPLITS,
     _assign_splits,

@@ -1,6 +1,6 @@
 """A controlled SeND study: ``send`` vs ``random`` vs ``off`` (and variants) over seeds, with intervals.
 
-``neurodetox experiment`` (see :mod:`neurodetox.experiment.cli`) runs it and
+``neurodetox experiment`` (see :mod:`neurodetox.cli.experiment`) runs it and
 writes ``docs/results/send.md``-style pages. Flow: plan (:mod:`.runs`) →
 train + measure each run (:mod:`.runs`, :mod:`.measure`) → intervals
 (:mod:`.analysis`) → page and figures (:mod:`.report`).
@@ -10,8 +10,8 @@ Detox: Sensitivity Dropout (SenD) for Large Language Model Training",
 arXiv 2410.15460.
 """
 
-from .analysis import METRICS, arm_table, interval, paired_difference, verdict
-from .runs import ARMS, PAPER_VARIANTS, Arm, StudyPlan, plan_study, run_one, run_study
+from neurodetox.experiment.stats import METRICS, arm_table, interval, paired_difference, verdict
+from neurodetox.experiment.runs import ARMS, PAPER_VARIANTS, Arm, StudyPlan, plan_study, run_one, run_study
 
 __all__ = ["ARMS", "PAPER_VARIANTS", "METRICS", "Arm", "StudyPlan", "arm_table", "interval", "paired_difference",
            "plan_study", "run_one", "run_study", "verdict"]

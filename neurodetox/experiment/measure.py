@@ -2,7 +2,7 @@
 
 On two probe sets — the test split (facts never trained on) and the first
 paraphrase prompt of a seeded sample of training facts — one call of
-:func:`neurodetox.evaluation.score_probes` per set gives, on the same samples:
+:func:`neurodetox.metrics.probes.score_probes` per set gives, on the same samples:
 
 * factual accuracy of the greedy answers;
 * mean EigenScore (INSIDE, arXiv 2402.03744) and its detection AUROC against
@@ -37,8 +37,8 @@ def statement_embeddings(model, tokenizer, texts: Sequence[str], site: str, laye
     Returns:
         ``[N, n_sites · n]`` float32 (``n`` neurons per site), in text order.
     """
-    from ..pooling import AttentionMaskTracker, sentence_embedding
-    from ..sites import register_site_hook, resolve_sites
+    from neurodetox.core.pooling import AttentionMaskTracker, sentence_embedding
+    from neurodetox.core.sites import register_site_hook, resolve_sites
 
     sites = resolve_sites(model, site, layers, module_path)
     out: dict[str, list] = {s.key: [] for s in sites}
@@ -84,7 +84,7 @@ def _mean(xs) -> float:
 
 
 def _curves(metrics_jsonl: Path) -> dict[str, list]:
-    from ..report import read_jsonl
+    from neurodetox.reports.training import read_jsonl
 
     rows = read_jsonl(metrics_jsonl)
     pick = {"loss": "loss", "eigenscore": "eval_eigenscore", "accuracy": "eval_factual_accuracy",
@@ -99,7 +99,7 @@ def measure_run(recipe: str, fields: dict[str, str], model_dir, *, paraphrase_pr
 
     Args:
         recipe, fields: the run's recipe and overrides (data, EigenScore settings, SeND site are read from them).
-        model_dir: the run's ``final/`` checkpoint (or any name :func:`neurodetox.models.load_model` takes).
+        model_dir: the run's ``final/`` checkpoint (or any name :func:`neurodetox.core.models.load_model` takes).
         paraphrase_probes: training facts sampled (seed 0) for the paraphrase set.
         n_boot: bootstrap resamples of the AUROC interval.
 
@@ -109,13 +109,13 @@ def measure_run(recipe: str, fields: dict[str, str], model_dir, *, paraphrase_pr
         ``<set>_token_entropy``, ``<set>_ees`` for ``set`` in ``test``, ``paraphrase``, and
         ``reference_perplexity``.
     """
-    from ..data.reference import REFERENCE_TEXTS
-    from ..evaluation import score_probes
-    from ..metrics.ees import dataset_ees
-    from ..models import load_model
-    from ..patching.evaluate import perplexity
-    from ..recipes import parse_recipe
-    from ..run import load_run_data
+    from neurodetox.data.reference import REFERENCE_TEXTS
+    from neurodetox.metrics.probes import score_probes
+    from neurodetox.metrics.ees import dataset_ees
+    from neurodetox.core.models import load_model
+    from neurodetox.patching.edit_metrics import perplexity
+    from neurodetox.send.recipes import parse_recipe
+    from neurodetox.send.run import load_run_data
 
     argv = [x for k, v in fields.items() for x in (f"--{k}", v)]
     _, data_args, _, args, _ = parse_recipe(recipe, argv)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..io import atomic_write_json
+from neurodetox.core.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def plan_study(recipe: str, seeds: Sequence[int], out, *, arms: Sequence[str] = 
             ``field=value``, or a run whose recipe does not parse (unknown field, bad value).
         FileNotFoundError: the recipe does not exist.
     """
-    from ..recipes import parse_recipe
+    from neurodetox.send.recipes import parse_recipe
 
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -189,7 +189,7 @@ def run_one(plan: StudyPlan, arm: Arm, seed: int) -> dict:
     Raises:
         RuntimeError: the training subprocess failed (with the end of its log).
     """
-    from .measure import measure_run
+    from neurodetox.experiment.measure import measure_run
 
     rd = plan.run_dir(arm, seed)
     result_path = rd / "result.json"
@@ -225,8 +225,8 @@ def run_one(plan: StudyPlan, arm: Arm, seed: int) -> dict:
 
 def measure_base(plan: StudyPlan) -> dict:
     """Measure the untrained model once (same probes and sampling seed as every run); cached like a run."""
-    from ..recipes import parse_recipe
-    from .measure import measure_run
+    from neurodetox.send.recipes import parse_recipe
+    from neurodetox.experiment.measure import measure_run
 
     path = plan.out / "runs" / "base" / "result.json"
     fields = {k: v for k, v in plan.train_fields(plan.arms[0], plan.seeds[0]).items() if k != "output_dir"}

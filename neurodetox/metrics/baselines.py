@@ -7,7 +7,7 @@ similarity (mean pairwise ROUGE-L between the sampled answers; Lin et al.,
 "Generating with Confidence", arXiv 2305.19187). "The Illusion of Progress"
 (EMNLP 2025) adds that answer length alone is a strong baseline. All take the
 per-token log-probabilities / strings that
-:func:`neurodetox.sampling.sample_answers` (``return_logprobs=True``) returns,
+:func:`neurodetox.metrics.sampling.sample_answers` (``return_logprobs=True``) returns,
 so no extra forward pass is needed.
 
 Orientation: :data:`HALLUCINATION_DIRECTION` gives, per score, ``+1`` when a
@@ -56,7 +56,7 @@ def perplexity(logprobs: Sequence[float]) -> float:
 
     Args:
         logprobs: the natural-log probabilities of the answer's ``T ≥ 1`` scored
-            tokens (for :func:`~neurodetox.sampling.sample_answers`: its real
+            tokens (for :func:`~neurodetox.metrics.sampling.sample_answers`: its real
             tokens and the EOS that ended it, under the raw distribution).
 
     Returns:

@@ -85,7 +85,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from .eigenscore import _check as _check_embeddings
+from neurodetox.metrics.eigenscore import _check as _check_embeddings
 
 __all__ = [
     "EESResult",
@@ -812,7 +812,7 @@ def efficient_eigenscore(
         return EESResult(value=v, error=e, method=route, details=det)
     if method in ("exact", "exact-direct", "exact-gram") or (method == "auto" and _auto_route(*zc.shape[1:]) == "exact"):
         # batched exact: one eigvalsh over [P, m, m]
-        from .eigenscore import eigenscore
+        from neurodetox.metrics.eigenscore import eigenscore
 
         t0 = time.perf_counter()
         n, d = zc.shape[1:]

@@ -6,7 +6,7 @@ Hallucination Detection", ICLR 2024, arXiv 2402.03744 (see
 
 For one prompt, ``K`` answers are sampled and each is embedded by the hidden
 state of the model's middle layer at its last generated token (see
-:func:`neurodetox.sampling.sample_answers`). With ``Z`` the ``[K, d]`` matrix of
+:func:`neurodetox.metrics.sampling.sample_answers`). With ``Z`` the ``[K, d]`` matrix of
 those embeddings,
 
 * ``Σ = torch.cov(Z)``: a ``K × K`` matrix; each embedding is centred over its

@@ -15,7 +15,7 @@ specificity, perplexity drift) → ``cli`` (``neurodetox patch ...``).
 
 Typical use::
 
-    from neurodetox.models import load_model
+    from neurodetox.core.models import load_model
     from neurodetox.patching import repair, apply_to_checkpoint, bind_to_checkpoint
 
     model, tok = load_model("runs/demo/final")
@@ -25,8 +25,8 @@ Typical use::
     apply_to_checkpoint("runs/demo/final", patch, out="runs/demo/final-patched")
 """
 
-from .analysis import decode_neuron, decode_vector, entropy_neuron_scores, entropy_neurons, value_vector
-from .checkpoint import (
+from neurodetox.patching.neurons import decode_neuron, decode_vector, entropy_neuron_scores, entropy_neurons, value_vector
+from neurodetox.patching.checkpoint import (
     CheckpointError,
     CheckpointInfo,
     apply_to_checkpoint,
@@ -38,13 +38,13 @@ from .checkpoint import (
     revert_checkpoint,
     verify_checkpoint,
 )
-from .direction import SemanticSpace, semantic_space
-from .evaluate import compare, evaluate_patch, measure_model, perplexity
-from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures, teacher_forced_argmax
-from .locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, locate, neuron_scores
-from .mint import UPDATE_RULES, EditResult, FailureResult, MintSettings, RepairReport, repair, update_rule
-from .patchfile import ParamPatch, PatchError, PatchMismatchError, PatchSet, tensor_sha256
-from .protect import ReferenceProtection
+from neurodetox.patching.direction import SemanticSpace, semantic_space
+from neurodetox.patching.edit_metrics import compare, evaluate_patch, measure_model, perplexity
+from neurodetox.patching.failures import Edit, Failure, coerce_edits, encode_edit, find_failures, teacher_forced_argmax
+from neurodetox.patching.locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, locate, neuron_scores
+from neurodetox.patching.mint import UPDATE_RULES, EditResult, FailureResult, MintSettings, RepairReport, repair, update_rule
+from neurodetox.patching.patchfile import ParamPatch, PatchError, PatchMismatchError, PatchSet, tensor_sha256
+from neurodetox.patching.protect import ReferenceProtection
 
 __all__ = [
     "ReferenceProtection",

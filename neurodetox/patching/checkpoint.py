@@ -44,7 +44,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .patchfile import PatchError, PatchMismatchError, PatchSet, tensor_sha256
+from neurodetox.patching.patchfile import PatchError, PatchMismatchError, PatchSet, tensor_sha256
 
 __all__ = [
     "CheckpointError", "CheckpointInfo", "inspect_checkpoint", "read_tensors", "checkpoint_states",

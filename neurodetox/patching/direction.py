@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..sites import base_model
+from neurodetox.core.sites import base_model
 
 __all__ = ["SemanticSpace", "semantic_space", "final_norm", "final_norm_gain", "range_normalise"]
 

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..logits import tail_logits
+from neurodetox.core.logits import tail_logits
 
 __all__ = ["Edit", "Failure", "encode_edit", "teacher_forced_argmax", "find_failures", "still_failing", "coerce_edits"]
 

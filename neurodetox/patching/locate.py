@@ -29,9 +29,9 @@ from typing import Collection, Optional, Sequence
 import torch
 from torch import nn
 
-from ..logits import tail_logits
-from ..sites import NeuronSite, register_site_hook, value_vector_parameter
-from .direction import SemanticSpace, final_norm
+from neurodetox.core.logits import tail_logits
+from neurodetox.core.sites import NeuronSite, register_site_hook, value_vector_parameter
+from neurodetox.patching.direction import SemanticSpace, final_norm
 
 __all__ = ["LOCATORS", "DEFAULT_REFERENCE_PROMPTS", "Candidate", "ReferenceStats", "neuron_scores", "top_candidates",
            "locate", "reference_stats", "reference_rms"]

@@ -66,15 +66,15 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..logits import tail_logits
-from ..sites import NeuronSite, base_model, decoder_layers, resolve_sites, value_vector_parameter
-from .analysis import entropy_neurons
-from .direction import semantic_space
-from .failures import Edit, Failure, coerce_edits, encode_edit, find_failures, right_pad, still_failing
-from .direction import final_norm_gain
-from .locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, neuron_scores, reference_stats, top_candidates
-from .patchfile import ParamPatch, PatchSet
-from .protect import ReferenceProtection
+from neurodetox.core.logits import tail_logits
+from neurodetox.core.sites import NeuronSite, base_model, decoder_layers, resolve_sites, value_vector_parameter
+from neurodetox.patching.neurons import entropy_neurons
+from neurodetox.patching.direction import semantic_space
+from neurodetox.patching.failures import Edit, Failure, coerce_edits, encode_edit, find_failures, right_pad, still_failing
+from neurodetox.patching.direction import final_norm_gain
+from neurodetox.patching.locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, neuron_scores, reference_stats, top_candidates
+from neurodetox.patching.patchfile import ParamPatch, PatchSet
+from neurodetox.patching.protect import ReferenceProtection
 
 __all__ = ["MintSettings", "FailureResult", "EditResult", "RepairReport", "repair", "update_rule", "UPDATE_RULES"]
 
@@ -151,7 +151,7 @@ class MintSettings:
         candidates: size of the candidate pool (global top-k). Default 10.
         max_patches: patches per failure before it is undone and skipped. Default 10.
         layers: layers searched (site ``mlp``), a spec of
-            :func:`neurodetox.sites.parse_layers`. Default ``"last_sixth"``
+            :func:`neurodetox.core.sites.parse_layers`. Default ``"last_sixth"``
             (the last ``L//6`` blocks, blocks 25–29 of SmolLM2-135M), not
             methods.md's ``"second_half"``: on 20 wrong facts of the demo
             model (guard on, reference prompts of all three relations), each
@@ -1296,7 +1296,7 @@ def repair(
 
     Args:
         model: a transformers causal LM of a family known to
-            :mod:`neurodetox.sites` (patched: the value vectors of FFN neurons
+            :mod:`neurodetox.core.sites` (patched: the value vectors of FFN neurons
             of ``settings.layers``; compute in the model's dtype, updates in
             float32).
         tokenizer: its tokenizer (targets are tokenised once, see

@@ -34,7 +34,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..io import atomic_save_safetensors, atomic_write_json
+from neurodetox.core.io import atomic_save_safetensors, atomic_write_json
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "ParamPatch", "PatchSet", "PatchError", "PatchMismatchError",
@@ -151,7 +151,7 @@ def _installed_versions() -> dict[str, str]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             if dist == "neurodetox":
-                from .. import __version__
+                from neurodetox import __version__
 
                 out[dist] = __version__
     return out

@@ -41,8 +41,8 @@ from typing import Optional
 
 import torch
 
-from .direction import SemanticSpace
-from .locate import Candidate, ReferenceStats
+from neurodetox.patching.direction import SemanticSpace
+from neurodetox.patching.locate import Candidate, ReferenceStats
 
 __all__ = ["ReferenceProtection"]
 

@@ -1,6 +1,5 @@
-"""SeND training: :class:`SeNDTrainer` and its :class:`SeNDConfig`."""
+"""Compatibility alias: ``neurodetox.trainer`` re-exports :mod:`neurodetox.send`."""
 
-from .config import SeNDConfig
-from .send_trainer import SeNDTrainer, last_checkpoint
+from neurodetox.send import SeNDConfig, SeNDTrainer, last_checkpoint
 
 __all__ = ["SeNDConfig", "SeNDTrainer", "last_checkpoint"]

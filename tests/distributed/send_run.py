@@ -18,10 +18,10 @@ sys.path.insert(0, os.path.dirname(HERE))  # tests/ for conftest helpers
 
 from conftest import make_tiny_llama, make_tokenizer  # noqa: E402
 
-from neurodetox.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback  # noqa: E402
+from neurodetox.send.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback  # noqa: E402
 from neurodetox.data.lm import tokenize_texts  # noqa: E402
-from neurodetox.distributed import rank, world_size  # noqa: E402
-from neurodetox.trainer import SeNDConfig, SeNDTrainer  # noqa: E402
+from neurodetox.core.distributed import rank, world_size  # noqa: E402
+from neurodetox.send import SeNDConfig, SeNDTrainer  # noqa: E402
 
 WORDS = ("the capital of france is paris germany berlin italy rome spain madrid located in continent europe "
          "asia africa currency euro dollar yen japan tokyo").split()

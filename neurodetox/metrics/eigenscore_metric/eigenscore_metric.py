@@ -5,7 +5,7 @@
     metric.compute(embeddings=[emb_prompt_1, emb_prompt_2, ...], alpha=1e-3)
 
 Each prediction is one prompt's ``[K, d]`` matrix of answer embeddings (e.g.
-``SampledAnswers.embeddings[p]`` from :func:`neurodetox.sampling.sample_answers`).
+``SampledAnswers.embeddings[p]`` from :func:`neurodetox.metrics.sampling.sample_answers`).
 The score is INSIDE's EigenScore (Chen et al., "INSIDE: LLMs' Internal States
 Retain the Power of Hallucination Detection", ICLR 2024, arXiv 2402.03744):
 ``(1/K) Σ_k ln(λ_k(Σ) + α)`` with ``Σ = torch.cov(Z)`` (``K × K``). It is

@@ -24,12 +24,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .metrics.baselines import HALLUCINATION_DIRECTION, length_normalized_entropy, lexical_similarity, perplexity
-from .metrics.detection import detection_summary
-from .metrics.ees import efficient_eigenscore
-from .metrics.eigenscore import eigenscore
-from .metrics.factual import is_correct
-from .sampling import POOLINGS, FeatureClipper, sample_answers
+from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION, length_normalized_entropy, lexical_similarity, perplexity
+from neurodetox.metrics.auroc import detection_summary
+from neurodetox.metrics.ees import efficient_eigenscore
+from neurodetox.metrics.eigenscore import eigenscore
+from neurodetox.metrics.factual import is_correct
+from neurodetox.metrics.sampling import POOLINGS, FeatureClipper, sample_answers
 
 __all__ = ["EigenScoreSettings", "ProbeResult", "DetectionResult", "evaluate_probes", "score_probes",
            "settings_dict", "SCORE_NAMES"]
@@ -192,7 +192,7 @@ def score_probes(model, tokenizer, prompts: Sequence[str], aliases: Sequence[Seq
     answer, length-normalised entropy and lexical similarity (mean pairwise
     ROUGE-L) of the ``K`` samples, and the greedy answer's length in tokens.
     With ``clipped=True`` a second sampled ``generate`` runs with INSIDE's
-    feature clipping (:class:`neurodetox.sampling.FeatureClipper`, a fresh bank)
+    feature clipping (:class:`neurodetox.metrics.sampling.FeatureClipper`, a fresh bank)
     for the feature-clipped EigenScore; its greedy answers are not recomputed
     (labels come from the unclipped model).
 
@@ -210,7 +210,7 @@ def score_probes(model, tokenizer, prompts: Sequence[str], aliases: Sequence[Seq
 
     Raises:
         ValueError: empty probe set; mismatched lengths; bad settings; and
-            everything :func:`neurodetox.sampling.sample_answers` raises (prompt
+            everything :func:`neurodetox.metrics.sampling.sample_answers` raises (prompt
             longer than the context, layer out of range, ...).
 
     Warns:

@@ -128,7 +128,7 @@ def detection_summary(scores: Mapping[str, Sequence[float]], correct: Sequence[b
         ``{name: {"auroc", "ci_low", "ci_high", "direction", "n", "n_hallucinated"}}``;
         ``auroc`` is NaN (with a ``"note"``) when a score cannot be evaluated.
     """
-    from .baselines import HALLUCINATION_DIRECTION
+    from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION
 
     dirs = dict(HALLUCINATION_DIRECTION)
     dirs.update(directions or {})

@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .sites import base_model
+from neurodetox.core.sites import base_model
 
 __all__ = ["tail_logits"]
 

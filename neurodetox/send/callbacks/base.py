@@ -8,13 +8,13 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from ..runtime import checkpoint_dir
+from neurodetox.core.runtime import checkpoint_dir
 
 
 class CheckpointedCallback(TrainerCallback):
     """A callback that saves its state inside each Trainer checkpoint folder.
 
-    :class:`neurodetox.trainer.SeNDTrainer` calls :meth:`save_state` while the
+    :class:`neurodetox.send.SeNDTrainer` calls :meth:`save_state` while the
     checkpoint is still being assembled (so the checkpoint is complete or
     absent) and :meth:`load_state` when resuming. With a plain
     ``transformers.Trainer`` the state is written in ``on_save`` and you call

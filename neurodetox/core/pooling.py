@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .sites import base_model
+from neurodetox.core.sites import base_model
 
 
 class AttentionMaskTracker:

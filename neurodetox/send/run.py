@@ -19,14 +19,17 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from .callbacks import EigenScoreCallback, JsonlMetricsCallback, SensitiveNeuronDropoutCallback
-from .callbacks.eigenscore import evaluate_probes_all_ranks
-from .data import load_facts
-from .data.lm import tokenize_texts
-from .io import atomic_write_json
-from .models import load_model
-from .recipes import DataArguments, ModelArguments, RunArguments
-from .trainer import SeNDConfig, SeNDTrainer, last_checkpoint
+from neurodetox.metrics.callback import EigenScoreCallback
+from neurodetox.reports.metrics_log import JsonlMetricsCallback
+from neurodetox.send.callbacks import SensitiveNeuronDropoutCallback
+from neurodetox.metrics.callback import evaluate_probes_all_ranks
+from neurodetox.data import load_facts
+from neurodetox.data.lm import tokenize_texts
+from neurodetox.core.io import atomic_write_json
+from neurodetox.core.models import load_model
+from neurodetox.send.recipes import DataArguments, ModelArguments, RunArguments
+from neurodetox.send.config import SeNDConfig
+from neurodetox.send.trainer import SeNDTrainer, last_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +311,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
     if trainer.is_world_process_zero():
         if after is not None:
             atomic_write_json(Path(args.output_dir) / "probes_after.json", {**after.metrics(), "records": after.records})
-        from .report import plot_training_curves
+        from neurodetox.reports.training import plot_training_curves
 
         plot_training_curves(Path(args.output_dir) / "metrics.jsonl", Path(args.output_dir) / "training_curves.png")
         atomic_write_json(Path(args.output_dir) / "summary.json", summary)

@@ -8,7 +8,7 @@ the authors' code) and, for each answer, the hidden state of the **middle
 layer** at the answer's **last generated real token**, plus the greedy answer
 whose correctness is the evaluation label.
 
-How the embedding is captured. One observer hook (``neurodetox.sites``) sits on
+How the embedding is captured. One observer hook (``neurodetox.core.sites``) sits on
 the output of the chosen decoder block while ``model.generate`` runs. At
 decoding step ``s`` the model processes the token generated at step ``s − 1``,
 so the hook's ``activation[:, -1]`` at step ``s`` is the embedding of generated
@@ -51,7 +51,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .sites import LayerSpec, NeuronSite, base_model, register_site_hook, resolve_sites
+from neurodetox.core.sites import LayerSpec, NeuronSite, base_model, register_site_hook, resolve_sites
 
 __all__ = ["SampledAnswers", "FeatureClipper", "sample_answers", "greedy_answers", "POOLINGS"]
 
@@ -245,7 +245,7 @@ class FeatureClipper:
     Args:
         bank_size: activations kept (FIFO). Default 3000.
         percentile: lower percentile in percent, ``0 ≤ p < 50``. Default 0.2.
-        layer: the clipped block, any spec of :func:`neurodetox.sites.parse_layers`
+        layer: the clipped block, any spec of :func:`neurodetox.core.sites.parse_layers`
             naming one block. Default ``"penultimate"``.
         min_tokens: bank fill needed before clamping starts. Default 500
             (or ``bank_size`` if smaller).
@@ -437,7 +437,7 @@ def lockstep_forwards() -> bool:
     Under ZeRO-3 each forward all-gathers the partitioned parameters, so a
     forward that runs on one rank only hangs the others.
     """
-    from .distributed import is_distributed, world_size, zero3_enabled
+    from neurodetox.core.distributed import is_distributed, world_size, zero3_enabled
 
     return is_distributed() and world_size() > 1 and zero3_enabled()
 
@@ -661,13 +661,13 @@ def sample_answers(
 
     Args:
         model: a transformers causal LM of a family known to
-            :mod:`neurodetox.sites` (PEFT-wrapped allowed).
+            :mod:`neurodetox.core.sites` (PEFT-wrapped allowed).
         tokenizer: its tokenizer; without a pad token the EOS token pads.
         prompts: ``P`` prompt strings.
         k: samples per prompt, >= 2. Default 10.
         temperature, top_p, top_k: sampling settings passed to ``generate``.
         max_new_tokens: most tokens per answer. Default 10.
-        layer: one decoder block, as :func:`neurodetox.sites.parse_layers`
+        layer: one decoder block, as :func:`neurodetox.core.sites.parse_layers`
             accepts (``"middle"`` = block ``(L+1)//2 - 1``, INSIDE's
             ``hidden_states[len(hidden_states)//2]``). Default ``"middle"``.
         batch_size: prompts per ``generate`` call (the sampled call runs

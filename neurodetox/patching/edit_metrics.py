@@ -39,11 +39,11 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..logits import tail_logits
-from ..metrics.factual import is_correct, normalize_answer
-from ..sampling import greedy_answers
-from .failures import Edit, coerce_edits, encode_edit, teacher_forced_argmax
-from .patchfile import PatchSet
+from neurodetox.core.logits import tail_logits
+from neurodetox.metrics.factual import is_correct, normalize_answer
+from neurodetox.metrics.sampling import greedy_answers
+from neurodetox.patching.failures import Edit, coerce_edits, encode_edit, teacher_forced_argmax
+from neurodetox.patching.patchfile import PatchSet
 
 __all__ = ["measure_model", "compare", "evaluate_patch", "perplexity", "answer_span", "next_token_predictions"]
 

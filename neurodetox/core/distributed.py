@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .statistics import RunningMoments
+from neurodetox.core.moments import RunningMoments
 
 
 def is_distributed() -> bool:

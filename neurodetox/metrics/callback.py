@@ -7,13 +7,13 @@ from typing import Optional, Sequence
 
 from transformers import TrainerCallback
 
-from ..distributed import all_gather_objects, is_distributed, rank, shard, unshard
-from ..evaluation import EigenScoreSettings, ProbeResult, evaluate_probes
+from neurodetox.core.distributed import all_gather_objects, is_distributed, rank, shard, unshard
+from neurodetox.metrics.probes import EigenScoreSettings, ProbeResult, evaluate_probes
 
 
 def evaluate_probes_all_ranks(model, tokenizer, prompts, aliases, settings: Optional[EigenScoreSettings] = None,
                               show_progress: bool = False) -> ProbeResult:
-    """:func:`neurodetox.evaluation.evaluate_probes` that also works on several processes.
+    """:func:`neurodetox.metrics.probes.evaluate_probes` that also works on several processes.
 
     Single process: a plain call. Distributed: prompts are dealt to ranks
     (padded so every rank makes the same number of ``generate`` calls, which
@@ -40,7 +40,7 @@ class EigenScoreCallback(TrainerCallback):
     ``generate``, embeds each at the middle layer's last generated token and
     computes the exact EigenScore per prompt (Chen et al., "INSIDE",
     arXiv 2402.03744); also the factual accuracy of greedy answers.
-    :class:`neurodetox.trainer.SeNDTrainer` merges :meth:`compute_metrics`
+    :class:`neurodetox.send.SeNDTrainer` merges :meth:`compute_metrics`
     into the evaluation metrics before they are logged, so they reach every
     reporter as ``eval_eigenscore`` and ``eval_factual_accuracy``.
 
@@ -48,7 +48,7 @@ class EigenScoreCallback(TrainerCallback):
         tokenizer: the model's tokenizer.
         prompts: probe prompts ``P``.
         aliases: accepted answers per prompt.
-        settings: :class:`neurodetox.evaluation.EigenScoreSettings`.
+        settings: :class:`neurodetox.metrics.probes.EigenScoreSettings`.
 
     Attributes:
         history: list of ``(global_step, ProbeResult)``.

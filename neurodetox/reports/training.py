@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import atomic_write
+from neurodetox.core.io import atomic_write
 
 
 def read_jsonl(path) -> list[dict]:

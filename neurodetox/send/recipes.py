@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import yaml
 from transformers import HfArgumentParser
 
-from .trainer.config import SeNDConfig
+from neurodetox.send.config import SeNDConfig
 
 
 @dataclass

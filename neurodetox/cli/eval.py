@@ -7,7 +7,7 @@ For every probe prompt: the greedy answer and whether it is correct (gold
 answer or an alias, after normalisation), and, on the same ``K`` samples,
 EigenScore (exact and by EES), the feature-clipped EigenScore, perplexity,
 length-normalised entropy, lexical similarity and answer length
-(:func:`neurodetox.evaluation.score_probes`). Writes ``eval.json`` (per-prompt
+(:func:`neurodetox.metrics.probes.score_probes`). Writes ``eval.json`` (per-prompt
 records and the summary, atomically), ``roc.png`` and prints a table; with
 ``--report`` also a Markdown results page.
 """
@@ -115,8 +115,8 @@ def write_roc_png(records: Sequence[dict], summary: dict, path: Path, title: str
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .io import atomic_write
-    from .metrics.detection import roc_points
+    from neurodetox.core.io import atomic_write
+    from neurodetox.metrics.auroc import roc_points
 
     fig, ax = plt.subplots(figsize=(6.2, 5.4))
     y = np.array([not r["correct"] for r in records])
@@ -163,8 +163,8 @@ def _table(summary: dict, title: str):
 def _per_relation(records: Sequence[dict], names: Sequence[str]) -> list[dict]:
     import numpy as np
 
-    from .metrics.baselines import HALLUCINATION_DIRECTION
-    from .metrics.detection import auroc
+    from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION
+    from neurodetox.metrics.auroc import auroc
 
     rows = []
     by_rel: dict = defaultdict(list)
@@ -189,8 +189,8 @@ def render_report(result: dict, roc_png: Optional[str] = None) -> str:
     """The Markdown results page for an ``eval.json`` dict (see :func:`cmd_eval`)."""
     import numpy as np
 
-    from .metrics.baselines import HALLUCINATION_DIRECTION
-    from .metrics.detection import paired_auroc_difference
+    from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION
+    from neurodetox.metrics.auroc import paired_auroc_difference
 
     summ = result["summary"]
     recs = result["records"]
@@ -326,9 +326,9 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
     from rich.console import Console
 
-    from .data import load_facts
-    from .evaluation import EigenScoreSettings, score_probes
-    from .io import atomic_write_json, atomic_write_text
+    from neurodetox.data import load_facts
+    from neurodetox.metrics.probes import EigenScoreSettings, score_probes
+    from neurodetox.core.io import atomic_write_json, atomic_write_text
 
     console = Console()
     if args.max_probes is not None and args.max_probes < 1:
@@ -348,7 +348,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
     if not records:
         return _fail(f"no probes in split {args.split!r} of {args.data!r} (empty probe set)")
     try:
-        from .models import load_model
+        from neurodetox.core.models import load_model
 
         model, tok = load_model(args.model, dtype=args.dtype)
     except (ValueError, FileNotFoundError, OSError, ModuleNotFoundError) as e:

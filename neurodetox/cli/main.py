@@ -29,7 +29,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    from .recipes import make_parser, parse_recipe
+    from neurodetox.send.recipes import make_parser, parse_recipe
 
     if any(a in ("-h", "--help") for a in argv):
         parser = make_parser()
@@ -50,8 +50,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     _setup_logging()
     from rich.console import Console
 
-    from .report import summary_table
-    from .run import run_training
+    from neurodetox.reports.training import summary_table
+    from neurodetox.send.run import run_training
 
     try:
         summary = run_training(model_args, data_args, run_args, train_args, peft_config)
@@ -64,7 +64,7 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_data(argv: Sequence[str]) -> int:
-    from .data import RELATIONS
+    from neurodetox.data import RELATIONS
 
     p = argparse.ArgumentParser(prog="neurodetox data", description="Build datasets.")
     sub = p.add_subparsers(dest="what", required=True)
@@ -77,7 +77,7 @@ def cmd_data(argv: Sequence[str]) -> int:
     f.add_argument("--max-facts-per-relation", type=int, default=None)
     f.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty folder.")
     a = p.parse_args(list(argv))
-    from .data import build_fact_dataset, write_fact_dataset
+    from neurodetox.data import build_fact_dataset, write_fact_dataset
 
     try:
         ds = build_fact_dataset(relations=tuple(r.strip() for r in a.relations.split(",") if r.strip()),
@@ -91,20 +91,20 @@ def cmd_data(argv: Sequence[str]) -> int:
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    from .detection import cmd_eval as run
+    from neurodetox.cli.eval import cmd_eval as run
 
     return run(argv)
 
 
 def cmd_experiment(argv: Sequence[str]) -> int:
-    from .experiment.cli import cmd_experiment as run
+    from neurodetox.cli.experiment import cmd_experiment as run
 
     _setup_logging()
     return run(argv)
 
 
 def cmd_patch(argv: Sequence[str]) -> int:
-    from .patching.cli import cmd_patch as run
+    from neurodetox.cli.patch import cmd_patch as run
 
     return run(argv)
 
@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\ncommands: " + ", ".join(COMMANDS) + "   (neurodetox COMMAND --help)")
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from neurodetox import __version__
 
         print(__version__)
         return 0

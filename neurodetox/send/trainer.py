@@ -10,13 +10,13 @@ from typing import Optional, Sequence
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from ..callbacks.activation_stats import ActivationStatsCallback
-from ..callbacks.base import CheckpointedCallback
-from ..callbacks.eigenscore import EigenScoreCallback
-from ..callbacks.sensitive_dropout import SensitiveNeuronDropoutCallback
-from ..data.lm import CausalLMCollator
-from ..runtime import PREFIX_CHECKPOINT_DIR
-from .config import SeNDConfig
+from neurodetox.send.callbacks.activation_stats import ActivationStatsCallback
+from neurodetox.send.callbacks.base import CheckpointedCallback
+from neurodetox.metrics.callback import EigenScoreCallback
+from neurodetox.send.callbacks.sensitive_dropout import SensitiveNeuronDropoutCallback
+from neurodetox.data.lm import CausalLMCollator
+from neurodetox.core.runtime import PREFIX_CHECKPOINT_DIR
+from neurodetox.send.config import SeNDConfig
 
 _STAGING = ".partial-checkpoints"
 _CKPT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -43,11 +43,11 @@ class SeNDTrainer(Trainer):
     Training", arXiv 2410.15460. With a :class:`SeNDConfig` it adds, from the
     config's fields:
 
-    * :class:`~neurodetox.callbacks.ActivationStatsCallback` (unless
+    * :class:`~neurodetox.send.callbacks.ActivationStatsCallback` (unless
       ``activation_stats_site == "none"``),
-    * :class:`~neurodetox.callbacks.SensitiveNeuronDropoutCallback` (unless
+    * :class:`~neurodetox.send.callbacks.SensitiveNeuronDropoutCallback` (unless
       ``send_mode == "off"``), fed by ``tracking_dataset``,
-    * :class:`~neurodetox.callbacks.EigenScoreCallback` on the first
+    * :class:`~neurodetox.metrics.callback.EigenScoreCallback` on the first
       ``eigenscore_num_prompts`` probes, if probes are given.
 
     Beyond ``Trainer`` it (1) writes each checkpoint into a staging folder
@@ -82,7 +82,7 @@ class SeNDTrainer(Trainer):
     def _add_configured_callbacks(self, args, tracking_dataset, probe_prompts, probe_aliases, tok):
         if args.activation_stats_site != "none":
             cb = ActivationStatsCallback(args.activation_stats_site, args.activation_stats_layers, None)
-            from ..sites import resolve_sites
+            from neurodetox.core.sites import resolve_sites
 
             resolve_sites(self.model, cb.site, cb.layers)  # fail now on a bad site or layer
             self.add_callback(cb)
@@ -98,7 +98,7 @@ class SeNDTrainer(Trainer):
                 batch_size=args.send_tracking_batch_size, seed=args.seed, module_path=args.send_module_path,
                 show_progress=not args.disable_tqdm, stop_loss=args.send_stop_loss, stop_ees=args.send_stop_ees,
                 ees_alpha=args.eigenscore_alpha)
-            from ..sites import assert_sites_reached, resolve_sites
+            from neurodetox.core.sites import assert_sites_reached, resolve_sites
 
             sites = resolve_sites(self.model, args.send_site, args.send_layers, args.send_module_path)
             if not any(hasattr(p, "ds_id") for p in self.model.parameters()):

@@ -7,13 +7,13 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from ..callbacks.sensitive_dropout import SEND_MODES
-from ..sites import SITE_KINDS
+from neurodetox.send.sensitivity import SEND_MODES
+from neurodetox.core.sites import SITE_KINDS
 
 
 @dataclass
 class SeNDConfig(TrainingArguments):
-    """Training arguments for :class:`neurodetox.trainer.SeNDTrainer`.
+    """Training arguments for :class:`neurodetox.send.SeNDTrainer`.
 
     Defaults of the ``send_*`` fields are the paper's (Mohammadzadeh et al.,
     arXiv 2410.15460): K = 0.2, C = 3, T = 3, site = residual output of the
@@ -104,8 +104,8 @@ class SeNDConfig(TrainingArguments):
                 raise ValueError(f"{name}={value!r} is invalid: must be {valid}")
 
     def eigenscore_settings(self):
-        """The ``eigenscore_*`` fields as :class:`neurodetox.evaluation.EigenScoreSettings`."""
-        from ..evaluation import EigenScoreSettings
+        """The ``eigenscore_*`` fields as :class:`neurodetox.metrics.probes.EigenScoreSettings`."""
+        from neurodetox.metrics.probes import EigenScoreSettings
 
         return EigenScoreSettings(
             k=self.eigenscore_k, temperature=self.eigenscore_temperature, top_p=self.eigenscore_top_p,

@@ -17,17 +17,16 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..distributed import all_gather_objects, broadcast_object, is_distributed, rank, shard, unshard, zero3_enabled
-from ..dropout import NeuronDropout
-from ..io import atomic_save_safetensors, atomic_write_json
-from ..pooling import AttentionMaskTracker, sentence_embedding
-from ..sensitivity import random_fraction, sensitivity_scores, top_fraction
-from ..sites import LayerSpec, register_site_hook, resolve_sites
-from .base import CheckpointedCallback
+from neurodetox.core.distributed import all_gather_objects, broadcast_object, is_distributed, rank, shard, unshard, zero3_enabled
+from neurodetox.send.masks import NeuronDropout
+from neurodetox.core.io import atomic_save_safetensors, atomic_write_json
+from neurodetox.core.pooling import AttentionMaskTracker, sentence_embedding
+from neurodetox.send.sensitivity import SEND_MODES, random_fraction, sensitivity_scores, top_fraction
+from neurodetox.core.sites import LayerSpec, register_site_hook, resolve_sites
+from neurodetox.send.callbacks.base import CheckpointedCallback
 
 logger = logging.getLogger(__name__)
 
-SEND_MODES = ("send", "random", "off")
 
 
 class _TrackingForwardDone(Exception):
@@ -42,7 +41,7 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
     and at the end of every window, each tracking item's sentence embedding
     ``½(mean over real tokens + last real token)`` is recorded at the site,
     in eval mode and with no mask. Once ``num_checkpoints`` (``C``) recordings
-    exist, the sensitivity ``V_i`` (:func:`neurodetox.sensitivity.sensitivity_scores`)
+    exist, the sensitivity ``V_i`` (:func:`neurodetox.send.sensitivity.sensitivity_scores`)
     over the last ``C`` picks the top ``drop_fraction`` (``K``) of neurons per
     layer, which are zeroed in every training forward pass for the next
     ``drop_windows`` (``T``) windows; then the selection is recomputed from
@@ -240,7 +239,7 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         emb = self.record_embeddings(model)
         self.history.append(emb)
         self.history_steps.append(step)
-        from ..metrics.ees import dataset_ees
+        from neurodetox.metrics.ees import dataset_ees
 
         res = dataset_ees(torch.cat([emb[k] for k in sorted(emb)], dim=1), alpha=self.ees_alpha)
         self.ees_history.append({"step": step, "ees": float(res.value), "error": float(res.error)})

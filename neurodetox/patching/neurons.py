@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..sites import resolve_sites, value_vector_parameter
-from .direction import final_norm_gain, semantic_space
+from neurodetox.core.sites import resolve_sites, value_vector_parameter
+from neurodetox.patching.direction import final_norm_gain, semantic_space
 
 __all__ = ["entropy_neuron_scores", "entropy_neurons", "decode_vector", "decode_neuron", "value_vector"]
 

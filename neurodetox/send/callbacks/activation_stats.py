@@ -9,13 +9,13 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from ..distributed import is_distributed, merge_moments, rank
-from ..io import atomic_save_safetensors
-from ..pooling import AttentionMaskTracker, real_tokens
-from ..runtime import in_backward_recompute
-from ..sites import LayerSpec, resolve_sites
-from ..statistics import RunningMoments
-from .base import CheckpointedCallback
+from neurodetox.core.distributed import is_distributed, merge_moments, rank
+from neurodetox.core.io import atomic_save_safetensors
+from neurodetox.core.pooling import AttentionMaskTracker, real_tokens
+from neurodetox.core.runtime import in_backward_recompute
+from neurodetox.core.sites import LayerSpec, resolve_sites
+from neurodetox.core.moments import RunningMoments
+from neurodetox.send.callbacks.base import CheckpointedCallback
 
 
 class ActivationStatsCallback(CheckpointedCallback):
@@ -23,15 +23,15 @@ class ActivationStatsCallback(CheckpointedCallback):
 
     Counts real (non-padding) tokens of **training** forward passes only
     (module in training mode, outside a gradient-checkpoint recompute), in
-    float64 with the Chan/Welford merge (:class:`neurodetox.statistics.RunningMoments`).
+    float64 with the Chan/Welford merge (:class:`neurodetox.core.moments.RunningMoments`).
     The moments are saved as ``neurodetox_activation_stats.safetensors`` in
     every checkpoint and restored on resume. A summary (tokens counted, mean
     per-neuron variance per site) is added to the training logs by
-    :class:`neurodetox.trainer.SeNDTrainer`.
+    :class:`neurodetox.send.SeNDTrainer`.
 
     Args:
         site: ``"mlp"`` (default) or ``"residual"``.
-        layers: layer spec (see :func:`neurodetox.sites.parse_layers`), default ``"all"``.
+        layers: layer spec (see :func:`neurodetox.core.sites.parse_layers`), default ``"all"``.
         module_path: explicit module path for unknown architectures.
 
     Attributes:
@@ -53,7 +53,7 @@ class ActivationStatsCallback(CheckpointedCallback):
         """Resolve sites and install observer hooks on ``model`` (idempotent)."""
         if self._handles:
             return
-        from ..sites import register_site_hook
+        from neurodetox.core.sites import register_site_hook
 
         self._sites = resolve_sites(model, self.site, self.layers, self.module_path)
         for s in self._sites:

@@ -8,8 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..io import atomic_write
-from .analysis import METRICS, arm_table, fmt, fmt_interval, paired_difference, verdict
+from neurodetox.core.io import atomic_write
+from neurodetox.experiment.stats import METRICS, arm_table, fmt, fmt_interval, paired_difference, verdict
 
 __all__ = ["CURVES", "plot_curves", "render_markdown"]
 

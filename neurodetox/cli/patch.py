@@ -97,7 +97,7 @@ def _read_lines(path: str) -> list[str]:
 
 
 def _checkpoint_path(name: str) -> Path:
-    from ..models import resolve_model_path
+    from neurodetox.core.models import resolve_model_path
 
     path, gguf = resolve_model_path(name)
     if gguf:
@@ -142,7 +142,7 @@ def _edit_table(report) -> Any:
 
 
 def _settings_from_args(a) -> Any:
-    from .mint import MintSettings
+    from neurodetox.patching.mint import MintSettings
 
     steps = tuple(float(x) for x in a.alpha_steps.split(",")) if a.alpha_steps else (1.0,)
     return MintSettings(update=a.update, alpha=a.alpha, alpha_steps=steps, locator=a.locator,
@@ -155,8 +155,8 @@ def _settings_from_args(a) -> Any:
 
 
 def _add_setting_args(p: argparse.ArgumentParser) -> None:
-    from .locate import LOCATORS
-    from .mint import UPDATE_RULES
+    from neurodetox.patching.locate import LOCATORS
+    from neurodetox.patching.mint import UPDATE_RULES
 
     g = p.add_argument_group("MINT settings")
     g.add_argument("--locator", default="grad_x_act", choices=LOCATORS, help="Neuron locator (default grad_x_act).")
@@ -202,7 +202,7 @@ def _add_setting_args(p: argparse.ArgumentParser) -> None:
 
 
 def _reference_prompts(spec: str, exclude: Sequence[str] = ()) -> Optional[list[str]]:
-    from .locate import DEFAULT_REFERENCE_PROMPTS
+    from neurodetox.patching.locate import DEFAULT_REFERENCE_PROMPTS
 
     if spec == "default":
         return None
@@ -216,9 +216,9 @@ def _reference_prompts(spec: str, exclude: Sequence[str] = ()) -> Optional[list[
 
 
 def cmd_find(a) -> int:
-    from ..models import load_model
-    from .checkpoint import bind_to_checkpoint, checkpoint_dtype, inspect_checkpoint
-    from .mint import repair
+    from neurodetox.core.models import load_model
+    from neurodetox.patching.checkpoint import bind_to_checkpoint, checkpoint_dtype, inspect_checkpoint
+    from neurodetox.patching.mint import repair
 
     edits: list[dict] = []
     if a.prompt is not None or a.target is not None:
@@ -234,7 +234,7 @@ def cmd_find(a) -> int:
     settings = _settings_from_args(a)
     settings.validate()
     model, tok = load_model(str(folder))
-    from ..sites import resolve_sites, value_vector_parameter
+    from neurodetox.core.sites import resolve_sites, value_vector_parameter
 
     names = {id(p): n for n, p in model.named_parameters()}
     touched_names = [names[id(value_vector_parameter(s)[0])] for s in resolve_sites(model, "mlp", settings.layers)]
@@ -263,8 +263,8 @@ def cmd_find(a) -> int:
 
 
 def _write_cmd(a, revert: bool) -> int:
-    from .checkpoint import apply_to_checkpoint, revert_checkpoint
-    from .patchfile import PatchSet
+    from neurodetox.patching.checkpoint import apply_to_checkpoint, revert_checkpoint
+    from neurodetox.patching.patchfile import PatchSet
 
     if bool(a.out) == bool(a.in_place):
         return _fail("give exactly one of --out DIR (write a patched copy) or --in-place")
@@ -286,8 +286,8 @@ def _write_cmd(a, revert: bool) -> int:
 
 
 def cmd_verify(a) -> int:
-    from .checkpoint import checkpoint_states
-    from .patchfile import PatchSet
+    from neurodetox.patching.checkpoint import checkpoint_states
+    from neurodetox.patching.patchfile import PatchSet
 
     patch = PatchSet.load(a.patch)
     states = checkpoint_states(_checkpoint_path(a.checkpoint), patch)
@@ -307,7 +307,7 @@ def cmd_verify(a) -> int:
 
 def _head_from_checkpoint(folder: Path):
     """(W_U, final norm gain or None) read from a checkpoint (only those tensors)."""
-    from .checkpoint import inspect_checkpoint, read_tensors
+    from neurodetox.patching.checkpoint import inspect_checkpoint, read_tensors
 
     info = inspect_checkpoint(folder)
     keys = list(info.weight_map)
@@ -322,8 +322,8 @@ def _head_from_checkpoint(folder: Path):
 def cmd_show(a) -> int:
     from rich.table import Table
 
-    from .analysis import decode_vector
-    from .patchfile import PatchSet
+    from neurodetox.patching.neurons import decode_vector
+    from neurodetox.patching.patchfile import PatchSet
 
     patch = PatchSet.load(a.patch)
     m = patch.manifest
@@ -380,7 +380,7 @@ def _fact_pools(source: str, seed: int, exclude_prompts: Sequence[str], exclude_
     Unrelated facts are ``{"prompt", "aliases"}`` dicts (the aliases let the
     evaluation tell a broken known fact from a changed wrong answer).
     """
-    from ..data import interleave_relations, load_facts
+    from neurodetox.data import interleave_relations, load_facts
 
     ds = load_facts(source, seed=seed)
     skip_p, skip_id = set(exclude_prompts), {i for i in exclude_ids if i}
@@ -437,10 +437,10 @@ def _eval_table(res: dict, title: str = "MINT patch evaluation") -> Any:
 
 
 def cmd_eval(a) -> int:
-    from ..io import atomic_write_json
-    from ..models import load_model
-    from .evaluate import evaluate_patch
-    from .patchfile import PatchSet
+    from neurodetox.core.io import atomic_write_json
+    from neurodetox.core.models import load_model
+    from neurodetox.patching.edit_metrics import evaluate_patch
+    from neurodetox.patching.patchfile import PatchSet
 
     patch = PatchSet.load(a.patch)
     folder = _checkpoint_path(a.checkpoint)
@@ -483,15 +483,15 @@ def run_demo(run: str, n: int = 5, show_progress: bool = True, n_unrelated: int 
     """
     import torch
 
-    from ..data import load_facts
-    from ..io import atomic_write_json
-    from ..metrics.factual import is_correct
-    from ..models import load_model
-    from ..sampling import greedy_answers
-    from .checkpoint import apply_to_checkpoint, bind_to_checkpoint, checkpoint_dtype, inspect_checkpoint
-    from .evaluate import compare, measure_model
-    from .failures import coerce_edits, encode_edit, find_failures
-    from .mint import MintSettings, repair
+    from neurodetox.data import load_facts
+    from neurodetox.core.io import atomic_write_json
+    from neurodetox.metrics.factual import is_correct
+    from neurodetox.core.models import load_model
+    from neurodetox.metrics.sampling import greedy_answers
+    from neurodetox.patching.checkpoint import apply_to_checkpoint, bind_to_checkpoint, checkpoint_dtype, inspect_checkpoint
+    from neurodetox.patching.edit_metrics import compare, measure_model
+    from neurodetox.patching.failures import coerce_edits, encode_edit, find_failures
+    from neurodetox.patching.mint import MintSettings, repair
 
     t_start = time.perf_counter()
     run_dir = Path(run)
@@ -640,8 +640,8 @@ def cmd_patch(argv: Sequence[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = make_parser()
     a = parser.parse_args(list(argv))
-    from .checkpoint import CheckpointError
-    from .patchfile import PatchError, PatchMismatchError
+    from neurodetox.patching.checkpoint import CheckpointError
+    from neurodetox.patching.patchfile import PatchError, PatchMismatchError
 
     try:
         set_threads(a.threads)

@@ -65,10 +65,10 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     """Entry point; returns 0, or 2 with a message on bad input or a failed run."""
     from rich.console import Console
 
-    from ..io import atomic_write_json, atomic_write_text
-    from .analysis import headline
-    from .report import nan_to_none, plot_curves, render_markdown
-    from .runs import run_study
+    from neurodetox.core.io import atomic_write_json, atomic_write_text
+    from neurodetox.experiment.stats import headline
+    from neurodetox.reports.study import nan_to_none, plot_curves, render_markdown
+    from neurodetox.experiment.runs import run_study
 
     a = build_parser().parse_args(list(argv))
     console = Console(stderr=True)
@@ -98,7 +98,7 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     h = headline(results)
     statement = []
     if h is not None and h["n"]:
-        from .analysis import fmt_interval, verdict
+        from neurodetox.experiment.stats import fmt_interval, verdict
 
         statement.append(f"- **Main result:** test-split factual accuracy, SeND − off = "
                          f"{fmt_interval(h, True, True)} over {h['n']} paired seeds "
@@ -127,7 +127,7 @@ def plan_from_args(a: argparse.Namespace):
         ValueError: bad ``--seeds`` or anything :func:`~neurodetox.experiment.runs.plan_study` refuses.
         FileNotFoundError: missing recipe.
     """
-    from .runs import plan_study
+    from neurodetox.experiment.runs import plan_study
 
     try:
         seeds = [int(s) for s in _split(a.seeds)]
@@ -152,7 +152,7 @@ def _variant_specs(s: str) -> list[str]:
 
 
 def _recipe_model(recipe: str) -> str:
-    from ..recipes import load_recipe
+    from neurodetox.send.recipes import load_recipe
 
     try:
         return str(load_recipe(recipe).get("model_name_or_path", "smollm2-135m-instruct"))

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .sites import NeuronSite, register_site_hook
+from neurodetox.core.sites import NeuronSite, register_site_hook
 
 
 class NeuronDropout:

@@ -1,0 +1,1 @@
+"""What runs write for people: training curves and tables, the study page, the metrics log."""
