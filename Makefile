@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/neurodetox/torch_extensions
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test test-fast test-slow clean
+.PHONY: venv demo test test-fast test-slow lint format clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,14 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -49,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from neurodetox.metrics import ees  # noqa: E402
+from neurodetox.metrics import ees
 
 ALPHA = 1e-3
 D_ANSWERS = 576
@@ -80,7 +79,7 @@ def _rotate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     while start < d:
         b = min(512, d - start)
         blk, _ = torch.linalg.qr(torch.randn(b, b, generator=g, dtype=torch.float64))
-        out[:, p_out[start:start + b]] = x[:, p_in[start:start + b]] @ blk.T
+        out[:, p_out[start : start + b]] = x[:, p_in[start : start + b]] @ blk.T
         start += b
     return out
 
@@ -152,15 +151,28 @@ def run_size(name: str, trials: int, skip_direct_above: int) -> dict:
     t_kpm = statistics.median(tk)
     exact_ref = t_direct if t_direct is not None else t_gram
     return {
-        "size": name, "kind": kind, "n": n, "d": d, "exact_value": truth,
+        "size": name,
+        "kind": kind,
+        "n": n,
+        "d": d,
+        "exact_value": truth,
         "direct_minus_gram": None if v_direct is None else v_direct - v_gram,
-        "t_direct": t_direct, "t_gram": t_gram, "t_kpm_median": t_kpm, "t_kpm_all": tk,
+        "t_direct": t_direct,
+        "t_gram": t_gram,
+        "t_kpm_median": t_kpm,
+        "t_kpm_all": tk,
         "ratio_kpm_direct": None if t_direct is None else t_kpm / t_direct,
         "ratio_kpm_gram": t_kpm / t_gram,
-        "max_abs_error": max(errs), "mean_reported_error": sum(bars) / len(bars),
-        "covered": sum(e <= b for e, b in zip(errs, bars)), "trials": trials,
-        "moments": det["moments"], "probes": det["probes"], "deterministic": det["deterministic"],
-        "deflated": det["deflated"], "auto_method": auto.method, "t_auto": t_auto,
+        "max_abs_error": max(errs),
+        "mean_reported_error": sum(bars) / len(bars),
+        "covered": sum(e <= b for e, b in zip(errs, bars)),
+        "trials": trials,
+        "moments": det["moments"],
+        "probes": det["probes"],
+        "deterministic": det["deterministic"],
+        "deflated": det["deflated"],
+        "auto_method": auto.method,
+        "t_auto": t_auto,
         "auto_vs_faster": t_auto / min(t_kpm, exact_ref),
     }
 
@@ -170,8 +182,10 @@ def fmt(v, spec=".2f"):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| size | n×d | exact-direct s | exact-gram s | EES s | EES/direct | EES/gram | max abs err | "
-            "mean err bar | covered | M | P | auto → | auto/faster |")
+    head = (
+        "| size | n×d | exact-direct s | exact-gram s | EES s | EES/direct | EES/gram | max abs err | "
+        "mean err bar | covered | M | P | auto → | auto/faster |"
+    )
     out = [head, "|" + "---|" * 14]
     for r in rows:
         p = f"{r['probes']}{' det' if r['deterministic'] else ''}"
@@ -179,18 +193,27 @@ def table(rows: list[dict]) -> str:
             f"| {r['size']} | {r['n']}×{r['d']} | {fmt(r['t_direct'])} | {fmt(r['t_gram'])} | {r['t_kpm_median']:.2f} | "
             f"{fmt(r['ratio_kpm_direct'], '.3f')} | {r['ratio_kpm_gram']:.2f} | {r['max_abs_error']:.1e} | "
             f"{r['mean_reported_error']:.1e} | {r['covered']}/{r['trials']} | {r['moments']} | {p} | "
-            f"{r['auto_method']} | {r['auto_vs_faster']:.2f} |")
+            f"{r['auto_method']} | {r['auto_vs_faster']:.2f} |"
+        )
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default=",".join(DEFAULT_SIZES),
-                    help=f"comma list of {', '.join(SIZES)} (default: all but 16384x8192)")
-    ap.add_argument("--trials", type=int, default=None,
-                    help="EES runs per size (default: 20 for n·d ≤ 1e6, 5 up to 1e7, 3 beyond)")
-    ap.add_argument("--skip-direct-above", type=int, default=10**9,
-                    help="skip the n×n direct eigensolve for n above this (it is O(n³))")
+    ap.add_argument(
+        "--sizes",
+        default=",".join(DEFAULT_SIZES),
+        help=f"comma list of {', '.join(SIZES)} (default: all but 16384x8192)",
+    )
+    ap.add_argument(
+        "--trials", type=int, default=None, help="EES runs per size (default: 20 for n·d ≤ 1e6, 5 up to 1e7, 3 beyond)"
+    )
+    ap.add_argument(
+        "--skip-direct-above",
+        type=int,
+        default=10**9,
+        help="skip the n×n direct eigensolve for n above this (it is O(n³))",
+    )
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     a = ap.parse_args(argv)
@@ -200,9 +223,12 @@ def main(argv=None) -> int:
     for s in names:
         if s not in SIZES:
             ap.error(f"unknown size {s!r}")
-    print(f"# EES vs exact — {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.1f}; "
-          f"alpha={ALPHA}, EES defaults (tol 5e-3); auto crossover min(n, d) ≥ {ees.AUTO_KPM_MIN_DIM}", flush=True)
+    print(
+        f"# EES vs exact — {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.1f}; "
+        f"alpha={ALPHA}, EES defaults (tol 5e-3); auto crossover min(n, d) ≥ {ees.AUTO_KPM_MIN_DIM}",
+        flush=True,
+    )
     ees.efficient_eigenscore(torch.randn(64, 32), method="kpm")  # warm-up (imports, thread pools)
     rows = []
     t0 = time.perf_counter()
@@ -215,12 +241,23 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     cover = sum(r["covered"] for r in rows), sum(r["trials"] for r in rows)
-    print(f"\ncoverage over all trials: {cover[0]}/{cover[1]}; largest abs error "
-          f"{max(r['max_abs_error'] for r in rows):.1e}; total {time.perf_counter() - t0:.0f} s")
+    print(
+        f"\ncoverage over all trials: {cover[0]}/{cover[1]}; largest abs error "
+        f"{max(r['max_abs_error'] for r in rows):.1e}; total {time.perf_counter() - t0:.0f} s"
+    )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"rows": rows, "coverage": cover, "auto_kpm_min_dim": ees.AUTO_KPM_MIN_DIM,
-                       "threads": torch.get_num_threads(), "machine": platform.machine()}, f, indent=2)
+            json.dump(
+                {
+                    "rows": rows,
+                    "coverage": cover,
+                    "auto_kpm_min_dim": ees.AUTO_KPM_MIN_DIM,
+                    "threads": torch.get_num_threads(),
+                    "machine": platform.machine(),
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -46,17 +46,25 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
+    from neurodetox.core.models import load_model
     from neurodetox.data import load_facts
     from neurodetox.metrics import eigenscore
-    from neurodetox.core.models import load_model
     from neurodetox.metrics.sampling import _eos_ids, _generation_mode, sample_answers
 
     model, tok = load_model(a.model)
     ds = load_facts("facts", seed=0)
     prompts = [r["prompt"] for r in ds["test"]][: a.probes]
     eos = _eos_ids(model, tok)
-    gen_kw = dict(do_sample=True, num_return_sequences=a.k, temperature=0.5, top_p=0.99, top_k=10,
-                  max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    gen_kw = dict(
+        do_sample=True,
+        num_return_sequences=a.k,
+        temperature=0.5,
+        top_p=0.99,
+        top_k=10,
+        max_new_tokens=a.max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=eos,
+    )
 
     def bare():
         with _generation_mode(model, tok):
@@ -66,8 +74,17 @@ def main(argv=None) -> int:
                 model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kw)
 
     def eig(logprobs=False):
-        out = sample_answers(model, tok, prompts, k=a.k, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                             seed=a.seed, greedy=False, return_logprobs=logprobs)
+        out = sample_answers(
+            model,
+            tok,
+            prompts,
+            k=a.k,
+            batch_size=a.batch_size,
+            max_new_tokens=a.max_new_tokens,
+            seed=a.seed,
+            greedy=False,
+            return_logprobs=logprobs,
+        )
         eigenscore(out.embeddings)
         return out
 
@@ -82,19 +99,24 @@ def main(argv=None) -> int:
             times[name].append(time.perf_counter() - t0)
     out = eig()
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"# eval overhead — {a.model}, {len(prompts)} prompts, K={a.k}, batch {a.batch_size}, "
-          f"max_new_tokens {a.max_new_tokens}, {a.repeats} repeats; {platform.machine()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; embedding paths "
-          f"{out._extra['embedding_paths']}")
+    print(
+        f"# eval overhead — {a.model}, {len(prompts)} prompts, K={a.k}, batch {a.batch_size}, "
+        f"max_new_tokens {a.max_new_tokens}, {a.repeats} repeats; {platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; embedding paths "
+        f"{out._extra['embedding_paths']}"
+    )
     print()
     print("| variant | median s | all runs s | ratio to bare |")
     print("|---|---|---|---|")
     for k in variants:
-        print(f"| {k} | {med[k]:.2f} | {', '.join(f'{t:.2f}' for t in times[k])} | {med[k] / med['bare generate']:.3f} |")
+        print(
+            f"| {k} | {med[k]:.2f} | {', '.join(f'{t:.2f}' for t in times[k])} | {med[k] / med['bare generate']:.3f} |"
+        )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"median": med, "times": times, "ratio": {k: med[k] / med["bare generate"] for k in med}},
-                      f, indent=2)
+            json.dump(
+                {"median": med, "times": times, "ratio": {k: med[k] / med["bare generate"] for k in med}}, f, indent=2
+            )
     return 0
 
 

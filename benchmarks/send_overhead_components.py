@@ -28,7 +28,6 @@ Targets (issue #5): SeND ≤ 1.10, statistics ≤ 1.05.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,18 +40,20 @@ import torch
 
 
 def measure(setup: str, window: int, rounds: int, steps: int) -> dict:
-    from neurodetox.send.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback
+    from neurodetox.core.models import load_model
     from neurodetox.data import load_facts
     from neurodetox.data.lm import CausalLMCollator, tokenize_texts
-    from neurodetox.core.models import load_model
+    from neurodetox.send.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m-instruct")
     if setup == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
-                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+        model = get_peft_model(
+            model,
+            LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+        )
     facts = load_facts("facts", seed=0)
     collate = CausalLMCollator(tok)
     batch = collate(tokenize_texts(tok, facts["train"]["statement"][:8], 32))
@@ -88,7 +89,7 @@ def measure(setup: str, window: int, rounds: int, steps: int) -> dict:
     for r in range(rounds):
         got = {}
         # alternate the order (off, stats, mask / mask, stats, off) so a slow drift of the machine favours no arm
-        for arm in (("off", "stats", "mask") if r % 2 == 0 else ("mask", "stats", "off")):
+        for arm in ("off", "stats", "mask") if r % 2 == 0 else ("mask", "stats", "off"):
             if arm == "stats":
                 stats.attach(model)
             elif arm == "mask":
@@ -105,12 +106,16 @@ def measure(setup: str, window: int, rounds: int, steps: int) -> dict:
     med = {k: statistics.median(v) for k, v in t.items()}
     stats_ratio, mask_ratio = statistics.median(ratios["stats"]), statistics.median(ratios["mask"])
     return {
-        "setup": setup, "window": window, "rounds": rounds, "steps_per_block": steps,
+        "setup": setup,
+        "window": window,
+        "rounds": rounds,
+        "steps_per_block": steps,
         **{f"{k}_s": v for k, v in med.items()},
         "stats_over_off": stats_ratio,
         "mask_over_off": mask_ratio,
         "send_over_off": mask_ratio + med["window_end"] / (window * med["off"]),
-        "runs": t, "paired_ratios": ratios,
+        "runs": t,
+        "paired_ratios": ratios,
     }
 
 
@@ -132,17 +137,29 @@ def main(argv=None) -> int:
     for s in setups:
         r = measure(s, a.window, a.rounds, a.steps)
         rows.append(r)
-        print(f"  {s}: off {r['off_s']:.3f} s/step, stats {r['stats_s']:.3f}, mask {r['mask_s']:.3f}, "
-              f"window end {r['window_end_s']:.2f} s", file=sys.stderr, flush=True)
-    print(f"\nSeND parts, real SmolLM2-135M, batch 8, one process per setup, {a.rounds} rounds of {a.steps}-step "
-          f"blocks (arm order alternating), window {a.window} steps, 75 tracking items")
-    print(f"{'setup':6s} {'off s/step':>10s} {'stats/off':>9s} {'mask/off':>9s} {'window end s':>12s} "
-          f"{'SeND/off amortised':>19s}")
+        print(
+            f"  {s}: off {r['off_s']:.3f} s/step, stats {r['stats_s']:.3f}, mask {r['mask_s']:.3f}, "
+            f"window end {r['window_end_s']:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"\nSeND parts, real SmolLM2-135M, batch 8, one process per setup, {a.rounds} rounds of {a.steps}-step "
+        f"blocks (arm order alternating), window {a.window} steps, 75 tracking items"
+    )
+    print(
+        f"{'setup':6s} {'off s/step':>10s} {'stats/off':>9s} {'mask/off':>9s} {'window end s':>12s} "
+        f"{'SeND/off amortised':>19s}"
+    )
     for r in rows:
-        print(f"{r['setup']:6s} {r['off_s']:10.3f} {r['stats_over_off']:9.3f} {r['mask_over_off']:9.3f} "
-              f"{r['window_end_s']:12.2f} {r['send_over_off']:19.3f}")
-    print("targets: SeND/off <= 1.10, stats/off <= 1.05; stats/off and mask/off: medians of per-round paired "
-          "ratios; SeND/off = mask/off + window end / (window * off step)")
+        print(
+            f"{r['setup']:6s} {r['off_s']:10.3f} {r['stats_over_off']:9.3f} {r['mask_over_off']:9.3f} "
+            f"{r['window_end_s']:12.2f} {r['send_over_off']:19.3f}"
+        )
+    print(
+        "targets: SeND/off <= 1.10, stats/off <= 1.05; stats/off and mask/off: medians of per-round paired "
+        "ratios; SeND/off = mask/off + window end / (window * off step)"
+    )
     if a.json:
         from neurodetox.core.io import atomic_write_json
 

@@ -1,2 +1,3 @@
 """neurodetox."""
+
 __version__ = "0.1.0"

@@ -10,8 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-WORDS = ("the capital of france is paris germany berlin italy rome spain madrid located in continent europe "
-         "asia africa currency euro dollar yen japan tokyo a an . , ? q : answer city country").split()
+WORDS = (
+    "the capital of france is paris germany berlin italy rome spain madrid located in continent europe "
+    "asia africa currency euro dollar yen japan tokyo a an . , ? q : answer city country"
+).split()
 
 
 def make_tokenizer():
@@ -31,9 +33,19 @@ def make_tiny_llama(vocab_size: int, layers: int = 4, seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     return AutoModelForCausalLM.from_config(cfg)
 
 

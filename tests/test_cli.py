@@ -16,11 +16,40 @@ RECIPE = ROOT / "recipes" / "smollm2-facts-send.yaml"
 
 
 def _tiny_args(model_dir, out, *extra):
-    return ["train", "--config", str(RECIPE), "--model_name_or_path", model_dir, "--output_dir", str(out),
-            "--max_facts_per_relation", "12", "--max_steps", "6", "--send_window_steps", "2",
-            "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "2", "--max_test_probes", "3",
-            "--eigenscore_k", "3", "--eigenscore_num_prompts", "2", "--eigenscore_max_new_tokens", "3",
-            "--per_device_train_batch_size", "4", "--disable_tqdm", "true", *extra]
+    return [
+        "train",
+        "--config",
+        str(RECIPE),
+        "--model_name_or_path",
+        model_dir,
+        "--output_dir",
+        str(out),
+        "--max_facts_per_relation",
+        "12",
+        "--max_steps",
+        "6",
+        "--send_window_steps",
+        "2",
+        "--eval_steps",
+        "3",
+        "--save_steps",
+        "3",
+        "--logging_steps",
+        "2",
+        "--max_test_probes",
+        "3",
+        "--eigenscore_k",
+        "3",
+        "--eigenscore_num_prompts",
+        "2",
+        "--eigenscore_max_new_tokens",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
 
 
 def test_help_lists_every_send_and_eigenscore_field(capsys):
@@ -34,11 +63,17 @@ def test_help_lists_every_send_and_eigenscore_field(capsys):
         assert " ".join(words) in " ".join(out.split()), f"help text of {f.name} missing"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--send_dropfraction", "0.3"], "unknown recipe field(s): 'send_dropfraction' (did you mean send_drop_fraction"),
-    (["--send_drop_fraction", "1.5"], "send_drop_fraction=1.5 is invalid: must be in (0, 1)"),
-    (["--send_num_checkpoints", "1"], "send_num_checkpoints=1 is invalid"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--send_dropfraction", "0.3"],
+            "unknown recipe field(s): 'send_dropfraction' (did you mean send_drop_fraction",
+        ),
+        (["--send_drop_fraction", "1.5"], "send_drop_fraction=1.5 is invalid: must be in (0, 1)"),
+        (["--send_num_checkpoints", "1"], "send_num_checkpoints=1 is invalid"),
+    ],
+)
 def test_bad_fields_stop_before_anything_runs(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
     assert main(["train", "--config", str(RECIPE), "--output_dir", str(out), *argv]) == 2
@@ -77,8 +112,13 @@ def test_whole_run_on_tiny_model_then_refuses_to_clobber_and_resumes(tiny_model_
     out = tmp_path / "run"
     assert main(_tiny_args(tiny_model_dir, out)) == 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("factual_accuracy_before", "factual_accuracy_after", "eigenscore_before", "eigenscore_after",
-                "sensitive_neurons"):
+    for key in (
+        "factual_accuracy_before",
+        "factual_accuracy_after",
+        "eigenscore_before",
+        "eigenscore_after",
+        "sensitive_neurons",
+    ):
         assert key in summary, key
     assert summary["sensitive_neurons"][0]["step"] == 4  # recordings at 0, 2, 4
     assert len(summary["sensitive_neurons"][0]["neurons"]["residual.2"]) == round(0.2 * 32)
@@ -111,14 +151,18 @@ def test_peft_section_trains_lora_and_final_is_merged(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     recipe = tmp_path / "lora.yaml"
-    recipe.write_text(RECIPE.read_text() + "\npeft:\n  r: 4\n  lora_alpha: 8\n  target_modules: [q_proj, v_proj, down_proj]\n")
+    recipe.write_text(
+        RECIPE.read_text() + "\npeft:\n  r: 4\n  lora_alpha: 8\n  target_modules: [q_proj, v_proj, down_proj]\n"
+    )
     out = tmp_path / "run"
     argv = _tiny_args(tiny_model_dir, out, "--send_site", "mlp", "--send_layers", "all", "--learning_rate", "0.05")
     argv[2] = str(recipe)
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["peft"]["r"] == 4
-    assert summary["sensitive_neurons"] and set(summary["sensitive_neurons"][0]["neurons"]) == {f"mlp.{i}" for i in range(4)}
+    assert summary["sensitive_neurons"] and set(summary["sensitive_neurons"][0]["neurons"]) == {
+        f"mlp.{i}" for i in range(4)
+    }
     assert (out / "final-adapter" / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out / "final")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

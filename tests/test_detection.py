@@ -10,9 +10,17 @@ from sklearn.metrics import roc_auc_score
 
 import neurodetox.metrics.probes as evaluation
 from neurodetox.cli.eval import cmd_eval, select_probes
+from neurodetox.metrics import (
+    auroc,
+    bootstrap_auroc,
+    detection_summary,
+    eigenscore,
+    length_normalized_entropy,
+    lexical_similarity,
+    paired_auroc_difference,
+    perplexity,
+)
 from neurodetox.metrics.probes import EigenScoreSettings, score_probes
-from neurodetox.metrics import (auroc, bootstrap_auroc, detection_summary, eigenscore, length_normalized_entropy,
-                                lexical_similarity, paired_auroc_difference, perplexity)
 from neurodetox.metrics.sampling import greedy_answers, sample_answers
 
 
@@ -72,8 +80,9 @@ def test_paired_difference_and_summary():
     assert (d0, lo0, hi0) == (0.0, 0.0, 0.0)
     vals = good.copy()
     vals[:5] = np.nan
-    summ = detection_summary({"eigenscore": vals, "lexical_similarity": -good, "const": np.ones(150)},
-                             correct=~y, n_boot=100)
+    summ = detection_summary(
+        {"eigenscore": vals, "lexical_similarity": -good, "const": np.ones(150)}, correct=~y, n_boot=100
+    )
     assert summ["eigenscore"]["n"] == 145
     assert summ["eigenscore"]["auroc"] == pytest.approx(roc_auc_score(y[5:], good[5:]))
     assert summ["lexical_similarity"]["direction"] == -1
@@ -109,8 +118,14 @@ def test_select_probes_stratified():
 
 # ----------------------------------------------------------------------------- score_probes on a tiny model
 
-PROMPTS = ["the capital of france is", "the capital of italy is", "japan is located in", "the currency of spain is",
-           "germany is located in", "the capital of japan is"]
+PROMPTS = [
+    "the capital of france is",
+    "the capital of italy is",
+    "japan is located in",
+    "the currency of spain is",
+    "germany is located in",
+    "the capital of japan is",
+]
 
 
 @pytest.fixture
@@ -202,9 +217,30 @@ def test_cli_end_to_end_real_model(tmp_path, capsys):
 
     out = tmp_path / "ev"
     rep = tmp_path / "detection.md"
-    rc = main(["eval", "--model", "smollm2-135m-instruct", "--data", "facts", "--split", "all", "--max-probes", "6",
-               "--k", "3", "--max-new-tokens", "6", "--out", str(out), "--bootstrap", "50", "--no-progress",
-               "--report", str(rep)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            "smollm2-135m-instruct",
+            "--data",
+            "facts",
+            "--split",
+            "all",
+            "--max-probes",
+            "6",
+            "--k",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--out",
+            str(out),
+            "--bootstrap",
+            "50",
+            "--no-progress",
+            "--report",
+            str(rep),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "AUROC" in text and "EigenScore (exact)" in text

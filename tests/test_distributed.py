@@ -13,10 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import deepspeed  # noqa: F401  (installed by `make test` through the deepspeed extra; never skipped)
 import numpy as np
 import pytest
-
-import deepspeed  # noqa: F401  (installed by `make test` through the deepspeed extra; never skipped)
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "distributed" / "send_run.py"
@@ -37,8 +36,17 @@ def launch(out, nproc, *args, timeout=600):
         cmd = [sys.executable, str(SCRIPT), "--out", str(out), *args]
     else:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-        cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(29500 + os.getpid() % 1000),
-               str(SCRIPT), "--out", str(out), *args]
+        cmd = [
+            torchrun,
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            str(SCRIPT),
+            "--out",
+            str(out),
+            *args,
+        ]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
@@ -82,8 +90,12 @@ def test_zero3_two_processes_equal_one_process(one_process, zero3_two_process):
     assert one_process["selections"], "the run must select sensitive neurons"
     assert ranks[0]["selections"] == one_process["selections"]
     assert ranks[0]["history_steps"] == one_process["history_steps"]
-    np.testing.assert_allclose(np.array(ranks[0]["last_history"]["mlp.1"]),
-                               np.array(one_process["last_history"]["mlp.1"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(ranks[0]["last_history"]["mlp.1"]),
+        np.array(one_process["last_history"]["mlp.1"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert_same_stats(one_process, ranks[0])
 
 

@@ -2,10 +2,10 @@
 
 import torch
 
-from neurodetox.send.callbacks import ActivationStatsCallback
-from neurodetox.send.masks import NeuronDropout
 from neurodetox.core.runtime import in_backward_recompute
 from neurodetox.core.sites import register_site_hook, resolve_sites
+from neurodetox.send.callbacks import ActivationStatsCallback
+from neurodetox.send.masks import NeuronDropout
 
 
 def _batch(tok):

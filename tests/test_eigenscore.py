@@ -104,7 +104,14 @@ def test_batched_equals_per_prompt():
 
 @pytest.mark.parametrize(
     "shape,match",
-    [((1, 8), "K=1"), ((3, 1, 8), "K=1"), ((8,), "shape"), ((2, 3, 4, 5), "shape"), ((4, 1), "d=1"), ((0, 3, 4), "no prompts")],
+    [
+        ((1, 8), "K=1"),
+        ((3, 1, 8), "K=1"),
+        ((8,), "shape"),
+        ((2, 3, 4, 5), "shape"),
+        ((4, 1), "d=1"),
+        ((0, 3, 4), "no prompts"),
+    ],
 )
 def test_bad_shapes(shape, match):
     with pytest.raises(ValueError, match=match):
@@ -198,4 +205,5 @@ def test_every_exact_route_matches_independent_numpy(k, d):
         res = efficient_eigenscore(z, method=method)
         np.testing.assert_allclose(res.value, per_prompt, rtol=1e-8, atol=1e-9)
         assert exact_log_det_mean(z[0], route=method if method != "auto" else "exact") == pytest.approx(
-            per_prompt[0], rel=1e-8, abs=1e-9)
+            per_prompt[0], rel=1e-8, abs=1e-9
+        )

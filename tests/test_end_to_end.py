@@ -13,11 +13,37 @@ def test_send_training_on_real_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    argv = ["train", "--config", str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-facts-send.yaml"), "--output_dir", str(out),
-            "--max_facts_per_relation", "20", "--max_steps", "6", "--send_window_steps", "2",
-            "--per_device_train_batch_size", "4", "--eval_steps", "6", "--save_steps", "6",
-            "--max_test_probes", "6", "--eigenscore_k", "4", "--eigenscore_num_prompts", "3",
-            "--eigenscore_max_new_tokens", "4", "--logging_steps", "2", "--disable_tqdm", "true"]
+    argv = [
+        "train",
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-facts-send.yaml"),
+        "--output_dir",
+        str(out),
+        "--max_facts_per_relation",
+        "20",
+        "--max_steps",
+        "6",
+        "--send_window_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--eval_steps",
+        "6",
+        "--save_steps",
+        "6",
+        "--max_test_probes",
+        "6",
+        "--eigenscore_k",
+        "4",
+        "--eigenscore_num_prompts",
+        "3",
+        "--eigenscore_max_new_tokens",
+        "4",
+        "--logging_steps",
+        "2",
+        "--disable_tqdm",
+        "true",
+    ]
     assert main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
     assert 0.0 <= s["factual_accuracy_before"] <= 1.0 and 0.0 <= s["factual_accuracy_after"] <= 1.0

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from neurodetox.cli.main import main
 from neurodetox.experiment import interval, paired_difference, plan_study, verdict
 from neurodetox.experiment.measure import statement_embeddings
-
-from conftest import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-facts-send.yaml"
@@ -38,30 +37,42 @@ def _res(arm, seed, acc):
 
 
 def test_paired_difference_pairs_by_seed_and_verdicts():
-    results = [_res("send", 0, 0.50), _res("send", 1, 0.60), _res("send", 2, 0.55),
-               _res("off", 2, 0.50), _res("off", 0, 0.40), _res("off", 1, 0.52)]
+    results = [
+        _res("send", 0, 0.50),
+        _res("send", 1, 0.60),
+        _res("send", 2, 0.55),
+        _res("off", 2, 0.50),
+        _res("off", 0, 0.40),
+        _res("off", 1, 0.52),
+    ]
     d = paired_difference(results, "send", "off", "test_accuracy")
     diffs = [0.10, 0.08, 0.05]  # seeds 0, 1, 2 paired, whatever the order of results
     assert d["seeds"] == [0, 1, 2]
     assert d["mean"] == pytest.approx(np.mean(diffs))
     assert d["low"] == pytest.approx(np.mean(diffs) - T_975_DF2 * np.std(diffs, ddof=1) / math.sqrt(3))
     assert verdict(d, +1) == "better" and verdict(d, -1) == "worse"
-    noisy = paired_difference(results + [_res("random", s, a) for s, a in [(0, 0.6), (1, 0.4), (2, 0.55)]],
-                              "random", "off", "test_accuracy")
+    noisy = paired_difference(
+        results + [_res("random", s, a) for s, a in [(0, 0.6), (1, 0.4), (2, 0.55)]], "random", "off", "test_accuracy"
+    )
     assert verdict(noisy, +1) == "no clear difference"
-    assert verdict(paired_difference(results[:1] + results[4:5], "send", "off", "test_accuracy"), +1).startswith("one seed")
+    assert verdict(paired_difference(results[:1] + results[4:5], "send", "off", "test_accuracy"), +1).startswith(
+        "one seed"
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(seeds=[]), "at least one seed"),
-    (dict(seeds=[0, 0]), "duplicate seeds"),
-    (dict(arms=["send", "dropout"]), "unknown arm"),
-    (dict(variants=["drop0.4"]), "unknown variant"),
-    (dict(variants=["x:send_drop_fraction"]), "field=value"),
-    (dict(fields=["send_dropfraction=0.3"]), "did you mean send_drop_fraction"),
-    (dict(fields=["send_drop_fraction=1.5"]), "send_drop_fraction"),
-    (dict(paraphrase_probes=0), "paraphrase_probes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seeds=[]), "at least one seed"),
+        (dict(seeds=[0, 0]), "duplicate seeds"),
+        (dict(arms=["send", "dropout"]), "unknown arm"),
+        (dict(variants=["drop0.4"]), "unknown variant"),
+        (dict(variants=["x:send_drop_fraction"]), "field=value"),
+        (dict(fields=["send_dropfraction=0.3"]), "did you mean send_drop_fraction"),
+        (dict(fields=["send_drop_fraction=1.5"]), "send_drop_fraction"),
+        (dict(paraphrase_probes=0), "paraphrase_probes"),
+    ],
+)
 def test_bad_plans_fail_before_any_training(tmp_path, kwargs, message):
     args = dict(seeds=[0, 1]) | kwargs
     seeds = args.pop("seeds")
@@ -95,12 +106,39 @@ def test_statement_embeddings_equal_hidden_state_reference(tiny_tokenizer):
 
 def test_whole_tiny_study_writes_page_and_reuses_complete_runs(tiny_model_dir, tmp_path, capsys):
     out, page = tmp_path / "study", tmp_path / "docs" / "send.md"
-    argv = ["experiment", "--config", str(RECIPE), "--model", tiny_model_dir, "--seeds", "0,1",
-            "--arms", "send,off", "--out", str(out), "--report", str(page), "--paraphrase-probes", "4",
-            "--bootstrap", "50", "--no-progress"]
-    for s in ["max_facts_per_relation=12", "max_steps=6", "send_window_steps=2", "eval_steps=3", "logging_steps=2",
-              "max_test_probes=3", "eigenscore_k=3", "eigenscore_num_prompts=2", "eigenscore_max_new_tokens=3",
-              "per_device_train_batch_size=4", "disable_tqdm=true"]:
+    argv = [
+        "experiment",
+        "--config",
+        str(RECIPE),
+        "--model",
+        tiny_model_dir,
+        "--seeds",
+        "0,1",
+        "--arms",
+        "send,off",
+        "--out",
+        str(out),
+        "--report",
+        str(page),
+        "--paraphrase-probes",
+        "4",
+        "--bootstrap",
+        "50",
+        "--no-progress",
+    ]
+    for s in [
+        "max_facts_per_relation=12",
+        "max_steps=6",
+        "send_window_steps=2",
+        "eval_steps=3",
+        "logging_steps=2",
+        "max_test_probes=3",
+        "eigenscore_k=3",
+        "eigenscore_num_prompts=2",
+        "eigenscore_max_new_tokens=3",
+        "per_device_train_batch_size=4",
+        "disable_tqdm=true",
+    ]:
         argv += ["--set", s]
     assert main(argv) == 0
     study = json.loads((out / "study.json").read_text())
@@ -120,7 +158,13 @@ def test_whole_tiny_study_writes_page_and_reuses_complete_runs(tiny_model_dir, t
     assert send0["sensitive_neurons"], "the send arm never selected neurons"
     assert next(r for r in results if r["arm"] == "off")["sensitive_neurons"] == []
     text = page.read_text()
-    for needle in ("## Per arm", "base (untrained)", "send − off", "## Training curves", "Regenerate: `neurodetox experiment"):
+    for needle in (
+        "## Per arm",
+        "base (untrained)",
+        "send − off",
+        "## Training curves",
+        "Regenerate: `neurodetox experiment",
+    ):
         assert needle in text
     for stem in ("loss", "eigenscore", "accuracy"):
         assert (page.parent / "send" / f"{stem}.png").stat().st_size > 1000

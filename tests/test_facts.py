@@ -163,7 +163,8 @@ def test_accented_capital_has_ascii_alias(facts):
         (row, alias)
         for row in by_id.values()
         for alias in row["aliases"]
-        if row["relation"] == "capital_of" and any(unicodedata.combining(c) for c in unicodedata.normalize("NFD", alias))
+        if row["relation"] == "capital_of"
+        and any(unicodedata.combining(c) for c in unicodedata.normalize("NFD", alias))
     ]
     assert len(accented) >= 5
     for row, alias in accented:

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 import neurodetox.core.logits as lg
 from neurodetox.core.logits import tail_logits
-
-from conftest import make_tiny_llama
 
 
 @pytest.mark.parametrize("supported", [True, False])

@@ -5,11 +5,10 @@ import os
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tokenizer
 
 from neurodetox.core import models
 from neurodetox.core.models import DEFAULT_MODEL, convert_gguf, embedded_gguf_path, load_model
-
-from conftest import make_tiny_llama, make_tokenizer
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
@@ -67,4 +66,4 @@ def test_default_model_is_the_real_smollm2():
     assert (models.cache_dir() / "models" / DEFAULT_MODEL / "model.safetensors").is_file()
     enc = tok(["The capital of France is"], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False)
-    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :])

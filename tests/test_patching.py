@@ -16,9 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-
 from conftest import make_tokenizer
 
+from neurodetox.core.sites import resolve_sites, value_vector_parameter
 from neurodetox.patching import (
     CheckpointError,
     MintSettings,
@@ -28,8 +28,8 @@ from neurodetox.patching import (
     apply_to_checkpoint,
     bind_to_checkpoint,
     checkpoint_states,
-    encode_edit,
     coerce_edits,
+    encode_edit,
     find_failures,
     folder_sha256,
     inspect_checkpoint,
@@ -43,7 +43,6 @@ from neurodetox.patching import (
 )
 from neurodetox.patching import checkpoint as ckpt_mod
 from neurodetox.patching.direction import SemanticSpace, final_norm_gain
-from neurodetox.core.sites import resolve_sites, value_vector_parameter
 
 FIX_EDIT = {"prompt": "the capital of france is", "target": "paris"}
 
@@ -62,10 +61,20 @@ def make_model(init: float = 0.4, seed: int = 0, layers: int = 4, dtype=torch.fl
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(make_tokenizer()), max_position_embeddings=128,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True,
-                      initializer_range=init)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(make_tokenizer()),
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        initializer_range=init,
+    )
     return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
 
 
@@ -174,8 +183,16 @@ def test_update_rule_formula():
 def test_repair_writes_exactly_the_update_rule(rule):
     model = make_model()
     tok = make_tokenizer()
-    settings = MintSettings(update=rule, alpha=0.5, alpha_steps=(1.0,), max_patches=1, entropy_guard=False,
-                            prune=False, selectivity=False, fold_norm=False)
+    settings = MintSettings(
+        update=rule,
+        alpha=0.5,
+        alpha_steps=(1.0,),
+        max_patches=1,
+        entropy_guard=False,
+        prune=False,
+        selectivity=False,
+        fold_norm=False,
+    )
     edit = encode_edit(tok, coerce_edits([FIX_EDIT])[0])
     fail = find_failures(model, edit)[0]
     patch, report = repair(model, tok, [FIX_EDIT], settings, show_progress=False)
@@ -241,10 +258,12 @@ def test_grad_x_act_matches_finite_differences():
     sites = resolve_sites(model, "mlp", "second_half")
     ids = tok("the capital of")["input_ids"]
     t = 5
-    scores, acts, logits = neuron_scores(model, sites, ids, t, int(0), "grad_x_act")
+    scores, acts, logits = neuron_scores(model, sites, ids, t, 0, "grad_x_act")
     ref = _finite_difference_scores(model, sites, ids, t)
     torch.testing.assert_close(scores.double(), ref, rtol=1e-2, atol=1e-3 * float(ref.max()))
-    assert scores.flatten().argsort(descending=True)[:10].tolist() == ref.flatten().argsort(descending=True)[:10].tolist()
+    assert (
+        scores.flatten().argsort(descending=True)[:10].tolist() == ref.flatten().argsort(descending=True)[:10].tolist()
+    )
 
 
 @pytest.mark.parametrize("family", __import__("test_sites").FAMILY_NAMES)
@@ -261,8 +280,11 @@ def test_grad_x_act_matches_finite_differences_in_every_family(family):
     ref = _finite_difference_scores(model, sites, ids, t, step=9)
     for si in range(len(sites)):
         for j in range(0, sites[si].width, 9):
-            assert float(scores[si, j]) == pytest.approx(float(ref[si, j]), rel=5e-2, abs=1e-2 * float(scores.max())), \
-                (family, si, j)
+            assert float(scores[si, j]) == pytest.approx(float(ref[si, j]), rel=5e-2, abs=1e-2 * float(scores.max())), (
+                family,
+                si,
+                j,
+            )
     assert float(scores.max()) > 0
 
 
@@ -273,8 +295,10 @@ def test_contrastive_and_activation_locators_match_explicit_sums():
     ids = tok("the capital of germany is")["input_ids"]
     t, a = 9, 4
     acts = {}
-    hooks = [s.module.register_forward_pre_hook(lambda m, args, k=s.layer: acts.__setitem__(k, args[0][0].clone()))
-             for s in sites]
+    hooks = [
+        s.module.register_forward_pre_hook(lambda m, args, k=s.layer: acts.__setitem__(k, args[0][0].clone()))
+        for s in sites
+    ]
     with torch.no_grad():
         model(input_ids=torch.tensor([ids]))
     for h in hooks:
@@ -512,7 +536,7 @@ def test_tensor_sha256_is_the_stored_bytes(tmp_path):
     save_file({"w": t}, tmp_path / "x.safetensors")
     start, header = ckpt_mod._header(tmp_path / "x.safetensors")
     lo, hi = header["w"]["data_offsets"]
-    raw = (tmp_path / "x.safetensors").read_bytes()[start + lo:start + hi]
+    raw = (tmp_path / "x.safetensors").read_bytes()[start + lo : start + hi]
     import hashlib
 
     assert tensor_sha256(t) == hashlib.sha256(raw).hexdigest()
@@ -528,10 +552,28 @@ def test_cli_find_apply_show_eval_revert(tmp_path, capsys):
     folder = save_checkpoint(make_model(), tok, tmp_path / "base")
     before = folder_sha256(folder)
     edits = tmp_path / "edits.jsonl"
-    edits.write_text(json.dumps({"prompt": "the capital of germany is", "target": "berlin",
-                                 "paraphrases": ["germany capital is"]}) + "\n")
-    rc = cmd_patch(["--threads", "1", "--quiet", "find", "--model", str(folder), "--prompt", FIX_EDIT["prompt"],
-                    "--target", FIX_EDIT["target"], "--edits", str(edits), "--out", str(tmp_path / "patch")])
+    edits.write_text(
+        json.dumps({"prompt": "the capital of germany is", "target": "berlin", "paraphrases": ["germany capital is"]})
+        + "\n"
+    )
+    rc = cmd_patch(
+        [
+            "--threads",
+            "1",
+            "--quiet",
+            "find",
+            "--model",
+            str(folder),
+            "--prompt",
+            FIX_EDIT["prompt"],
+            "--target",
+            FIX_EDIT["target"],
+            "--edits",
+            str(edits),
+            "--out",
+            str(tmp_path / "patch"),
+        ]
+    )
     assert rc in (0, 1)  # 1: some edit skipped, the patch holds the fixed ones
     assert (tmp_path / "patch" / "manifest.json").is_file()
     assert cmd_patch(["apply", str(folder), str(tmp_path / "patch"), "--in-place"]) == 0
@@ -540,9 +582,27 @@ def test_cli_find_apply_show_eval_revert(tmp_path, capsys):
     assert cmd_patch(["show", str(tmp_path / "patch")]) == 0
     out = capsys.readouterr().out
     assert "layer" in out and "before" in out and "after" in out
-    assert cmd_patch(["--quiet", "eval", str(folder), str(tmp_path / "patch"), "--facts",
-                      str(_tiny_facts(tmp_path)), "--unrelated", "5", "--reference-texts", "3",
-                      "--max-new-tokens", "2", "--json", str(tmp_path / "ev.json")]) == 0
+    assert (
+        cmd_patch(
+            [
+                "--quiet",
+                "eval",
+                str(folder),
+                str(tmp_path / "patch"),
+                "--facts",
+                str(_tiny_facts(tmp_path)),
+                "--unrelated",
+                "5",
+                "--reference-texts",
+                "3",
+                "--max-new-tokens",
+                "2",
+                "--json",
+                str(tmp_path / "ev.json"),
+            ]
+        )
+        == 0
+    )
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["success"] > 0 and ev["unrelated_prompts"] == 5
     assert cmd_patch(["revert", str(folder), str(tmp_path / "patch"), "--in-place"]) == 0
@@ -562,24 +622,73 @@ def test_cli_update_rule_reaches_the_manifest(tmp_path, capsys):
     folder = save_checkpoint(make_model(), make_tokenizer(), tmp_path / "base")
     for rule in ("interpolate", "additive"):
         out = tmp_path / rule
-        rc = cmd_patch(["--threads", "1", "--quiet", "find", "--model", str(folder), "--prompt", FIX_EDIT["prompt"],
-                        "--target", FIX_EDIT["target"], "--update", rule, "--out", str(out)])
+        rc = cmd_patch(
+            [
+                "--threads",
+                "1",
+                "--quiet",
+                "find",
+                "--model",
+                str(folder),
+                "--prompt",
+                FIX_EDIT["prompt"],
+                "--target",
+                FIX_EDIT["target"],
+                "--update",
+                rule,
+                "--out",
+                str(out),
+            ]
+        )
         assert rc in (0, 1)
         assert json.loads((out / "manifest.json").read_text())["settings"]["update"] == rule
     with pytest.raises(SystemExit):
-        cmd_patch(["find", "--model", str(folder), "--prompt", "x", "--target", "y", "--update", "shrink",
-                   "--out", str(tmp_path / "bad")])
+        cmd_patch(
+            [
+                "find",
+                "--model",
+                str(folder),
+                "--prompt",
+                "x",
+                "--target",
+                "y",
+                "--update",
+                "shrink",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
     assert "invalid choice: 'shrink'" in capsys.readouterr().err
 
 
 def _tiny_facts(tmp_path):
     rows = []
-    for i, (s, a) in enumerate([("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid"),
-                                ("japan", "tokyo"), ("france", "euro"), ("japan", "yen"), ("italy", "europe"),
-                                ("spain", "europe"), ("japan", "asia")]):
-        rows.append({"fact_id": f"f{i}", "relation": "r", "subject": s, "answer": a, "aliases": [a],
-                     "prompt": f"the capital of {s} is", "statement": f"the capital of {s} is {a} .",
-                     "paraphrases": [f"{s} capital is", f"capital of {s} :"]})
+    for i, (s, a) in enumerate(
+        [
+            ("france", "paris"),
+            ("germany", "berlin"),
+            ("italy", "rome"),
+            ("spain", "madrid"),
+            ("japan", "tokyo"),
+            ("france", "euro"),
+            ("japan", "yen"),
+            ("italy", "europe"),
+            ("spain", "europe"),
+            ("japan", "asia"),
+        ]
+    ):
+        rows.append(
+            {
+                "fact_id": f"f{i}",
+                "relation": "r",
+                "subject": s,
+                "answer": a,
+                "aliases": [a],
+                "prompt": f"the capital of {s} is",
+                "statement": f"the capital of {s} is {a} .",
+                "paraphrases": [f"{s} capital is", f"capital of {s} :"],
+            }
+        )
     path = tmp_path / "facts.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -587,10 +696,20 @@ def _tiny_facts(tmp_path):
 
 # ----------------------------------------------------------------------------- reference check
 
-REFERENCE = ["the capital of germany is", "the capital of italy is", "the capital of spain is", "japan is located in",
-             "the currency of japan is the", "france is located in", "the capital of japan is",
-             "germany is located in", "the capital of", "italy is located in", "spain is located in",
-             "the currency of france is the"]
+REFERENCE = [
+    "the capital of germany is",
+    "the capital of italy is",
+    "the capital of spain is",
+    "japan is located in",
+    "the currency of japan is the",
+    "france is located in",
+    "the capital of japan is",
+    "germany is located in",
+    "the capital of",
+    "italy is located in",
+    "spain is located in",
+    "the currency of france is the",
+]
 
 
 def _next_tokens_one_by_one(model, tok, prompts):
@@ -622,8 +741,7 @@ def test_reference_check_counts_changed_predictions_and_retries_without_rejected
     if retried.neurons != first.neurons:  # a later attempt was kept: it could not use the rejected neurons
         assert not set(retried.neurons) & set(first.neurons)
         assert "attempt" in retried.message
-    off = repair(model, tok, [FIX_EDIT], MintSettings(), show_progress=False,
-                 reference_prompts=REFERENCE)[1].edits[0]
+    off = repair(model, tok, [FIX_EDIT], MintSettings(), show_progress=False, reference_prompts=REFERENCE)[1].edits[0]
     assert off.reference_flips is None and off.neurons == first.neurons  # the check does not change attempt 1
 
 
@@ -638,8 +756,14 @@ def test_compare_splits_changed_unrelated_answers_by_correctness():
     from neurodetox.patching.edit_metrics import compare
 
     unrelated = [{"prompt": f"q{i}", "aliases": [a]} for i, a in enumerate(["paris", "rome", "tokyo", "berlin", "yen"])]
-    state = lambda answers, nxt: {"teacher_forced": [], "edit_answers": [], "paraphrase_answers": [],  # noqa: E731
-                                  "unrelated_answers": answers, "unrelated_next": nxt, "perplexity": float("nan")}
+    state = lambda answers, nxt: {
+        "teacher_forced": [],
+        "edit_answers": [],
+        "paraphrase_answers": [],
+        "unrelated_answers": answers,
+        "unrelated_next": nxt,
+        "perplexity": float("nan"),
+    }
     before = state([" Paris.", " Rome.", " Kyoto.", " Madrid.", " Euro."], [1, 2, 3, 4, 5])
     after = state([" Paris.", " Milan.", " Osaka.", " Berlin.", " Euro."], [1, 9, 9, 9, 5])
     res = compare(before, after, [], unrelated)
@@ -659,9 +783,9 @@ def test_plan_gaps_equal_writing_each_patch(family):
     into the weights, for candidates in several layers."""
     from test_sites import tiny
 
-    from neurodetox.patching.locate import Candidate
-    from neurodetox.patching.mint import _NO_SHARED_PREFIX, _PrefixCache, _measure, _plan
     from neurodetox.core.sites import decoder_layers
+    from neurodetox.patching.locate import Candidate
+    from neurodetox.patching.mint import _NO_SHARED_PREFIX, _measure, _plan, _PrefixCache
 
     model = copy.deepcopy(tiny(family))
     sites = resolve_sites(model, "mlp", "all")
@@ -679,7 +803,9 @@ def test_plan_gaps_equal_writing_each_patch(family):
     # per candidate from its own layer up; the block below replays its recorded output
     blocks = list(decoder_layers(model))
     seen: dict[int, list] = {}
-    hooks = [b.register_forward_hook(lambda m, a, o, i=i: seen.setdefault(i, []).append(o)) for i, b in enumerate(blocks)]
+    hooks = [
+        b.register_forward_hook(lambda m, a, o, i=i: seen.setdefault(i, []).append(o)) for i, b in enumerate(blocks)
+    ]
     prefix = _PrefixCache(model, below=layers[0])
     try:
         gaps, args = _plan(model, by_layer, ids, target, cands, deltas, prefix=prefix)  # records block 0
@@ -724,9 +850,9 @@ def test_prefix_cache_replays_recorded_blocks_for_the_same_ids_and_their_prefixe
     from test_sites import tiny
 
     from neurodetox.core.logits import tail_logits
+    from neurodetox.core.sites import decoder_layers
     from neurodetox.patching.failures import right_pad
     from neurodetox.patching.mint import _PrefixCache
-    from neurodetox.core.sites import decoder_layers
 
     model = copy.deepcopy(tiny(family)).eval()
     ids = [5, 9, 3, 17, 11, 4, 8]
@@ -846,8 +972,8 @@ def test_weights_fingerprint_recomputes_written_tensors_only(monkeypatch):
 def test_entropy_neuron_scores_equal_an_svd_of_the_head():
     """ρ_j = ‖U_kᵀ w_j‖ / ‖w_j‖ with U_k the bottom right singular vectors of W_U
     (an independent SVD in float64)."""
-    from neurodetox.patching.neurons import entropy_neuron_scores
     from neurodetox.core.sites import base_model
+    from neurodetox.patching.neurons import entropy_neuron_scores
 
     model = make_model()
     W_U = base_model(model).get_output_embeddings().weight.detach().double()
@@ -907,14 +1033,23 @@ def test_guard_plans_the_candidate_with_fewest_predicted_flips(monkeypatch):
     seen = []
     real_top = mint.top_candidates
     monkeypatch.setattr(mint, "top_candidates", lambda *a, **k: seen.append(real_top(*a, **k)) or seen[-1])
-    monkeypatch.setattr(ReferenceStats, "predicted_flips",
-                        lambda self, head, gain, cands, deltas, dlog=None: torch.tensor(
-                            [0 if (c.layer, c.index) == (seen[-1][-1].layer, seen[-1][-1].index) else 5
-                             for c in cands]))
+    monkeypatch.setattr(
+        ReferenceStats,
+        "predicted_flips",
+        lambda self, head, gain, cands, deltas, dlog=None: torch.tensor(
+            [0 if (c.layer, c.index) == (seen[-1][-1].layer, seen[-1][-1].index) else 5 for c in cands]
+        ),
+    )
     tok = make_tokenizer()
     model = make_model()
-    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(max_patches=1, guard_fallback=False, relocate_fallback=False),
-                           show_progress=False, reference_prompts=REFERENCE)
+    patch, report = repair(
+        model,
+        tok,
+        [FIX_EDIT],
+        MintSettings(max_patches=1, guard_fallback=False, relocate_fallback=False),
+        show_progress=False,
+        reference_prompts=REFERENCE,
+    )
     first = report.edits[0].failures[0].patches[0]
     assert len(seen[0]) > 1
     assert (first["layer"], first["index"]) == (seen[0][-1].layer, seen[0][-1].index)
@@ -926,8 +1061,9 @@ def test_guard_falls_back_to_gain_alone_for_a_failure_it_cannot_fix(monkeypatch)
     from neurodetox.patching import mint
 
     tok = make_tokenizer()
-    plain_patch, plain = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=False), show_progress=False,
-                                reference_prompts=REFERENCE)
+    plain_patch, plain = repair(
+        make_model(), tok, [FIX_EDIT], MintSettings(guard=False), show_progress=False, reference_prompts=REFERENCE
+    )
     assert plain.edits[0].status == "fixed"
     real = mint._Repairer._repair_failure
     calls = []
@@ -935,23 +1071,32 @@ def test_guard_falls_back_to_gain_alone_for_a_failure_it_cannot_fix(monkeypatch)
     def guarded_fails(self, edit, f, guard, relocate):
         calls.append(guard)
         if guard:  # the guarded plan gives up, leaving the model as it was
-            return mint.FailureResult(step=f.step, position=f.position, target_id=f.target_id,
-                                      argmax_id=f.argmax_id, status="skipped")
+            return mint.FailureResult(
+                step=f.step, position=f.position, target_id=f.target_id, argmax_id=f.argmax_id, status="skipped"
+            )
         return real(self, edit, f, guard, relocate)
 
     monkeypatch.setattr(mint._Repairer, "_repair_failure", guarded_fails)
-    patch, report = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=True), show_progress=False,
-                           reference_prompts=REFERENCE)
+    patch, report = repair(
+        make_model(), tok, [FIX_EDIT], MintSettings(guard=True), show_progress=False, reference_prompts=REFERENCE
+    )
     assert report.edits[0].status == "fixed"
     assert calls[:2] == [True, False]
     assert all(not f.guarded for f in report.edits[0].failures)
-    assert [(p.name, p.indices.tolist()) for p in patch.params] == [(p.name, p.indices.tolist())
-                                                                    for p in plain_patch.params]
+    assert [(p.name, p.indices.tolist()) for p in patch.params] == [
+        (p.name, p.indices.tolist()) for p in plain_patch.params
+    ]
     assert all(torch.equal(a.new, b.new) for a, b in zip(patch.params, plain_patch.params))
     monkeypatch.setattr(mint._Repairer, "_repair_failure", guarded_fails)
     calls.clear()
-    _, off = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=True, guard_fallback=False, relocate_fallback=False),
-                    show_progress=False, reference_prompts=REFERENCE)
+    _, off = repair(
+        make_model(),
+        tok,
+        [FIX_EDIT],
+        MintSettings(guard=True, guard_fallback=False, relocate_fallback=False),
+        show_progress=False,
+        reference_prompts=REFERENCE,
+    )
     assert off.edits[0].status == "skipped" and calls == [True]
 
 
@@ -963,21 +1108,27 @@ def test_guard_flip_count_equals_full_vocabulary_argmax():
 
     g = torch.Generator().manual_seed(3)
     N, V, d, S, F = 40, 300, 16, 2, 8
-    stats = ReferenceStats(rms=torch.ones(S, F), last_acts=torch.randn(N, S, F, generator=g),
-                           last_logits=3 * torch.randn(N, V, generator=g), norm_scale=torch.rand(N, generator=g) + 0.5,
-                           layers=[5, 7])
+    stats = ReferenceStats(
+        rms=torch.ones(S, F),
+        last_acts=torch.randn(N, S, F, generator=g),
+        last_logits=3 * torch.randn(N, V, generator=g),
+        norm_scale=torch.rand(N, generator=g) + 0.5,
+        layers=[5, 7],
+    )
     head = torch.randn(V, d, generator=g)
     gain = torch.rand(d, generator=g) + 0.5
     cands, deltas = [], []
     for scale in (0.01, 0.1, 0.5, 2.0, 10.0):
         for layer in (5, 7):
-            cands.append(Candidate(layer=layer, index=int(torch.randint(F, (1,), generator=g)), score=0.0,
-                                   activation=1.0))
+            cands.append(
+                Candidate(layer=layer, index=int(torch.randint(F, (1,), generator=g)), score=0.0, activation=1.0)
+            )
             deltas.append(scale * torch.randn(d, generator=g))
     got = stats.predicted_flips(head, gain, cands, deltas)
     top = stats.last_logits.argmax(-1)
-    want = [int((stats.predicted_logits(head, gain, [c], [x])[0].argmax(-1) != top).sum())
-            for c, x in zip(cands, deltas)]
+    want = [
+        int((stats.predicted_logits(head, gain, [c], [x])[0].argmax(-1) != top).sum()) for c, x in zip(cands, deltas)
+    ]
     assert got.tolist() == want
     assert want[0] < want[-1] and 0 < want[-1]  # small patches flip few, large ones many: both paths are used
 
@@ -995,8 +1146,13 @@ def test_relocate_off_plans_over_the_first_pool(monkeypatch, relocate):
     real_top = mint.top_candidates
     monkeypatch.setattr(mint, "top_candidates", lambda *a, **k: pools.append(real_top(*a, **k)) or pools[-1])
     tok = make_tokenizer()
-    s = MintSettings(alpha=0.02, alpha_steps=(1.0,), guard=False, relocate=relocate,  # small steps: several patches
-                     relocate_fallback=False)
+    s = MintSettings(
+        alpha=0.02,
+        alpha_steps=(1.0,),
+        guard=False,
+        relocate=relocate,  # small steps: several patches
+        relocate_fallback=False,
+    )
     patch, report = repair(make_model(), tok, [FIX_EDIT], s, show_progress=False, reference_prompts=REFERENCE)
     failures = report.edits[0].failures
     patches = sum(len(f.patches) for f in failures)
@@ -1018,8 +1174,14 @@ def test_relocate_fallback_repairs_what_the_pool_cannot(monkeypatch):
     from neurodetox.patching import mint
 
     tok = make_tokenizer()
-    plain_patch, plain = repair(make_model(), tok, [FIX_EDIT], MintSettings(guard=False, relocate=True),
-                                show_progress=False, reference_prompts=REFERENCE)
+    plain_patch, plain = repair(
+        make_model(),
+        tok,
+        [FIX_EDIT],
+        MintSettings(guard=False, relocate=True),
+        show_progress=False,
+        reference_prompts=REFERENCE,
+    )
     assert plain.edits[0].status == "fixed"
     real = mint._Repairer._repair_failure
     calls = []
@@ -1027,21 +1189,30 @@ def test_relocate_fallback_repairs_what_the_pool_cannot(monkeypatch):
     def pool_fails(self, edit, f, guard, relocate):
         calls.append((guard, relocate))
         if not relocate:  # the first pool gives up, leaving the model as it was
-            return mint.FailureResult(step=f.step, position=f.position, target_id=f.target_id,
-                                      argmax_id=f.argmax_id, status="skipped")
+            return mint.FailureResult(
+                step=f.step, position=f.position, target_id=f.target_id, argmax_id=f.argmax_id, status="skipped"
+            )
         return real(self, edit, f, guard, relocate)
 
     monkeypatch.setattr(mint._Repairer, "_repair_failure", pool_fails)
-    patch, report = repair(make_model(), tok, [FIX_EDIT], MintSettings(), show_progress=False,
-                           reference_prompts=REFERENCE)
+    patch, report = repair(
+        make_model(), tok, [FIX_EDIT], MintSettings(), show_progress=False, reference_prompts=REFERENCE
+    )
     assert report.edits[0].status == "fixed"
     assert calls[:3] == [(True, False), (False, False), (False, True)]
-    assert [(p.name, p.indices.tolist()) for p in patch.params] == [(p.name, p.indices.tolist())
-                                                                    for p in plain_patch.params]
+    assert [(p.name, p.indices.tolist()) for p in patch.params] == [
+        (p.name, p.indices.tolist()) for p in plain_patch.params
+    ]
     assert all(torch.equal(a.new, b.new) for a, b in zip(patch.params, plain_patch.params))
     calls.clear()
-    _, off = repair(make_model(), tok, [FIX_EDIT], MintSettings(relocate_fallback=False), show_progress=False,
-                    reference_prompts=REFERENCE)
+    _, off = repair(
+        make_model(),
+        tok,
+        [FIX_EDIT],
+        MintSettings(relocate_fallback=False),
+        show_progress=False,
+        reference_prompts=REFERENCE,
+    )
     assert off.edits[0].status == "skipped" and calls == [(True, False), (False, False)]
 
 
@@ -1054,8 +1225,7 @@ def test_guard_flip_counts_are_reused_only_for_the_same_value_vector_change(monk
 
     real = ReferenceStats.predicted_flips
     counted = []
-    monkeypatch.setattr(ReferenceStats, "predicted_flips",
-                        lambda self, *a: counted.append(len(a[2])) or real(self, *a))
+    monkeypatch.setattr(ReferenceStats, "predicted_flips", lambda self, *a: counted.append(len(a[2])) or real(self, *a))
     tok = make_tokenizer()
     s = MintSettings(alpha=0.02, alpha_steps=(1.0, 2.0), relocate_fallback=False)  # small steps: several patches
     patch, report = repair(make_model(), tok, [FIX_EDIT], s, show_progress=False, reference_prompts=REFERENCE)
@@ -1080,9 +1250,9 @@ def test_guard_flip_counts_are_reused_only_for_the_same_value_vector_change(monk
 def _last_layer_reference(dtype=torch.float32):
     """A tiny model with a non-trivial final-norm gain, and the reference statistics of its last block:
     ``(tok, model, site, stats, head, gain)``."""
+    from neurodetox.core.sites import base_model
     from neurodetox.patching.direction import final_norm, final_norm_gain
     from neurodetox.patching.locate import reference_stats
-    from neurodetox.core.sites import base_model
 
     tok = make_tokenizer()
     model = make_model().to(dtype)
@@ -1166,14 +1336,15 @@ def test_repair_with_protection_writes_the_protected_update(monkeypatch):
     monkeypatch.setattr(mint._Repairer, "_proposals", spy)
     tok = make_tokenizer()
     model = make_model()
-    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(protect=0.01), show_progress=False,
-                           reference_prompts=REFERENCE)
+    patch, report = repair(
+        model, tok, [FIX_EDIT], MintSettings(protect=0.01), show_progress=False, reference_prompts=REFERENCE
+    )
     assert report.edits[0].status == "fixed"
     self_, rows, taus = seen[0]
     assert isinstance(self_.protection, ReferenceProtection)
     # recompute the first plan's rows on the original model
     patch.revert(model)
-    for c, alpha, sign, new, delta in rows:
+    for c, alpha, sign, new, _delta in rows:
         old = self_.tracker.column(c.layer, c.index).float()
         plain = mint.update_rule(old, taus[c.layer], alpha, sign) - old
         expect = old + self_.protection.project(c, plain)
@@ -1190,8 +1361,8 @@ def test_reference_prompts_cover_every_relation():
     and texts are interleaved so each relation is represented."""
     import collections
 
-    from neurodetox.data import interleave_relations, load_facts
     from neurodetox.cli.patch import _fact_pools, _reference_prompts
+    from neurodetox.data import interleave_relations, load_facts
 
     rows = [{"relation": r, "i": i} for i, r in enumerate("aaaabbc")]
     assert [r["i"] for r in interleave_relations(rows)] == [0, 4, 6, 1, 5, 2, 3]
@@ -1241,8 +1412,14 @@ def test_guard_head_changes_scaled_within_a_round_equal_a_fresh_pass(monkeypatch
     monkeypatch.setattr(mint._Repairer, "_head_changes", count)
     tok = make_tokenizer()
     model = make_model()
-    patch, report = repair(model, tok, [FIX_EDIT], MintSettings(layers="second_half", update=rule),
-                           show_progress=False, reference_prompts=REFERENCE)
+    patch, report = repair(
+        model,
+        tok,
+        [FIX_EDIT],
+        MintSettings(layers="second_half", update=rule),
+        show_progress=False,
+        reference_prompts=REFERENCE,
+    )
     assert len(calls) >= 2 and sum(scaled) > 0  # some rows were scaled, not recomputed
     for stats, head, gain, deltas, dlog in calls:
         fresh = stats.head_change(head, gain, deltas)

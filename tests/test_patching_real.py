@@ -83,8 +83,8 @@ def test_real_model_repair_and_bit_exact_revert(threads):
 def test_real_model_cli_cycle_on_bf16_sharded_copy(tmp_path, threads):
     import json
 
-    from neurodetox.patching import folder_sha256, inspect_checkpoint
     from neurodetox.cli.patch import cmd_patch
+    from neurodetox.patching import folder_sha256, inspect_checkpoint
 
     model, tok = _real_model()
     folder = tmp_path / "bf16"
@@ -95,9 +95,13 @@ def test_real_model_cli_cycle_on_bf16_sharded_copy(tmp_path, threads):
     assert info.index_file is not None and len(info.shards) > 1
     before = folder_sha256(folder)
     edits = tmp_path / "edits.jsonl"
-    edits.write_text("\n".join(json.dumps({**c, "paraphrases": [c["prompt"].replace("The capital of", "What is the "
-                                                                                     "capital of") + "?"]})
-                               for c in CANDIDATES[:2]) + "\n")
+    edits.write_text(
+        "\n".join(
+            json.dumps({**c, "paraphrases": [c["prompt"].replace("The capital of", "What is the capital of") + "?"]})
+            for c in CANDIDATES[:2]
+        )
+        + "\n"
+    )
     rc = cmd_patch(["--quiet", "find", "--model", str(folder), "--edits", str(edits), "--out", str(tmp_path / "p")])
     assert rc in (0, 1) and (tmp_path / "p" / "manifest.json").is_file()
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
@@ -106,8 +110,23 @@ def test_real_model_cli_cycle_on_bf16_sharded_copy(tmp_path, threads):
     after = folder_sha256(folder)
     touched = {info.shard_of(n) for n in manifest["tensors"]}
     assert {k for k in before if before[k] != after[k]} == touched
-    assert cmd_patch(["--quiet", "eval", str(folder), str(tmp_path / "p"), "--unrelated", "40",
-                      "--reference-texts", "16", "--json", str(tmp_path / "ev.json")]) == 0
+    assert (
+        cmd_patch(
+            [
+                "--quiet",
+                "eval",
+                str(folder),
+                str(tmp_path / "p"),
+                "--unrelated",
+                "40",
+                "--reference-texts",
+                "16",
+                "--json",
+                str(tmp_path / "ev.json"),
+            ]
+        )
+        == 0
+    )
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["success"] > 0 and ev["unrelated_prompts"] == 40
     assert cmd_patch(["revert", str(folder), str(tmp_path / "p"), "--in-place"]) == 0

@@ -3,7 +3,6 @@
 import warnings
 
 import numpy as np
-
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -96,7 +95,7 @@ def reference_embeddings(model, spy, k, layer):
     """Independent reference: for every sampled sequence, a plain unpadded forward over
     prompt + real generated tokens, read at the last position via output_hidden_states."""
     refs, answers_ids = [], []
-    for kwargs, ids, mask, seqs in spy.sampled():
+    for _kwargs, ids, mask, seqs in spy.sampled():
         t = ids.shape[1]
         for row in range(seqs.shape[0]):
             p = row // k
@@ -272,7 +271,7 @@ def reference_rows(model, spy, k, layer, clamp=None):
         handle = model.model.layers[block].register_forward_hook(fwd)
     rows = []
     try:
-        for kwargs, ids, mask, seqs in spy.sampled():
+        for _kwargs, ids, mask, seqs in spy.sampled():
             t = ids.shape[1]
             for row in range(seqs.shape[0]):
                 p = row // k
@@ -301,11 +300,12 @@ def test_mean_pooling_matches_full_forward(model, tok, monkeypatch, drop_cache):
     lengths = []
     for seed in range(3):
         spy.calls.clear()
-        res = sample_answers(model, tok, PROMPTS, k=k, batch_size=2, seed=seed, max_new_tokens=5, pooling="mean",
-                             greedy=False)
+        res = sample_answers(
+            model, tok, PROMPTS, k=k, batch_size=2, seed=seed, max_new_tokens=5, pooling="mean", greedy=False
+        )
         assert res.pooling == "mean"
         refs = []
-        for prompt, real, eos, hs, _ in reference_rows(model, spy, k, res.layer):
+        for prompt, real, _eos, hs, _ in reference_rows(model, spy, k, res.layer):
             lengths.append(len(real))
             if real:
                 refs.append(hs[len(prompt) : len(prompt) + len(real)].mean(0))
@@ -320,8 +320,9 @@ def test_logprobs_match_forward(model, tok, monkeypatch):
     k = 3
     spy = GenerateSpy(model)
     monkeypatch.setattr(model, "generate", spy)
-    res = sample_answers(model, tok, PROMPTS, k=k, batch_size=3, seed=5, max_new_tokens=5, return_logprobs=True,
-                         temperature=0.7, top_k=3)
+    res = sample_answers(
+        model, tok, PROMPTS, k=k, batch_size=3, seed=5, max_new_tokens=5, return_logprobs=True, temperature=0.7, top_k=3
+    )
     got = [lp for per in res.sample_logprobs for lp in per]
     refs = reference_rows(model, spy, k, res.layer)
     assert len(got) == len(refs)
@@ -394,11 +395,14 @@ def test_feature_clipping_matches_static_clamp_reference(model, tok, monkeypatch
     lo, hi = clip.thresholds()
     spy = GenerateSpy(model)
     monkeypatch.setattr(model, "generate", spy)
-    res = sample_answers(model, tok, PROMPTS, k=k, batch_size=2, seed=2, max_new_tokens=5, feature_clip=clip,
-                         greedy=False, layer=2)
+    res = sample_answers(
+        model, tok, PROMPTS, k=k, batch_size=2, seed=2, max_new_tokens=5, feature_clip=clip, greedy=False, layer=2
+    )
     assert res.feature_clip and clip.clamped_calls > 0
-    refs = [hs[len(prompt) + len(real) - 1] for prompt, real, _, hs, _ in
-            reference_rows(model, spy, k, res.layer, clamp=(1, lo, hi))]
+    refs = [
+        hs[len(prompt) + len(real) - 1]
+        for prompt, real, _, hs, _ in reference_rows(model, spy, k, res.layer, clamp=(1, lo, hi))
+    ]
     torch.testing.assert_close(res.embeddings.reshape(-1, 32), torch.stack(refs), atol=1e-4, rtol=1e-4)
     # and clipping really changed the model: the unclipped reference differs
     plain = [hs[len(prompt) + len(real) - 1] for prompt, real, _, hs, _ in reference_rows(model, spy, k, res.layer)]

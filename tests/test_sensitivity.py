@@ -10,11 +10,13 @@ from neurodetox.send.sensitivity import num_to_drop, random_fraction, sensitivit
 
 def test_hand_computed_toy_history():
     # C = 3 checkpoints, N = 2 tracking items, n = 3 neurons.
-    h = torch.tensor([
-        [[0.0, 1.0, 5.0], [0.0, 2.0, 5.0]],
-        [[1.0, 1.0, 5.0], [2.0, 2.0, 4.0]],
-        [[0.0, 1.0, 5.0], [4.0, 2.0, 3.0]],
-    ])
+    h = torch.tensor(
+        [
+            [[0.0, 1.0, 5.0], [0.0, 2.0, 5.0]],
+            [[1.0, 1.0, 5.0], [2.0, 2.0, 4.0]],
+            [[0.0, 1.0, 5.0], [4.0, 2.0, 3.0]],
+        ]
+    )
     # neuron 0: item0 values 0,1,0 -> Δ=2, var=2/9 -> V=4/9; item1 0,2,4 -> Δ=4, var=8/3 -> V=32/3
     # neuron 1: constant -> 0; neuron 2: item0 constant -> 0; item1 5,4,3 -> Δ=2, var=2/3 -> V=4/3
     expected = [(4 / 9 + 32 / 3) / 2, 0.0, (0 + 4 / 3) / 2]

@@ -58,9 +58,16 @@ SPECS = {
     ),
     "opt": (
         dict(
-            hidden_size=D, ffn_dim=D_FF, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-            word_embed_proj_dim=D, max_position_embeddings=64, vocab_size=VOCAB,
-            bos_token_id=2, eos_token_id=2, pad_token_id=1,
+            hidden_size=D,
+            ffn_dim=D_FF,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            word_embed_proj_dim=D,
+            max_position_embeddings=64,
+            vocab_size=VOCAB,
+            bos_token_id=2,
+            eos_token_id=2,
+            pad_token_id=1,
         ),
         "model.decoder.layers.{l}.fc2",
         "model.decoder.final_layer_norm",
@@ -68,8 +75,13 @@ SPECS = {
     "phi": (dict(_DEC), "model.layers.{l}.mlp.fc2", "model.final_layernorm"),
     "falcon": (
         dict(
-            hidden_size=D, ffn_hidden_size=D_FF, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-            new_decoder_architecture=False, parallel_attn=True, **_TOK,
+            hidden_size=D,
+            ffn_hidden_size=D_FF,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            parallel_attn=True,
+            **_TOK,
         ),
         "transformer.h.{l}.mlp.dense_4h_to_h",
         "transformer.ln_f",
@@ -321,7 +333,9 @@ def test_value_vector_parameter(family):
     with torch.no_grad():
         # the output is the bias plus the sum of each neuron's act_j * value_vector_j
         vv = W.detach().movedim(axis, 0)  # [d_ff, d]
-        torch.testing.assert_close(outs[0].reshape(act.shape[:-1] + (D,)) - bias, torch.einsum("bsj,jd->bsd", act, vv), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            outs[0].reshape(act.shape[:-1] + (D,)) - bias, torch.einsum("bsj,jd->bsd", act, vv), rtol=1e-4, atol=1e-5
+        )
         # and one neuron alone contributes act_j * value_vector_j
         for j in (0, 7, D_FF - 1):
             only_j = torch.zeros_like(act)
@@ -478,7 +492,7 @@ def test_parse_layers_errors_name_value_and_range(spec, bad):
         parse_layers(spec, 4, kind="residual")
     msg = str(e.value)
     assert bad in msg
-    assert ("-4" in msg and "3" in msg), msg  # the valid range [-4, 3]
+    assert "-4" in msg and "3" in msg, msg  # the valid range [-4, 3]
     assert "residual" in msg
 
 

@@ -5,13 +5,13 @@ import os
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tokenizer
 from transformers import TrainerCallback
 
-from neurodetox.send.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback
 from neurodetox.data.lm import tokenize_texts
 from neurodetox.send import SeNDConfig, SeNDTrainer, last_checkpoint
+from neurodetox.send.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback
 
-from conftest import make_tiny_llama, make_tokenizer
 
 class _StopAt(TrainerCallback):
     def __init__(self, step):
@@ -24,24 +24,45 @@ class _StopAt(TrainerCallback):
 
 
 TEXTS = [
-    "the capital of france is paris .", "the capital of germany is berlin .", "the capital of italy is rome .",
-    "the capital of spain is madrid .", "japan is located in asia .", "the currency of japan is the yen .",
-    "france is located in europe .", "the capital of japan is tokyo .",
+    "the capital of france is paris .",
+    "the capital of germany is berlin .",
+    "the capital of italy is rome .",
+    "the capital of spain is madrid .",
+    "japan is located in asia .",
+    "the currency of japan is the yen .",
+    "france is located in europe .",
+    "the capital of japan is tokyo .",
 ] * 4
 
 
 def _trainer(out, max_steps=24, tracking=True, **overrides):
     tok = make_tokenizer()
     model = make_tiny_llama(len(tok), seed=0)
-    kw = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=max_steps, send_window_steps=4,
-              send_site="mlp", send_layers="1,2", send_drop_windows=2, save_strategy="steps", save_steps=8,
-              logging_steps=4, report_to=[], use_cpu=True, disable_tqdm=True, learning_rate=3e-3, seed=0,
-              data_seed=0, eigenscore_num_prompts=0)
+    kw = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        send_window_steps=4,
+        send_site="mlp",
+        send_layers="1,2",
+        send_drop_windows=2,
+        save_strategy="steps",
+        save_steps=8,
+        logging_steps=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=3e-3,
+        seed=0,
+        data_seed=0,
+        eigenscore_num_prompts=0,
+    )
     kw.update(overrides)
     args = SeNDConfig(**kw)
     track = tokenize_texts(tok, TEXTS[:6]) if tracking else []
-    return SeNDTrainer(model=model, args=args, train_dataset=tokenize_texts(tok, TEXTS), tracking_dataset=track,
-                       processing_class=tok)
+    return SeNDTrainer(
+        model=model, args=args, train_dataset=tokenize_texts(tok, TEXTS), tracking_dataset=track, processing_class=tok
+    )
 
 
 def test_selections_follow_the_schedule(tmp_path):
@@ -124,15 +145,18 @@ def test_checkpoint_holds_callback_state_and_loads(tmp_path):
     AutoModelForCausalLM.from_pretrained(ck)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(send_drop_fraction=1.0), r"send_drop_fraction=1.0 is invalid: must be in \(0, 1\)"),
-    (dict(send_drop_fraction=0.0), r"send_drop_fraction"),
-    (dict(send_layers="7"), r"layer 7 is out of range"),
-    (dict(send_site="attn"), r"send_site='attn' is invalid"),
-    (dict(send_mode="sometimes"), r"send_mode='sometimes'"),
-    (dict(eigenscore_k=1), r"eigenscore_k=1"),
-    (dict(eigenscore_alpha=0.0), r"eigenscore_alpha"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(send_drop_fraction=1.0), r"send_drop_fraction=1.0 is invalid: must be in \(0, 1\)"),
+        (dict(send_drop_fraction=0.0), r"send_drop_fraction"),
+        (dict(send_layers="7"), r"layer 7 is out of range"),
+        (dict(send_site="attn"), r"send_site='attn' is invalid"),
+        (dict(send_mode="sometimes"), r"send_mode='sometimes'"),
+        (dict(eigenscore_k=1), r"eigenscore_k=1"),
+        (dict(eigenscore_alpha=0.0), r"eigenscore_alpha"),
+    ],
+)
 def test_bad_config_fails_before_training(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         _trainer(tmp_path / "bad", **overrides)
@@ -156,11 +180,24 @@ def test_site_hidden_by_a_wrapper_is_refused(tmp_path):
     mlp = model.model.layers[1].mlp
     # a wrapper that computes the FFN without calling its down_proj module: hooks there never fire
     mlp.forward = lambda x: F.linear(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj.weight)
-    args = SeNDConfig(output_dir=str(tmp_path), max_steps=4, send_site="mlp", send_layers="all", report_to=[],
-                      use_cpu=True, eigenscore_num_prompts=0, activation_stats_site="none")
+    args = SeNDConfig(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        send_site="mlp",
+        send_layers="all",
+        report_to=[],
+        use_cpu=True,
+        eigenscore_num_prompts=0,
+        activation_stats_site="none",
+    )
     with pytest.raises(ValueError, match=r"never reached site\(s\) mlp.1 \(model.layers.1.mlp.down_proj\)"):
-        SeNDTrainer(model=model, args=args, train_dataset=tokenize_texts(tok, TEXTS),
-                    tracking_dataset=tokenize_texts(tok, TEXTS[:4]), processing_class=tok)
+        SeNDTrainer(
+            model=model,
+            args=args,
+            train_dataset=tokenize_texts(tok, TEXTS),
+            tracking_dataset=tokenize_texts(tok, TEXTS[:4]),
+            processing_class=tok,
+        )
 
 
 def test_stopping_rule_loss_and_ees(tmp_path):
@@ -197,13 +234,20 @@ def test_tracking_embeddings_equal_one_item_reference_in_dataset_order(monkeypat
     monkeypatch.setattr(sd, "zero3_enabled", lambda: zero3)
     tok = make_tokenizer()
     model = make_tiny_llama(len(tok), seed=0)
-    texts = ["the capital of france is paris .", "japan .", "the currency of japan is the yen , they say .",
-             "france is located in europe .", "rome", "the capital of spain is madrid ."]
+    texts = [
+        "the capital of france is paris .",
+        "japan .",
+        "the currency of japan is the yen , they say .",
+        "france is located in europe .",
+        "rome",
+        "the capital of spain is madrid .",
+    ]
     track = tokenize_texts(tok, texts)
     assert sorted(len(t["input_ids"]) for t in track) != [len(t["input_ids"]) for t in track]  # sorting permutes
     n_layers = model.config.num_hidden_layers
-    cb = SensitiveNeuronDropoutCallback(track, CausalLMCollator(tok), site="residual", layers="penultimate",
-                                        batch_size=4)
+    cb = SensitiveNeuronDropoutCallback(
+        track, CausalLMCollator(tok), site="residual", layers="penultimate", batch_size=4
+    )
     head_calls = []
     h = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
     got = cb.record_embeddings(model)

@@ -48,15 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="neurodetox eval",
         description="Score hallucination detectors (EigenScore exact/EES/feature-clipped, perplexity, "
-                    "LN-entropy, lexical similarity, length) on fact probes; AUROC against correctness "
-                    "of the greedy answer with 95%% bootstrap intervals.")
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="Model name, HF folder, PEFT adapter folder or .gguf (default: smollm2-135m-instruct).")
+        "LN-entropy, lexical similarity, length) on fact probes; AUROC against correctness "
+        "of the greedy answer with 95%% bootstrap intervals.",
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="Model name, HF folder, PEFT adapter folder or .gguf (default: smollm2-135m-instruct).",
+    )
     p.add_argument("--data", default="facts", help="'facts' (built-in GeoNames facts) or a fact file/folder.")
-    p.add_argument("--split", default="test", choices=("test", "tracking", "train", "all"),
-                   help="Which probes (default test; 'all' = train+tracking+test, for a base model).")
-    p.add_argument("--max-probes", type=int, default=None,
-                   help="Keep at most N probes, stratified across relations (seeded).")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "tracking", "train", "all"),
+        help="Which probes (default test; 'all' = train+tracking+test, for a base model).",
+    )
+    p.add_argument(
+        "--max-probes", type=int, default=None, help="Keep at most N probes, stratified across relations (seeded)."
+    )
     p.add_argument("--data-seed", type=int, default=0, help="Split seed of the fact data (default 0).")
     p.add_argument("--k", type=int, default=10, help="Samples per prompt (INSIDE: 10).")
     p.add_argument("--temperature", type=float, default=0.5)
@@ -155,16 +164,21 @@ def _table(summary: dict, title: str):
     t.add_column("n", justify="right")
     for name, e in sorted(summary.items(), key=lambda kv: -(kv[1]["auroc"] if math.isfinite(kv[1]["auroc"]) else -1)):
         ci = f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}]" if math.isfinite(e["auroc"]) else e.get("note", "")
-        t.add_row(LABELS.get(name, name), "halluc." if e["direction"] > 0 else "correct",
-                  f"{e['auroc']:.3f}" if math.isfinite(e["auroc"]) else "n/a", ci, str(e["n"]))
+        t.add_row(
+            LABELS.get(name, name),
+            "halluc." if e["direction"] > 0 else "correct",
+            f"{e['auroc']:.3f}" if math.isfinite(e["auroc"]) else "n/a",
+            ci,
+            str(e["n"]),
+        )
     return t
 
 
 def _per_relation(records: Sequence[dict], names: Sequence[str]) -> list[dict]:
     import numpy as np
 
-    from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION
     from neurodetox.metrics.auroc import auroc
+    from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION
 
     rows = []
     by_rel: dict = defaultdict(list)
@@ -189,8 +203,8 @@ def render_report(result: dict, roc_png: Optional[str] = None) -> str:
     """The Markdown results page for an ``eval.json`` dict (see :func:`cmd_eval`)."""
     import numpy as np
 
-    from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION
     from neurodetox.metrics.auroc import paired_auroc_difference
+    from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION
 
     summ = result["summary"]
     recs = result["records"]
@@ -221,7 +235,7 @@ def render_report(result: dict, roc_png: Optional[str] = None) -> str:
         f"* Samples: K = {s['k']} per prompt in one batched `generate` per batch of prompts, temperature "
         f"{s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']} (INSIDE's settings); embeddings from the "
         f"`{s['layer']}` block at the last generated token (pooling `{s['pooling']}`), α = {s['alpha']}.",
-        f"* EigenScore (EES): the KPM estimator of `neurodetox.metrics.ees` (`method=\"kpm\"`, tol {s['ees_tol']}) "
+        f'* EigenScore (EES): the KPM estimator of `neurodetox.metrics.ees` (`method="kpm"`, tol {s["ees_tol"]}) '
         "on the same embeddings. Feature-clipped EigenScore: a second sampled generation with INSIDE's feature "
         f"clipping (penultimate block, [{s['clip_percentile']}%, {100 - s['clip_percentile']}%] percentiles over a "
         f"{s['clip_bank_size']}-token memory bank).",
@@ -239,8 +253,10 @@ def render_report(result: dict, roc_png: Optional[str] = None) -> str:
     for name in ranked + [k for k in summ if k not in ok]:
         e = summ[name]
         if name in ok:
-            lines.append(f"| {LABELS.get(name, name)} | {'hallucination' if e['direction'] > 0 else 'correct'} | "
-                         f"{e['auroc']:.3f} | [{e['ci_low']:.3f}, {e['ci_high']:.3f}] | {e['n']} |")
+            lines.append(
+                f"| {LABELS.get(name, name)} | {'hallucination' if e['direction'] > 0 else 'correct'} | "
+                f"{e['auroc']:.3f} | [{e['ci_low']:.3f}, {e['ci_high']:.3f}] | {e['n']} |"
+            )
         else:
             lines.append(f"| {LABELS.get(name, name)} | | n/a | {e.get('note', '')} | {e['n']} |")
     if roc_png:
@@ -256,55 +272,77 @@ def render_report(result: dict, roc_png: Optional[str] = None) -> str:
         es = ok["eigenscore"]
         best_base = max((b for b in BASELINES if b in ok), key=lambda b: ok[b]["auroc"], default=None)
         if best == "eigenscore" or best.startswith("eigenscore"):
-            lines.append(f"**{LABELS[best]} wins** with AUROC {ok[best]['auroc']:.3f} "
-                         f"[{ok[best]['ci_low']:.3f}, {ok[best]['ci_high']:.3f}].")
+            lines.append(
+                f"**{LABELS[best]} wins** with AUROC {ok[best]['auroc']:.3f} "
+                f"[{ok[best]['ci_low']:.3f}, {ok[best]['ci_high']:.3f}]."
+            )
         else:
-            lines.append(f"**A baseline wins: {LABELS[best]}**, AUROC {ok[best]['auroc']:.3f} "
-                         f"[{ok[best]['ci_low']:.3f}, {ok[best]['ci_high']:.3f}], against EigenScore's "
-                         f"{es['auroc']:.3f} [{es['ci_low']:.3f}, {es['ci_high']:.3f}].")
+            lines.append(
+                f"**A baseline wins: {LABELS[best]}**, AUROC {ok[best]['auroc']:.3f} "
+                f"[{ok[best]['ci_low']:.3f}, {ok[best]['ci_high']:.3f}], against EigenScore's "
+                f"{es['auroc']:.3f} [{es['ci_low']:.3f}, {es['ci_high']:.3f}]."
+            )
         if best_base is not None:
             a, b = col("eigenscore"), col(best_base)
             keep = np.isfinite(a) & np.isfinite(b)
-            d, lo, hi = paired_auroc_difference(a[keep], b[keep], y[keep], HALLUCINATION_DIRECTION["eigenscore"],
-                                                HALLUCINATION_DIRECTION[best_base], n_boot=result["n_boot"],
-                                                seed=s["seed"])
-            verdict = ("the interval excludes 0" if lo > 0 or hi < 0 else
-                       "the interval includes 0, so this sample cannot tell them apart")
+            d, lo, hi = paired_auroc_difference(
+                a[keep],
+                b[keep],
+                y[keep],
+                HALLUCINATION_DIRECTION["eigenscore"],
+                HALLUCINATION_DIRECTION[best_base],
+                n_boot=result["n_boot"],
+                seed=s["seed"],
+            )
+            verdict = (
+                "the interval excludes 0"
+                if lo > 0 or hi < 0
+                else "the interval includes 0, so this sample cannot tell them apart"
+            )
             lines.append("")
-            lines.append(f"EigenScore minus the best baseline ({LABELS[best_base]}): ΔAUROC = {d:+.3f}, paired "
-                         f"bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}]; {verdict}.")
+            lines.append(
+                f"EigenScore minus the best baseline ({LABELS[best_base]}): ΔAUROC = {d:+.3f}, paired "
+                f"bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}]; {verdict}."
+            )
         for other in ("eigenscore_ees", "eigenscore_clipped"):
             if other in ok:
                 a, b = col(other), col("eigenscore")
                 keep = np.isfinite(a) & np.isfinite(b)
-                d, lo, hi = paired_auroc_difference(a[keep], b[keep], y[keep], 1, 1, n_boot=result["n_boot"],
-                                                    seed=s["seed"])
+                d, lo, hi = paired_auroc_difference(
+                    a[keep], b[keep], y[keep], 1, 1, n_boot=result["n_boot"], seed=s["seed"]
+                )
                 extra = ""
                 if other == "eigenscore_ees":
                     extra = f" Largest per-prompt |EES − exact| = {np.nanmax(np.abs(a - b)):.2e} nats."
                 if other == "eigenscore_clipped" and result.get("info", {}).get("clipping"):
                     c = result["info"]["clipping"]
-                    extra = (f" Clipping clamped {c['clamped_calls']} forward calls; with the same sampling seed, "
-                             f"{c['prompts_with_different_samples']} of {n} prompts got different samples. (The "
-                             "embedding block sits before the clipped penultimate block, so clipping changes the "
-                             "score only through the tokens it makes the model sample.)")
+                    extra = (
+                        f" Clipping clamped {c['clamped_calls']} forward calls; with the same sampling seed, "
+                        f"{c['prompts_with_different_samples']} of {n} prompts got different samples. (The "
+                        "embedding block sits before the clipped penultimate block, so clipping changes the "
+                        "score only through the tokens it makes the model sample.)"
+                    )
                 lines.append("")
-                lines.append(f"{LABELS[other]} minus exact EigenScore: ΔAUROC = {d:+.3f} "
-                             f"[{lo:+.3f}, {hi:+.3f}].{extra}")
+                lines.append(
+                    f"{LABELS[other]} minus exact EigenScore: ΔAUROC = {d:+.3f} [{lo:+.3f}, {hi:+.3f}].{extra}"
+                )
     lines += ["", "### Per relation (AUROC, no intervals: small groups)", ""]
     names = ranked
     rows = _per_relation(recs, names)
     lines.append("| relation | n | accuracy | " + " | ".join(LABELS.get(k, k) for k in names) + " |")
     lines.append("|---|---|---|" + "---|" * len(names))
     for r in rows:
-        lines.append(f"| {r['relation']} | {r['n']} | {r['accuracy']:.1%} | " + " | ".join(
-            "n/a" if not math.isfinite(r[k]) else f"{r[k]:.3f}" for k in names) + " |")
+        lines.append(
+            f"| {r['relation']} | {r['n']} | {r['accuracy']:.1%} | "
+            + " | ".join("n/a" if not math.isfinite(r[k]) else f"{r[k]:.3f}" for k in names)
+            + " |"
+        )
     lines += [
         "",
         "## Caveats",
         "",
         "* One small model (135M parameters) and short factual answers; INSIDE's reported gains are for 7B+ "
-        "models on open QA. The labels are lenient (substring match), and \"The Illusion of Progress\" "
+        'models on open QA. The labels are lenient (substring match), and "The Illusion of Progress" '
         "(EMNLP 2025) shows such AUROCs move under stricter labels; length is reported as the baseline it "
         "recommends.",
         "* Pooled AUROC mixes relations whose accuracy differs a lot; a score that only recognises the relation "
@@ -326,17 +364,27 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
     from rich.console import Console
 
+    from neurodetox.core.io import atomic_write_json, atomic_write_text
     from neurodetox.data import load_facts
     from neurodetox.metrics.probes import EigenScoreSettings, score_probes
-    from neurodetox.core.io import atomic_write_json, atomic_write_text
 
     console = Console()
     if args.max_probes is not None and args.max_probes < 1:
         return _fail(f"--max-probes must be >= 1, got {args.max_probes} (empty probe set)")
-    settings = EigenScoreSettings(k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                  max_new_tokens=args.max_new_tokens, layer=args.layer, alpha=args.alpha,
-                                  batch_size=args.batch_size, seed=args.seed, pooling=args.pooling,
-                                  clip_percentile=args.clip_percentile, clip_bank_size=args.clip_bank_size)
+    settings = EigenScoreSettings(
+        k=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        layer=args.layer,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        pooling=args.pooling,
+        clip_percentile=args.clip_percentile,
+        clip_bank_size=args.clip_bank_size,
+    )
     try:
         settings.validate()
         ds = load_facts(args.data, seed=args.data_seed)
@@ -360,8 +408,18 @@ def cmd_eval(argv: Sequence[str]) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            res = score_probes(model, tok, prompts, aliases, settings, relations=relations, clipped=not args.no_clip,
-                               ees=not args.no_ees, n_boot=args.bootstrap, show_progress=not args.no_progress)
+            res = score_probes(
+                model,
+                tok,
+                prompts,
+                aliases,
+                settings,
+                relations=relations,
+                clipped=not args.no_clip,
+                ees=not args.no_ees,
+                n_boot=args.bootstrap,
+                show_progress=not args.no_progress,
+            )
         for w in caught:
             console.print(f"[yellow]warning:[/] {w.message}")
     except ValueError as e:
@@ -383,7 +441,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
         "info": res.info,
         "wall_seconds": wall,
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, torch threads "
-                   f"{__import__('torch').get_num_threads()}",
+        f"{__import__('torch').get_num_threads()}",
         "records": res.records,
     }
     atomic_write_json(out / "eval.json", result)

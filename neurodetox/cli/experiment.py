@@ -27,31 +27,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="neurodetox experiment",
         description="Controlled SeND study (arXiv 2410.15460): send_mode send / random / off × seeds from one "
-                    "recipe (identical data, steps, learning rate and trainable layers), measured on the test "
-                    "split and on training-fact paraphrases; writes study.json, curve PNGs and a markdown page "
-                    "with per-arm intervals and paired differences. Complete runs are reused on rerun.")
+        "recipe (identical data, steps, learning rate and trainable layers), measured on the test "
+        "split and on training-fact paraphrases; writes study.json, curve PNGs and a markdown page "
+        "with per-arm intervals and paired differences. Complete runs are reused on rerun.",
+    )
     p.add_argument("--config", default=DEFAULT_RECIPE, help=f"Recipe every run starts from (default {DEFAULT_RECIPE}).")
     p.add_argument("--model", help="Override model_name_or_path (a folder, a .gguf, a hub id).")
     p.add_argument("--data", help="Override data: 'facts' or a local fact file.")
     p.add_argument("--seeds", default="0,1,2", help="Comma list of training seeds (default 0,1,2).")
     p.add_argument("--arms", default="send,random,off", help="Comma list of send_mode arms (default all three).")
-    p.add_argument("--variants", default="",
-                   help="Comma list of extra SeND settings, each run as its own arm for every seed: "
-                        "drop0.3 (send_drop_fraction 0.3), mlp (send_site mlp), or NAME:field=value[;field=value].")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="Comma list of extra SeND settings, each run as its own arm for every seed: "
+        "drop0.3 (send_drop_fraction 0.3), mlp (send_site mlp), or NAME:field=value[;field=value].",
+    )
     p.add_argument("--variant-modes", default="send", help="Modes each variant runs with (default send).")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="Recipe override for every run (repeatable), e.g. --set max_steps=100.")
-    p.add_argument("--quick", action="store_true",
-                   help="A first look in under 20 min on 2 CPU cores: the first seed, no variants, "
-                        + ", ".join(f"{k}={v}" for k, v in QUICK_FIELDS.items())
-                        + f" and {QUICK_PARAPHRASE_PROBES} paraphrase probes (--set still wins).")
-    p.add_argument("--paraphrase-probes", type=int, default=75,
-                   help="Training facts whose first paraphrase prompt is scored (default 75, the size of the test split).")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Recipe override for every run (repeatable), e.g. --set max_steps=100.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="A first look in under 20 min on 2 CPU cores: the first seed, no variants, "
+        + ", ".join(f"{k}={v}" for k, v in QUICK_FIELDS.items())
+        + f" and {QUICK_PARAPHRASE_PROBES} paraphrase probes (--set still wins).",
+    )
+    p.add_argument(
+        "--paraphrase-probes",
+        type=int,
+        default=75,
+        help="Training facts whose first paraphrase prompt is scored (default 75, the size of the test split).",
+    )
     p.add_argument("--bootstrap", type=int, default=500, help="Bootstrap resamples per AUROC interval (default 500).")
-    p.add_argument("--out", default=None, help="Study folder (default runs/study, or runs/study-quick with --quick, "
-                                               "so a quick look never replaces runs of the full study).")
-    p.add_argument("--report", help="Markdown page to write (default OUT/send.md); figures go to a folder named "
-                                    "after it (e.g. docs/results/send/).")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="Study folder (default runs/study, or runs/study-quick with --quick, "
+        "so a quick look never replaces runs of the full study).",
+    )
+    p.add_argument(
+        "--report",
+        help="Markdown page to write (default OUT/send.md); figures go to a folder named "
+        "after it (e.g. docs/results/send/).",
+    )
     p.add_argument("--keep-models", action="store_true", help="Keep each run's final/ checkpoint.")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -66,9 +89,9 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     from rich.console import Console
 
     from neurodetox.core.io import atomic_write_json, atomic_write_text
+    from neurodetox.experiment.runs import run_study
     from neurodetox.experiment.stats import headline
     from neurodetox.reports.study import nan_to_none, plot_curves, render_markdown
-    from neurodetox.experiment.runs import run_study
 
     a = build_parser().parse_args(list(argv))
     console = Console(stderr=True)
@@ -77,8 +100,10 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         console.print(f"neurodetox: error: {e}")
         return 2
-    console.print(f"[bold]neurodetox experiment[/]: {len(plan.arms)} arms × {len(plan.seeds)} seeds = "
-                  f"{len(plan.arms) * len(plan.seeds)} runs into {plan.out}")
+    console.print(
+        f"[bold]neurodetox experiment[/]: {len(plan.arms)} arms × {len(plan.seeds)} seeds = "
+        f"{len(plan.arms) * len(plan.seeds)} runs into {plan.out}"
+    )
     t0 = time.time()
     try:
         base, results = run_study(plan, progress=not a.no_progress)
@@ -90,8 +115,9 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     fig_dir = page.parent / page.stem
     figures = plot_curves(results, fig_dir)
     arms = [arm.name for arm in plan.arms]
-    comparisons = [(x, y) for x, y in (("send", "off"), ("send", "random"), ("random", "off"))
-                   if x in arms and y in arms]
+    comparisons = [
+        (x, y) for x, y in (("send", "off"), ("send", "random"), ("random", "off")) if x in arms and y in arms
+    ]
     comparisons += [(v, "off") for v in arms if "@" in v and "off" in arms]
     comparisons += [(v, "send") for v in arms if "@" in v and "send" in arms]
     model = plan.fields.get("model_name_or_path") or _recipe_model(a.config)
@@ -100,14 +126,20 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     if h is not None and h["n"]:
         from neurodetox.experiment.stats import fmt_interval, verdict
 
-        statement.append(f"- **Main result:** test-split factual accuracy, SeND − off = "
-                         f"{fmt_interval(h, True, True)} over {h['n']} paired seeds "
-                         f"({verdict(h, +1)}).")
+        statement.append(
+            f"- **Main result:** test-split factual accuracy, SeND − off = "
+            f"{fmt_interval(h, True, True)} over {h['n']} paired seeds "
+            f"({verdict(h, +1)})."
+        )
     info = {
-        "recipe": a.config, "seeds": plan.seeds, "model": model, "comparisons": comparisons,
+        "recipe": a.config,
+        "seeds": plan.seeds,
+        "model": model,
+        "comparisons": comparisons,
         "command": "neurodetox experiment " + " ".join(shlex.quote(x) for x in argv),
         "wall_minutes": (base["run_wall_seconds"] + sum(r["run_wall_seconds"] for r in results)) / 60,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "statement_lines": statement,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "statement_lines": statement,
     }
     md = render_markdown(results, info, figures, page, base=base)
     atomic_write_text(page, md)
@@ -141,9 +173,20 @@ def plan_from_args(a: argparse.Namespace):
         fields = [f"{k}={v}" for k, v in QUICK_FIELDS.items()] + fields
         if probes == build_parser().get_default("paraphrase_probes"):
             probes = QUICK_PARAPHRASE_PROBES
-    return plan_study(a.config, seeds, out, arms=_split(a.arms), variants=variants,
-                      variant_modes=_split(a.variant_modes), model=a.model, data=a.data, fields=fields,
-                      paraphrase_probes=probes, n_boot=a.bootstrap, keep_models=a.keep_models)
+    return plan_study(
+        a.config,
+        seeds,
+        out,
+        arms=_split(a.arms),
+        variants=variants,
+        variant_modes=_split(a.variant_modes),
+        model=a.model,
+        data=a.data,
+        fields=fields,
+        paraphrase_probes=probes,
+        n_boot=a.bootstrap,
+        keep_models=a.keep_models,
+    )
 
 
 def _variant_specs(s: str) -> list[str]:

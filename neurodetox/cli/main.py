@@ -1,10 +1,10 @@
 """``neurodetox`` command line.
 
-    neurodetox train --config recipes/smollm2-facts-send.yaml [--field value ...]
-    neurodetox data facts --out DIR [--seed N] [--relations ...]
-    neurodetox eval --model PATH --data facts|FILE
-    neurodetox patch find|apply|revert|show|eval ...
-    neurodetox experiment [--config R.yaml] [--seeds 0,1,2] [--variants drop0.3,mlp] [--quick]
+neurodetox train --config recipes/smollm2-facts-send.yaml [--field value ...]
+neurodetox data facts --out DIR [--seed N] [--relations ...]
+neurodetox eval --model PATH --data facts|FILE
+neurodetox patch find|apply|revert|show|eval ...
+neurodetox experiment [--config R.yaml] [--seeds 0,1,2] [--variants drop0.3,mlp] [--quick]
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Optional, Sequence
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -34,9 +35,11 @@ def cmd_train(argv: Sequence[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         parser = make_parser()
         parser.prog = "neurodetox train"
-        parser.description = ("Fine-tune a causal LM with Sensitive Neuron Dropout (SeND, arXiv 2410.15460) on "
-                              "facts, scoring EigenScore and factual accuracy before, during and after. "
-                              "Fields come from --config RECIPE.yaml, overridden by --field value.")
+        parser.description = (
+            "Fine-tune a causal LM with Sensitive Neuron Dropout (SeND, arXiv 2410.15460) on "
+            "facts, scoring EigenScore and factual accuracy before, during and after. "
+            "Fields come from --config RECIPE.yaml, overridden by --field value."
+        )
         parser.add_argument("--config", help="YAML recipe whose keys are any of the fields below.")
         parser.print_help()
         return 0
@@ -80,9 +83,13 @@ def cmd_data(argv: Sequence[str]) -> int:
     from neurodetox.data import build_fact_dataset, write_fact_dataset
 
     try:
-        ds = build_fact_dataset(relations=tuple(r.strip() for r in a.relations.split(",") if r.strip()),
-                                seed=a.seed, tracking_fraction=a.tracking_fraction, test_fraction=a.test_fraction,
-                                max_facts_per_relation=a.max_facts_per_relation)
+        ds = build_fact_dataset(
+            relations=tuple(r.strip() for r in a.relations.split(",") if r.strip()),
+            seed=a.seed,
+            tracking_fraction=a.tracking_fraction,
+            test_fraction=a.test_fraction,
+            max_facts_per_relation=a.max_facts_per_relation,
+        )
         write_fact_dataset(ds, a.out, overwrite=a.overwrite)
     except (ValueError, FileExistsError) as e:
         return _fail(str(e))
@@ -109,8 +116,7 @@ def cmd_patch(argv: Sequence[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "patch": cmd_patch,
-            "experiment": cmd_experiment}
+COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "patch": cmd_patch, "experiment": cmd_experiment}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -69,13 +69,14 @@ def _read_edits(path: str) -> list[dict]:
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise ValueError(f"{p}:{n} is not a JSON object ({e}); each line must be "
-                             '{"prompt": ..., "target": ...}') from None
+            raise ValueError(
+                f'{p}:{n} is not a JSON object ({e}); each line must be {{"prompt": ..., "target": ...}}'
+            ) from None
         if not isinstance(row, dict):
             raise ValueError(f"{p}:{n} must be a JSON object with 'prompt' and 'target', got {type(row).__name__}")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{p} holds no edits (one JSON object per line: {{\"prompt\": ..., \"target\": ...}})")
+        raise ValueError(f'{p} holds no edits (one JSON object per line: {{"prompt": ..., "target": ...}})')
     return rows
 
 
@@ -101,12 +102,16 @@ def _checkpoint_path(name: str) -> Path:
 
     path, gguf = resolve_model_path(name)
     if gguf:
-        raise ValueError(f"{name} is a GGUF file; patches apply to safetensors checkpoints. Load and save it once "
-                         "as safetensors (neurodetox's default model is converted automatically)")
+        raise ValueError(
+            f"{name} is a GGUF file; patches apply to safetensors checkpoints. Load and save it once "
+            "as safetensors (neurodetox's default model is converted automatically)"
+        )
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint folder not found: {name} (hub ids cannot be patched in place; "
-                                "download the checkpoint to a folder first)")
+        raise FileNotFoundError(
+            f"checkpoint folder not found: {name} (hub ids cannot be patched in place; "
+            "download the checkpoint to a folder first)"
+        )
     return p
 
 
@@ -133,11 +138,16 @@ def _edit_table(report) -> Any:
     for col in ("#", "prompt", "target", "status", "failures", "neurons (layer:index)", "ref. changed", "s"):
         t.add_column(col)
     for e in report.edits:
-        t.add_row(str(e.index), e.edit.prompt, e.edit.target, e.status,
-                  str(sum(f.status == "fixed" for f in e.failures)) + "/" + str(len(e.failures)),
-                  " ".join(f"{a}:{b}" for a, b in e.neurons) or "-",
-                  "-" if e.reference_flips is None else f"{e.reference_flips} ({e.attempts} tries)",
-                  f"{e.seconds:.1f}")
+        t.add_row(
+            str(e.index),
+            e.edit.prompt,
+            e.edit.target,
+            e.status,
+            str(sum(f.status == "fixed" for f in e.failures)) + "/" + str(len(e.failures)),
+            " ".join(f"{a}:{b}" for a, b in e.neurons) or "-",
+            "-" if e.reference_flips is None else f"{e.reference_flips} ({e.attempts} tries)",
+            f"{e.seconds:.1f}",
+        )
     return t
 
 
@@ -145,13 +155,27 @@ def _settings_from_args(a) -> Any:
     from neurodetox.patching.mint import MintSettings
 
     steps = tuple(float(x) for x in a.alpha_steps.split(",")) if a.alpha_steps else (1.0,)
-    return MintSettings(update=a.update, alpha=a.alpha, alpha_steps=steps, locator=a.locator,
-                        candidates=a.candidates, max_patches=a.max_patches, layers=a.layers,
-                        fold_norm=not a.no_fold_norm, orthogonalize=a.orthogonalize, signed=not a.unsigned,
-                        entropy_guard=not a.no_entropy_guard, guard=a.guard, relocate=a.relocate,
-                        relocate_fallback=a.relocate_fallback, prune=a.prune, verify_reference=a.verify_reference,
-                        max_reference_flips=a.max_reference_flips, reference_retries=a.reference_retries,
-                        protect=a.protect)
+    return MintSettings(
+        update=a.update,
+        alpha=a.alpha,
+        alpha_steps=steps,
+        locator=a.locator,
+        candidates=a.candidates,
+        max_patches=a.max_patches,
+        layers=a.layers,
+        fold_norm=not a.no_fold_norm,
+        orthogonalize=a.orthogonalize,
+        signed=not a.unsigned,
+        entropy_guard=not a.no_entropy_guard,
+        guard=a.guard,
+        relocate=a.relocate,
+        relocate_fallback=a.relocate_fallback,
+        prune=a.prune,
+        verify_reference=a.verify_reference,
+        max_reference_flips=a.max_reference_flips,
+        reference_retries=a.reference_retries,
+        protect=a.protect,
+    )
 
 
 def _add_setting_args(p: argparse.ArgumentParser) -> None:
@@ -160,45 +184,82 @@ def _add_setting_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("MINT settings")
     g.add_argument("--locator", default="grad_x_act", choices=LOCATORS, help="Neuron locator (default grad_x_act).")
-    g.add_argument("--update", default="additive", choices=UPDATE_RULES,
-                   help="Value-vector update: 'additive' w <- w + α τ (default) or 'interpolate', MINT's "
-                        "w <- (w + α τ)/(1 + α), which also scales the neuron's existing output by 1/(1 + α).")
+    g.add_argument(
+        "--update",
+        default="additive",
+        choices=UPDATE_RULES,
+        help="Value-vector update: 'additive' w <- w + α τ (default) or 'interpolate', MINT's "
+        "w <- (w + α τ)/(1 + α), which also scales the neuron's existing output by 1/(1 + α).",
+    )
     g.add_argument("--alpha", type=float, default=0.1, help="Update step α (default 0.1).")
-    g.add_argument("--alpha-steps", default="1,2.5,5,10",
-                   help="Multipliers of α the planner may use, comma list (default 1,2.5,5,10; '1' = fixed step).")
+    g.add_argument(
+        "--alpha-steps",
+        default="1,2.5,5,10",
+        help="Multipliers of α the planner may use, comma list (default 1,2.5,5,10; '1' = fixed step).",
+    )
     g.add_argument("--candidates", type=int, default=10, help="Candidate pool size (default 10).")
     g.add_argument("--max-patches", type=int, default=10, help="Patches per failure before skipping (default 10).")
-    g.add_argument("--layers", default="last_sixth",
-                   help="Layers searched: 'last_sixth' (default, the last L//6 blocks), 'second_half' (methods.md), "
-                        "a range '20-29' or a comma list.")
+    g.add_argument(
+        "--layers",
+        default="last_sixth",
+        help="Layers searched: 'last_sixth' (default, the last L//6 blocks), 'second_half' (methods.md), "
+        "a range '20-29' or a comma list.",
+    )
     g.add_argument("--no-fold-norm", action="store_true", help="Do not fold the final norm gain into W_U.")
     g.add_argument("--orthogonalize", action="store_true", help="Project τ off directions used in the same layer.")
     g.add_argument("--unsigned", action="store_true", help="Paper's unsigned update (ignore activation sign).")
     g.add_argument("--no-entropy-guard", action="store_true", help="Allow patching last-layer entropy neurons.")
-    g.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
-                   help="Prefer patches predicted not to flip the reference prompts' next token, falling back to "
-                        "gain alone for a failure the guard cannot fix (default on; --no-guard: gain alone).")
-    g.add_argument("--relocate", action=argparse.BooleanOptionalAction, default=False,
-                   help="Locate neurons again before every patch of a failure (slower). Default off: locate once "
-                        "per failure, then plan and patch repeat over that candidate pool.")
-    g.add_argument("--relocate-fallback", action=argparse.BooleanOptionalAction, default=True,
-                   help="Without --relocate: a failure its candidate pool cannot fix is repaired again locating "
-                        "before every patch (default on).")
-    g.add_argument("--protect", type=float, default=0.0, metavar="LAMBDA",
-                   help="Reference protection strength λ: replace each value-vector change by the nearest one that "
-                        "keeps the reference prompts' top-token gaps (direct path); 0 = off (default). 1e4 raised "
-                        "specificity with 20 edits in one call at some cost in facts fixed.")
+    g.add_argument(
+        "--guard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Prefer patches predicted not to flip the reference prompts' next token, falling back to "
+        "gain alone for a failure the guard cannot fix (default on; --no-guard: gain alone).",
+    )
+    g.add_argument(
+        "--relocate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Locate neurons again before every patch of a failure (slower). Default off: locate once "
+        "per failure, then plan and patch repeat over that candidate pool.",
+    )
+    g.add_argument(
+        "--relocate-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Without --relocate: a failure its candidate pool cannot fix is repaired again locating "
+        "before every patch (default on).",
+    )
+    g.add_argument(
+        "--protect",
+        type=float,
+        default=0.0,
+        metavar="LAMBDA",
+        help="Reference protection strength λ: replace each value-vector change by the nearest one that "
+        "keeps the reference prompts' top-token gaps (direct path); 0 = off (default). 1e4 raised "
+        "specificity with 20 edits in one call at some cost in facts fixed.",
+    )
     g.add_argument("--prune", action="store_true", help="Undo neurons a fixed edit does not need (slower).")
-    g.add_argument("--verify-reference", action="store_true",
-                   help="Reference check: after each fixed edit, count the reference prompts whose next token "
-                        "changed; above --max-reference-flips, repair the edit again without its neurons.")
-    g.add_argument("--max-reference-flips", type=int, default=0,
-                   help="Reference predictions an edit may change without a retry (default 0).")
+    g.add_argument(
+        "--verify-reference",
+        action="store_true",
+        help="Reference check: after each fixed edit, count the reference prompts whose next token "
+        "changed; above --max-reference-flips, repair the edit again without its neurons.",
+    )
+    g.add_argument(
+        "--max-reference-flips",
+        type=int,
+        default=0,
+        help="Reference predictions an edit may change without a retry (default 0).",
+    )
     g.add_argument("--reference-retries", type=int, default=2, help="Extra attempts per edit (default 2).")
-    g.add_argument("--reference", default="facts+default",
-                   help="Prompts that define neurons' background activation (what should not change): "
-                        "'facts+default' (default: 96 built-in fact prompts and the generic built-in prompts), "
-                        "'facts', 'default', or a file (one prompt per line, or JSONL with 'prompt').")
+    g.add_argument(
+        "--reference",
+        default="facts+default",
+        help="Prompts that define neurons' background activation (what should not change): "
+        "'facts+default' (default: 96 built-in fact prompts and the generic built-in prompts), "
+        "'facts', 'default', or a file (one prompt per line, or JSONL with 'prompt').",
+    )
 
 
 def _reference_prompts(spec: str, exclude: Sequence[str] = ()) -> Optional[list[str]]:
@@ -241,9 +302,15 @@ def cmd_find(a) -> int:
     dtype = checkpoint_dtype(info, touched_names[:1])
     if dtype is not None and dtype != model.dtype:
         settings.storage_dtype = {"torch.bfloat16": "bfloat16", "torch.float16": "float16"}.get(str(dtype))
-    patch, report = repair(model, tok, edits, settings, show_progress=not a.quiet,
-                           base={"name_or_path": a.model},
-                           reference_prompts=_reference_prompts(a.reference, [e["prompt"] for e in edits]))
+    patch, report = repair(
+        model,
+        tok,
+        edits,
+        settings,
+        show_progress=not a.quiet,
+        base={"name_or_path": a.model},
+        reference_prompts=_reference_prompts(a.reference, [e["prompt"] for e in edits]),
+    )
     console = _console()
     console.print(_edit_table(report))
     s = report.summary()
@@ -256,9 +323,11 @@ def cmd_find(a) -> int:
     bind_to_checkpoint(patch, folder)
     patch.manifest["base"]["name_or_path"] = a.model
     manifest = patch.save(a.out)
-    console.print(f"fixed {s['fixed']}/{s['needing_fix']} edits with {len(patch.neurons)} neurons "
-                  f"({patch.num_values} values) in {s['seconds']:.1f}s; cast error {s['cast_error']:.3g}; "
-                  f"patch: {manifest.parent if manifest.name == 'manifest.json' else manifest}")
+    console.print(
+        f"fixed {s['fixed']}/{s['needing_fix']} edits with {len(patch.neurons)} neurons "
+        f"({patch.num_values} values) in {s['seconds']:.1f}s; cast error {s['cast_error']:.3g}; "
+        f"patch: {manifest.parent if manifest.name == 'manifest.json' else manifest}"
+    )
     return 0 if s["fixed"] == s["needing_fix"] else 1
 
 
@@ -275,13 +344,14 @@ def _write_cmd(a, revert: bool) -> int:
     verb = "reverted" if revert else "applied"
     done = [n for n, st in res.tensors.items() if st == ("patched" if revert else "original")]
     if not res.written:
-        print(f"nothing to do: every touched tensor of {res.folder} is already "
-              f"{'original' if revert else 'patched'}")
+        print(f"nothing to do: every touched tensor of {res.folder} is already {'original' if revert else 'patched'}")
         return 0
     print(f"{verb} {len(done)} tensor(s) in {res.folder}; rewrote {len(res.shards)} shard(s): {', '.join(res.shards)}")
     if not revert:
-        print(f"stored dtype: {', '.join(sorted(set(res.dtype.values())))}; "
-              f"max cast error {max(res.cast_error.values(), default=0.0):.3g}")
+        print(
+            f"stored dtype: {', '.join(sorted(set(res.dtype.values())))}; "
+            f"max cast error {max(res.cast_error.values(), default=0.0):.3g}"
+        )
     return 0
 
 
@@ -300,8 +370,11 @@ def cmd_verify(a) -> int:
     if kinds == {"patched"}:
         print("checkpoint is patched")
         return 0
-    print("checkpoint does not match the patch" if "mismatch" in kinds else "checkpoint is partly patched: run apply "
-          "or revert again to finish")
+    print(
+        "checkpoint does not match the patch"
+        if "mismatch" in kinds
+        else "checkpoint is partly patched: run apply or revert again to finish"
+    )
     return 1
 
 
@@ -312,9 +385,16 @@ def _head_from_checkpoint(folder: Path):
     info = inspect_checkpoint(folder)
     keys = list(info.weight_map)
     head = next((k for k in keys if k.endswith("lm_head.weight")), None) or next(
-        (k for k in keys if k.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight"))), None)
-    norm = next((k for k in keys if k.endswith(("model.norm.weight", "ln_f.weight", "final_layer_norm.weight",
-                                                "final_layernorm.weight"))), None)
+        (k for k in keys if k.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight"))), None
+    )
+    norm = next(
+        (
+            k
+            for k in keys
+            if k.endswith(("model.norm.weight", "ln_f.weight", "final_layer_norm.weight", "final_layernorm.weight"))
+        ),
+        None,
+    )
     ts = read_tensors(info, [k for k in (head, norm) if k])
     return ts.get(head), ts.get(norm)
 
@@ -330,17 +410,24 @@ def cmd_show(a) -> int:
     console = _console()
     s = m.get("summary", {})
     base = m.get("base", {})
-    console.print(f"patch {a.patch}: base {base.get('name_or_path')} ({base.get('path', '?')}, {base.get('dtype', '?')}); "
-                  f"{len(patch)} tensor(s), {len(patch.neurons)} neuron(s), {patch.num_values} values; "
-                  f"fixed {s.get('fixed', '?')}/{s.get('needing_fix', '?')} edits")
+    console.print(
+        f"patch {a.patch}: base {base.get('name_or_path')} ({base.get('path', '?')}, {base.get('dtype', '?')}); "
+        f"{len(patch)} tensor(s), {len(patch.neurons)} neuron(s), {patch.num_values} values; "
+        f"fixed {s.get('fixed', '?')}/{s.get('needing_fix', '?')} edits"
+    )
     et = Table(title="edits")
     for col in ("#", "prompt", "target", "status", "failures fixed", "neurons"):
         et.add_column(col)
     for i, e in enumerate(m.get("edits", [])):
         fx = [f for f in e.get("failures", []) if f.get("status") == "fixed"]
-        et.add_row(str(i), e["prompt"], e["target"], e.get("status", "?"),
-                   ", ".join(f"{f['target_token']!r}<-{f['argmax_token']!r}" for f in fx) or "-",
-                   " ".join(f"{x[0]}:{x[1]}" for x in e.get("neurons", [])) or "-")
+        et.add_row(
+            str(i),
+            e["prompt"],
+            e["target"],
+            e.get("status", "?"),
+            ", ".join(f"{f['target_token']!r}<-{f['argmax_token']!r}" for f in fx) or "-",
+            " ".join(f"{x[0]}:{x[1]}" for x in e.get("neurons", [])) or "-",
+        )
     console.print(et)
     folder = Path(a.model) if a.model else (Path(base["path"]) if base.get("path") else None)
     W = gain = tok = None
@@ -350,7 +437,7 @@ def cmd_show(a) -> int:
 
             W, gain = _head_from_checkpoint(folder)
             tok = AutoTokenizer.from_pretrained(str(folder))
-        except Exception as e:  # noqa: BLE001 - decoding is optional
+        except Exception as e:
             console.print(f"(no LM-head decoding: {e})")
             W = None
     else:
@@ -362,7 +449,7 @@ def cmd_show(a) -> int:
         for k, idx in enumerate(p.indices.tolist()):
             before = after = "-"
             if W is not None:
-                dec = lambda v: " ".join(repr(t) for t, _ in decode_vector(v, W.float(), tok, a.top, gain))  # noqa: E731
+                dec = lambda v: " ".join(repr(t) for t, _ in decode_vector(v, W.float(), tok, a.top, gain))
                 before = dec(p.original.select(p.axis, k))
                 after = dec(p.new.select(p.axis, k))
             nt.add_row(str(p.layer), str(idx), p.name, before, after)
@@ -370,8 +457,16 @@ def cmd_show(a) -> int:
     return 0
 
 
-def _fact_pools(source: str, seed: int, exclude_prompts: Sequence[str], exclude_ids: Sequence[str],
-                n_unrelated: int, n_reference_prompts: int, n_texts: int, shuffle_seed: int = 0):
+def _fact_pools(
+    source: str,
+    seed: int,
+    exclude_prompts: Sequence[str],
+    exclude_ids: Sequence[str],
+    n_unrelated: int,
+    n_reference_prompts: int,
+    n_texts: int,
+    shuffle_seed: int = 0,
+):
     """(reference prompts, unrelated facts, reference texts) from a fact source, disjoint and without the edits.
 
     Reference prompts and texts are taken from the train split with the
@@ -384,20 +479,27 @@ def _fact_pools(source: str, seed: int, exclude_prompts: Sequence[str], exclude_
 
     ds = load_facts(source, seed=seed)
     skip_p, skip_id = set(exclude_prompts), {i for i in exclude_ids if i}
-    rows = [r for split in ("train", "tracking", "test") for r in ds[split]
-            if r["prompt"] not in skip_p and r["fact_id"] not in skip_id]
+    rows = [
+        r
+        for split in ("train", "tracking", "test")
+        for r in ds[split]
+        if r["prompt"] not in skip_p and r["fact_id"] not in skip_id
+    ]
     # every relation in turn: the built-in train split is sorted by relation, and reference prompts
     # of one relation only (all capitals) cannot tell which neurons the other relations use
     train = interleave_relations([r for r in ds["train"] if r["prompt"] not in skip_p and r["fact_id"] not in skip_id])
     ref = [r["prompt"] for r in train[:n_reference_prompts]]
-    texts = [r["statement"] for r in train[n_reference_prompts:n_reference_prompts + n_texts]]
+    texts = [r["statement"] for r in train[n_reference_prompts : n_reference_prompts + n_texts]]
     used = set(ref)
     rest = [{"prompt": r["prompt"], "aliases": list(r["aliases"])} for r in rows if r["prompt"] not in used]
     random.Random(shuffle_seed).shuffle(rest)
     if len(rest) < n_unrelated:  # a small fact file: top up with the reference prompts rather than fall short
         have = {u["prompt"] for u in rest}
-        rest += [{"prompt": r["prompt"], "aliases": list(r["aliases"])} for r in train[:n_reference_prompts]
-                 if r["prompt"] not in have][: n_unrelated - len(rest)]
+        rest += [
+            {"prompt": r["prompt"], "aliases": list(r["aliases"])}
+            for r in train[:n_reference_prompts]
+            if r["prompt"] not in have
+        ][: n_unrelated - len(rest)]
     return ref, rest[:n_unrelated], texts
 
 
@@ -411,19 +513,29 @@ def _eval_table(res: dict, title: str = "MINT patch evaluation") -> Any:
         ("edits", res.get("edits")),
         ("success (teacher-forced target)", _fmt(res.get("success"), True)),
         ("success (greedy answer correct)", _fmt(res.get("success_greedy"), True)),
-        ("generalisation (paraphrases correct)",
-         f"{_fmt(res.get('generalisation'), True)} (before {_fmt(res.get('generalisation_before'), True)}, "
-         f"n={res.get('paraphrases')})"),
+        (
+            "generalisation (paraphrases correct)",
+            f"{_fmt(res.get('generalisation'), True)} (before {_fmt(res.get('generalisation_before'), True)}, "
+            f"n={res.get('paraphrases')})",
+        ),
         ("specificity (answer unchanged)", f"{_fmt(res.get('specificity'), True)} (n={res.get('unrelated_prompts')})"),
         ("specificity (next token unchanged)", _fmt(res.get("specificity_next_token"), True)),
         ("specificity (all greedy tokens unchanged)", _fmt(res.get("specificity_exact"), True)),
-        ("known facts kept (unrelated answered right before)",
-         f"{_fmt(res.get('known_facts_kept'), True)} (n={res.get('known_facts', '-')})"),
-        ("changed answers: right->wrong / wrong->right / wrong->wrong",
-         " / ".join(str(res.get("changes", {}).get(k, "-")) for k in ("right_to_wrong", "wrong_to_right",
-                                                                     "wrong_to_wrong"))),
-        ("perplexity before -> after", f"{_fmt(res.get('perplexity_before'))} -> {_fmt(res.get('perplexity_after'))} "
-                                       f"(drift {_fmt(res.get('perplexity_drift'), True)})"),
+        (
+            "known facts kept (unrelated answered right before)",
+            f"{_fmt(res.get('known_facts_kept'), True)} (n={res.get('known_facts', '-')})",
+        ),
+        (
+            "changed answers: right->wrong / wrong->right / wrong->wrong",
+            " / ".join(
+                str(res.get("changes", {}).get(k, "-")) for k in ("right_to_wrong", "wrong_to_right", "wrong_to_wrong")
+            ),
+        ),
+        (
+            "perplexity before -> after",
+            f"{_fmt(res.get('perplexity_before'))} -> {_fmt(res.get('perplexity_after'))} "
+            f"(drift {_fmt(res.get('perplexity_drift'), True)})",
+        ),
     ]
     if "neurons_per_fix" in res:
         rows.append(("neurons per fixed fact", " ".join(map(str, res["neurons_per_fix"])) or "-"))
@@ -447,12 +559,20 @@ def cmd_eval(a) -> int:
     model, tok = load_model(str(folder))
     edits = patch.manifest.get("edits", [])
     # skip the first 128 train prompts: `find --reference facts` may have used them to judge neurons
-    _, unrelated, texts = _fact_pools(a.facts, a.facts_seed, [e["prompt"] for e in edits],
-                                      [e.get("fact_id") for e in edits], a.unrelated, 128, a.reference_texts)
+    _, unrelated, texts = _fact_pools(
+        a.facts,
+        a.facts_seed,
+        [e["prompt"] for e in edits],
+        [e.get("fact_id") for e in edits],
+        a.unrelated,
+        128,
+        a.reference_texts,
+    )
     if a.reference_text:
         texts = _read_lines(a.reference_text)
-    res = evaluate_patch(model, tok, patch, None, unrelated, texts, max_new_tokens=a.max_new_tokens,
-                         show_progress=not a.quiet)
+    res = evaluate_patch(
+        model, tok, patch, None, unrelated, texts, max_new_tokens=a.max_new_tokens, show_progress=not a.quiet
+    )
     res["neurons_per_failure"] = patch.manifest.get("summary", {}).get("neurons_per_failure", [])
     res["median_neurons_per_failure"] = patch.manifest.get("summary", {}).get("median_neurons_per_failure")
     _console().print(_eval_table(res))
@@ -464,8 +584,9 @@ def cmd_eval(a) -> int:
 # ----------------------------------------------------------------------------- demo
 
 
-def run_demo(run: str, n: int = 5, show_progress: bool = True, n_unrelated: int = 250,
-             max_new_tokens: int = 8) -> dict[str, Any]:
+def run_demo(
+    run: str, n: int = 5, show_progress: bool = True, n_unrelated: int = 250, max_new_tokens: int = 8
+) -> dict[str, Any]:
     """The ``make demo`` patch step: fix test facts the fine-tuned model still gets wrong.
 
     Loads ``RUN/final``, finds the first ``n`` test-split facts (same fact data
@@ -483,12 +604,17 @@ def run_demo(run: str, n: int = 5, show_progress: bool = True, n_unrelated: int 
     """
     import torch
 
-    from neurodetox.data import load_facts
     from neurodetox.core.io import atomic_write_json
-    from neurodetox.metrics.factual import is_correct
     from neurodetox.core.models import load_model
+    from neurodetox.data import load_facts
+    from neurodetox.metrics.factual import is_correct
     from neurodetox.metrics.sampling import greedy_answers
-    from neurodetox.patching.checkpoint import apply_to_checkpoint, bind_to_checkpoint, checkpoint_dtype, inspect_checkpoint
+    from neurodetox.patching.checkpoint import (
+        apply_to_checkpoint,
+        bind_to_checkpoint,
+        checkpoint_dtype,
+        inspect_checkpoint,
+    )
     from neurodetox.patching.edit_metrics import compare, measure_model
     from neurodetox.patching.failures import coerce_edits, encode_edit, find_failures
     from neurodetox.patching.mint import MintSettings, repair
@@ -508,7 +634,7 @@ def run_demo(run: str, n: int = 5, show_progress: bool = True, n_unrelated: int 
     test = list(ds["test"])
     wrong: list[dict] = []
     for start in range(0, len(test), 16):
-        batch = test[start:start + 16]
+        batch = test[start : start + 16]
         answers = greedy_answers(model, tok, [r["prompt"] for r in batch], max_new_tokens=max_new_tokens)
         for r, ans in zip(batch, answers):
             if not is_correct(ans, r["aliases"]):
@@ -520,21 +646,42 @@ def run_demo(run: str, n: int = 5, show_progress: bool = True, n_unrelated: int 
     if len(wrong) < n:
         raise ValueError(f"only {len(wrong)} of {len(test)} test facts are wrong in {final}; asked for --n {n}")
     wrong = wrong[:n]
-    edits = [{"prompt": r["prompt"], "target": r["answer"], "fact_id": r["fact_id"], "aliases": r["aliases"],
-              "paraphrases": r["paraphrases"]} for r in wrong]
-    ref, unrelated, texts = _fact_pools(data, seed, [r["prompt"] for r in wrong], [r["fact_id"] for r in wrong],
-                                        n_unrelated, 128, 64)
+    edits = [
+        {
+            "prompt": r["prompt"],
+            "target": r["answer"],
+            "fact_id": r["fact_id"],
+            "aliases": r["aliases"],
+            "paraphrases": r["paraphrases"],
+        }
+        for r in wrong
+    ]
+    ref, unrelated, texts = _fact_pools(
+        data, seed, [r["prompt"] for r in wrong], [r["fact_id"] for r in wrong], n_unrelated, 128, 64
+    )
     info = inspect_checkpoint(final)
     settings = MintSettings()
     dtype = checkpoint_dtype(info, [k for k in info.weight_map if k.endswith("mlp.down_proj.weight")][:1])
     if dtype is not None and dtype != torch.float32:
         settings.storage_dtype = str(dtype).replace("torch.", "")
-    patch, report = repair(model, tok, edits, settings, show_progress=show_progress,
-                           base={"name_or_path": str(final)}, reference_prompts=ref)
+    patch, report = repair(
+        model,
+        tok,
+        edits,
+        settings,
+        show_progress=show_progress,
+        base={"name_or_path": str(final)},
+        reference_prompts=ref,
+    )
     patch_dir = run_dir / "patch"
     patched_dir = run_dir / "final-patched"
-    result: dict[str, Any] = {"run": str(run_dir), "checkpoint": str(final), "facts": data, "facts_seed": seed,
-                              "repair": report.summary()}
+    result: dict[str, Any] = {
+        "run": str(run_dir),
+        "checkpoint": str(final),
+        "facts": data,
+        "facts_seed": seed,
+        "repair": report.summary(),
+    }
     if len(patch):
         bind_to_checkpoint(patch, final)
         patch.save(patch_dir)
@@ -544,10 +691,12 @@ def run_demo(run: str, n: int = 5, show_progress: bool = True, n_unrelated: int 
     else:
         after_model = model
     coerced = [encode_edit(tok, e) for e in coerce_edits(edits)]
-    before = measure_model(model, tok, coerced, unrelated, texts, max_new_tokens=max_new_tokens,
-                           show_progress=show_progress)
-    after = measure_model(after_model, tok, coerced, unrelated, texts, max_new_tokens=max_new_tokens,
-                          show_progress=show_progress)
+    before = measure_model(
+        model, tok, coerced, unrelated, texts, max_new_tokens=max_new_tokens, show_progress=show_progress
+    )
+    after = measure_model(
+        after_model, tok, coerced, unrelated, texts, max_new_tokens=max_new_tokens, show_progress=show_progress
+    )
     ev = compare(before, after, coerced, unrelated)
     ev["neurons_per_fix"] = report.neurons_per_fix
     ev["median_neurons_per_fix"] = report.median_neurons_per_fix
@@ -573,11 +722,18 @@ def _median(v: Sequence[float]) -> float:
 def cmd_demo(a) -> int:
     res = run_demo(a.run, a.n, show_progress=not a.quiet, n_unrelated=a.unrelated)
     console = _console()
-    console.print(_eval_table(res["evaluation"], title=f"MINT patches of {res['checkpoint']} "
-                                                       f"({res['repair']['fixed']}/{res['repair']['needing_fix']} "
-                                                       "wrong test facts fixed)"))
-    print(f"patch: {res['patch']}  patched copy: {res['patched_checkpoint']}  summary: "
-          f"{Path(a.run) / 'patch_summary.json'}  ({res['seconds']}s)")
+    console.print(
+        _eval_table(
+            res["evaluation"],
+            title=f"MINT patches of {res['checkpoint']} "
+            f"({res['repair']['fixed']}/{res['repair']['needing_fix']} "
+            "wrong test facts fixed)",
+        )
+    )
+    print(
+        f"patch: {res['patch']}  patched copy: {res['patched_checkpoint']}  summary: "
+        f"{Path(a.run) / 'patch_summary.json'}  ({res['seconds']}s)"
+    )
     return 0
 
 
@@ -585,8 +741,9 @@ def cmd_demo(a) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neurodetox patch",
-                                description="MINT neuron patching (Gu et al., arXiv 2312.05356) of saved checkpoints.")
+    p = argparse.ArgumentParser(
+        prog="neurodetox patch", description="MINT neuron patching (Gu et al., arXiv 2312.05356) of saved checkpoints."
+    )
     p.add_argument("--threads", default="auto", help="torch threads: 'auto' (idle cores) or an integer.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -595,12 +752,16 @@ def make_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", required=True, help="Checkpoint folder (or the default model name).")
     f.add_argument("--prompt", help="Prompt text.")
     f.add_argument("--target", help="Desired continuation (a leading space is added when tokenising).")
-    f.add_argument("--edits", help="JSONL file: one {\"prompt\", \"target\", [\"paraphrases\", \"aliases\", "
-                                   "\"fact_id\"]} per line.")
+    f.add_argument(
+        "--edits", help='JSONL file: one {"prompt", "target", ["paraphrases", "aliases", "fact_id"]} per line.'
+    )
     f.add_argument("--out", required=True, help="Patch folder to write (patch.safetensors + manifest.json).")
     _add_setting_args(f)
 
-    for name, helptext in (("apply", "Apply a patch to a checkpoint."), ("revert", "Restore a checkpoint's originals.")):
+    for name, helptext in (
+        ("apply", "Apply a patch to a checkpoint."),
+        ("revert", "Restore a checkpoint's originals."),
+    ):
         w = sub.add_parser(name, help=helptext)
         w.add_argument("checkpoint")
         w.add_argument("patch")

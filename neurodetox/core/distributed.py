@@ -101,5 +101,5 @@ def merge_moments(local: RunningMoments) -> RunningMoments:
     n = local.width
     for p in parts:
         p = p.cpu()
-        merged.merge_(int(p[0].item()), p[1:1 + n], p[1 + n:])
+        merged.merge_(int(p[0].item()), p[1 : 1 + n], p[1 + n :])
     return merged

@@ -10,7 +10,7 @@ all positions and is sliced, so the result is the same either way.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from neurodetox.core.sites import base_model
 __all__ = ["tail_logits"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _accepts_logits_to_keep(cls: type) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(cls.forward).parameters

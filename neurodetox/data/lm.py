@@ -36,8 +36,10 @@ class CausalLMCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        feats = [{"input_ids": e["input_ids"], "attention_mask": e.get("attention_mask", [1] * len(e["input_ids"]))}
-                 for e in examples]
+        feats = [
+            {"input_ids": e["input_ids"], "attention_mask": e.get("attention_mask", [1] * len(e["input_ids"]))}
+            for e in examples
+        ]
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:

@@ -10,8 +10,20 @@ Detox: Sensitivity Dropout (SenD) for Large Language Model Training",
 arXiv 2410.15460.
 """
 
-from neurodetox.experiment.stats import METRICS, arm_table, interval, paired_difference, verdict
 from neurodetox.experiment.runs import ARMS, PAPER_VARIANTS, Arm, StudyPlan, plan_study, run_one, run_study
+from neurodetox.experiment.stats import METRICS, arm_table, interval, paired_difference, verdict
 
-__all__ = ["ARMS", "PAPER_VARIANTS", "METRICS", "Arm", "StudyPlan", "arm_table", "interval", "paired_difference",
-           "plan_study", "run_one", "run_study", "verdict"]
+__all__ = [
+    "ARMS",
+    "PAPER_VARIANTS",
+    "METRICS",
+    "Arm",
+    "StudyPlan",
+    "arm_table",
+    "interval",
+    "paired_difference",
+    "plan_study",
+    "run_one",
+    "run_study",
+    "verdict",
+]

@@ -30,8 +30,9 @@ import torch
 __all__ = ["measure_run", "statement_embeddings"]
 
 
-def statement_embeddings(model, tokenizer, texts: Sequence[str], site: str, layers: str,
-                         module_path=None, batch_size: int = 32) -> torch.Tensor:
+def statement_embeddings(
+    model, tokenizer, texts: Sequence[str], site: str, layers: str, module_path=None, batch_size: int = 32
+) -> torch.Tensor:
     """SeND sentence embeddings of ``texts`` at the given sites, concatenated over sites.
 
     Returns:
@@ -43,8 +44,14 @@ def statement_embeddings(model, tokenizer, texts: Sequence[str], site: str, laye
     sites = resolve_sites(model, site, layers, module_path)
     out: dict[str, list] = {s.key: [] for s in sites}
     tracker = AttentionMaskTracker(model)
-    handles = [register_site_hook(s, lambda act, key=s.key: out[key].append(
-        sentence_embedding(act, tracker.mask_for(act)).cpu()), observer=True) for s in sites]
+    handles = [
+        register_site_hook(
+            s,
+            lambda act, key=s.key: out[key].append(sentence_embedding(act, tracker.mask_for(act)).cpu()),
+            observer=True,
+        )
+        for s in sites
+    ]
     was, side = model.training, tokenizer.padding_side
     model.eval()
     device = next(model.parameters()).device
@@ -52,7 +59,7 @@ def statement_embeddings(model, tokenizer, texts: Sequence[str], site: str, laye
         tokenizer.padding_side = "right"
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
-                enc = tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True).to(device)
+                enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True).to(device)
                 model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     finally:
         for h in handles:
@@ -69,12 +76,18 @@ def _probe_sets(ds, paraphrase_probes: int, max_test_probes=None, seed: int = 0)
     random.Random(seed).shuffle(train)  # fixed sample, identical for every run of a study
     train = train[:paraphrase_probes]
     return {
-        "test": {"prompts": [r["prompt"] for r in test], "aliases": [list(r["aliases"]) for r in test],
-                 "relations": [r["relation"] for r in test], "statements": [r["statement"] for r in test]},
-        "paraphrase": {"prompts": [r["paraphrases"][0] for r in train],
-                       "aliases": [list(r["aliases"]) for r in train],
-                       "relations": [r["relation"] for r in train],
-                       "statements": [f"{r['paraphrases'][0]} {r['answer']}." for r in train]},
+        "test": {
+            "prompts": [r["prompt"] for r in test],
+            "aliases": [list(r["aliases"]) for r in test],
+            "relations": [r["relation"] for r in test],
+            "statements": [r["statement"] for r in test],
+        },
+        "paraphrase": {
+            "prompts": [r["paraphrases"][0] for r in train],
+            "aliases": [list(r["aliases"]) for r in train],
+            "relations": [r["relation"] for r in train],
+            "statements": [f"{r['paraphrases'][0]} {r['answer']}." for r in train],
+        },
     }
 
 
@@ -87,14 +100,19 @@ def _curves(metrics_jsonl: Path) -> dict[str, list]:
     from neurodetox.reports.training import read_jsonl
 
     rows = read_jsonl(metrics_jsonl)
-    pick = {"loss": "loss", "eigenscore": "eval_eigenscore", "accuracy": "eval_factual_accuracy",
-            "test_eigenscore": "test_eigenscore", "test_accuracy": "test_factual_accuracy"}
-    return {name: [[r["step"], r[key]] for r in rows if key in r and r[key] is not None]
-            for name, key in pick.items()}
+    pick = {
+        "loss": "loss",
+        "eigenscore": "eval_eigenscore",
+        "accuracy": "eval_factual_accuracy",
+        "test_eigenscore": "test_eigenscore",
+        "test_accuracy": "test_factual_accuracy",
+    }
+    return {name: [[r["step"], r[key]] for r in rows if key in r and r[key] is not None] for name, key in pick.items()}
 
 
-def measure_run(recipe: str, fields: dict[str, str], model_dir, *, paraphrase_probes: int = 75,
-                n_boot: int = 500) -> dict:
+def measure_run(
+    recipe: str, fields: dict[str, str], model_dir, *, paraphrase_probes: int = 75, n_boot: int = 500
+) -> dict:
     """Every metric of one trained run (module docstring).
 
     Args:
@@ -109,10 +127,10 @@ def measure_run(recipe: str, fields: dict[str, str], model_dir, *, paraphrase_pr
         ``<set>_token_entropy``, ``<set>_ees`` for ``set`` in ``test``, ``paraphrase``, and
         ``reference_perplexity``.
     """
-    from neurodetox.data.reference import REFERENCE_TEXTS
-    from neurodetox.metrics.probes import score_probes
-    from neurodetox.metrics.ees import dataset_ees
     from neurodetox.core.models import load_model
+    from neurodetox.data.reference import REFERENCE_TEXTS
+    from neurodetox.metrics.ees import dataset_ees
+    from neurodetox.metrics.probes import score_probes
     from neurodetox.patching.edit_metrics import perplexity
     from neurodetox.send.recipes import parse_recipe
     from neurodetox.send.run import load_run_data
@@ -126,8 +144,17 @@ def measure_run(recipe: str, fields: dict[str, str], model_dir, *, paraphrase_pr
     metrics: dict[str, float] = {}
     details: dict = {"settings": settings.__dict__}
     for name, s in _probe_sets(ds, paraphrase_probes, data_args.max_test_probes).items():
-        res = score_probes(model, tok, s["prompts"], s["aliases"], settings, relations=s["relations"],
-                           clipped=False, ees=False, n_boot=n_boot)
+        res = score_probes(
+            model,
+            tok,
+            s["prompts"],
+            s["aliases"],
+            settings,
+            relations=s["relations"],
+            clipped=False,
+            ees=False,
+            n_boot=n_boot,
+        )
         auc = res.summary["eigenscore"]
         metrics[f"{name}_accuracy"] = res.factual_accuracy
         metrics[f"{name}_eigenscore"] = _mean(r["eigenscore"] for r in res.records)
@@ -135,14 +162,18 @@ def measure_run(recipe: str, fields: dict[str, str], model_dir, *, paraphrase_pr
         metrics[f"{name}_eigenscore_auroc_low"] = auc["ci_low"]
         metrics[f"{name}_eigenscore_auroc_high"] = auc["ci_high"]
         metrics[f"{name}_token_entropy"] = _mean(r["ln_entropy"] for r in res.records)
-        emb = statement_embeddings(model, tok, s["statements"], args.send_site, args.send_layers,
-                                   args.send_module_path)
+        emb = statement_embeddings(model, tok, s["statements"], args.send_site, args.send_layers, args.send_module_path)
         ees = dataset_ees(emb, alpha=settings.alpha, method="auto")
         metrics[f"{name}_ees"] = float(ees.value)
-        details[name] = {"n": len(s["prompts"]), "ees_method": ees.method, "ees_error": float(ees.error),
-                         "embedding_shape": list(emb.shape),
-                         "records": [{k: r[k] for k in ("prompt", "greedy", "correct", "eigenscore", "ln_entropy")}
-                                     for r in res.records]}
+        details[name] = {
+            "n": len(s["prompts"]),
+            "ees_method": ees.method,
+            "ees_error": float(ees.error),
+            "embedding_shape": list(emb.shape),
+            "records": [
+                {k: r[k] for k in ("prompt", "greedy", "correct", "eigenscore", "ln_entropy")} for r in res.records
+            ],
+        }
     metrics["reference_perplexity"] = perplexity(model, tok, REFERENCE_TEXTS)
     curves = _curves(Path(fields["output_dir"]) / "metrics.jsonl") if "output_dir" in fields else {}
     return {"metrics": metrics, "curves": curves, "details": details}

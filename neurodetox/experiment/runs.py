@@ -85,8 +85,12 @@ class StudyPlan:
     def train_fields(self, arm: Arm, seed: int) -> dict[str, str]:
         """Every recipe override of one run, in the order they are applied (later wins)."""
         f = {**STUDY_DEFAULTS, **self.fields, **dict(arm.fields)}
-        f.update(send_mode=arm.send_mode, seed=str(seed),
-                 output_dir=str(self.run_dir(arm, seed) / "train"), overwrite_output_dir="true")
+        f.update(
+            send_mode=arm.send_mode,
+            seed=str(seed),
+            output_dir=str(self.run_dir(arm, seed) / "train"),
+            overwrite_output_dir="true",
+        )
         return f
 
 
@@ -100,10 +104,21 @@ def _parse_fields(pairs: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
-def plan_study(recipe: str, seeds: Sequence[int], out, *, arms: Sequence[str] = ARMS,
-               variants: Sequence[str] = (), variant_modes: Sequence[str] = ("send",),
-               model: Optional[str] = None, data: Optional[str] = None, fields: Sequence[str] = (),
-               paraphrase_probes: int = 75, n_boot: int = 500, keep_models: bool = False) -> StudyPlan:
+def plan_study(
+    recipe: str,
+    seeds: Sequence[int],
+    out,
+    *,
+    arms: Sequence[str] = ARMS,
+    variants: Sequence[str] = (),
+    variant_modes: Sequence[str] = ("send",),
+    model: Optional[str] = None,
+    data: Optional[str] = None,
+    fields: Sequence[str] = (),
+    paraphrase_probes: int = 75,
+    n_boot: int = 500,
+    keep_models: bool = False,
+) -> StudyPlan:
     """Build and validate a :class:`StudyPlan` (every run's recipe is parsed before anything trains).
 
     Args:
@@ -145,8 +160,9 @@ def plan_study(recipe: str, seeds: Sequence[int], out, *, arms: Sequence[str] = 
         elif spec in PAPER_VARIANTS:
             name, vf = spec, PAPER_VARIANTS[spec]
         else:
-            raise ValueError(f"unknown variant {spec!r}; use one of {', '.join(PAPER_VARIANTS)} or "
-                             "NAME:field=value[,field=value]")
+            raise ValueError(
+                f"unknown variant {spec!r}; use one of {', '.join(PAPER_VARIANTS)} or NAME:field=value[,field=value]"
+            )
         if not name or "@" in name or "/" in name:
             raise ValueError(f"bad variant name {name!r}")
         for mode in variant_modes:
@@ -156,8 +172,16 @@ def plan_study(recipe: str, seeds: Sequence[int], out, *, arms: Sequence[str] = 
         common["model_name_or_path"] = model
     if data:
         common["data"] = data
-    plan = StudyPlan(recipe=recipe, seeds=seeds, arms=plan_arms, out=Path(out), fields=common,
-                     paraphrase_probes=paraphrase_probes, n_boot=n_boot, keep_models=keep_models)
+    plan = StudyPlan(
+        recipe=recipe,
+        seeds=seeds,
+        arms=plan_arms,
+        out=Path(out),
+        fields=common,
+        paraphrase_probes=paraphrase_probes,
+        n_boot=n_boot,
+        keep_models=keep_models,
+    )
     for arm in plan.arms:  # fail on a bad field now, not after an hour of training
         parse_recipe(recipe, _argv(plan.train_fields(arm, seeds[0])))
     return plan
@@ -176,8 +200,9 @@ def _train(plan: StudyPlan, arm: Arm, seed: int, log_path: Path) -> None:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
         tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
-        raise RuntimeError(f"training run {arm.name} seed {seed} failed (exit {proc.returncode}); "
-                           f"last lines of {log_path}:\n{tail}")
+        raise RuntimeError(
+            f"training run {arm.name} seed {seed} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}"
+        )
 
 
 def run_one(plan: StudyPlan, arm: Arm, seed: int) -> dict:
@@ -203,15 +228,26 @@ def run_one(plan: StudyPlan, arm: Arm, seed: int) -> dict:
     t0 = time.time()
     _train(plan, arm, seed, rd / "train.log")
     summary = json.loads((train_dir / "summary.json").read_text())
-    measured = measure_run(plan.recipe, fields, Path(summary["final_checkpoint"]),
-                           paraphrase_probes=plan.paraphrase_probes, n_boot=plan.n_boot)
+    measured = measure_run(
+        plan.recipe,
+        fields,
+        Path(summary["final_checkpoint"]),
+        paraphrase_probes=plan.paraphrase_probes,
+        n_boot=plan.n_boot,
+    )
     run_wall = time.time() - t0
     result = {
-        "arm": arm.name, "send_mode": arm.send_mode, "variant": arm.variant, "seed": seed, "fields": fields,
+        "arm": arm.name,
+        "send_mode": arm.send_mode,
+        "variant": arm.variant,
+        "seed": seed,
+        "fields": fields,
         "paraphrase_probes": plan.paraphrase_probes,
         "metrics": {**measured["metrics"], "train_seconds": summary["train_seconds"]},
-        "sensitive_neurons": [{"step": s["step"], "dropped": {k: len(v) for k, v in s["neurons"].items()}}
-                              for s in summary.get("sensitive_neurons", [])],
+        "sensitive_neurons": [
+            {"step": s["step"], "dropped": {k: len(v) for k, v in s["neurons"].items()}}
+            for s in summary.get("sensitive_neurons", [])
+        ],
         "curves": measured["curves"],
         "details": measured["details"],
         "global_steps": summary["global_steps"],
@@ -225,8 +261,8 @@ def run_one(plan: StudyPlan, arm: Arm, seed: int) -> dict:
 
 def measure_base(plan: StudyPlan) -> dict:
     """Measure the untrained model once (same probes and sampling seed as every run); cached like a run."""
-    from neurodetox.send.recipes import parse_recipe
     from neurodetox.experiment.measure import measure_run
+    from neurodetox.send.recipes import parse_recipe
 
     path = plan.out / "runs" / "base" / "result.json"
     fields = {k: v for k, v in plan.train_fields(plan.arms[0], plan.seeds[0]).items() if k != "output_dir"}
@@ -238,11 +274,17 @@ def measure_base(plan: StudyPlan) -> dict:
             return cached
     model_args = parse_recipe(plan.recipe, _argv(fields))[0]
     t0 = time.time()
-    measured = measure_run(plan.recipe, fields, model_args.model_name_or_path,
-                           paraphrase_probes=plan.paraphrase_probes, n_boot=plan.n_boot)
-    result = {"arm": "base", "fields": fields, "paraphrase_probes": plan.paraphrase_probes,
-              "metrics": measured["metrics"], "details": measured["details"],
-              "run_wall_seconds": round(time.time() - t0, 1)}
+    measured = measure_run(
+        plan.recipe, fields, model_args.model_name_or_path, paraphrase_probes=plan.paraphrase_probes, n_boot=plan.n_boot
+    )
+    result = {
+        "arm": "base",
+        "fields": fields,
+        "paraphrase_probes": plan.paraphrase_probes,
+        "metrics": measured["metrics"],
+        "details": measured["details"],
+        "run_wall_seconds": round(time.time() - t0, 1),
+    }
     atomic_write_json(path, result)
     return result
 

@@ -108,12 +108,12 @@ def fmt_interval(iv: dict, percent: bool = False, signed: bool = False) -> str:
     """``mean [low, high]`` (or just the mean for one seed)."""
     if iv["n"] < 2 or math.isnan(iv["low"]):
         return fmt(iv["mean"], percent, signed)
-    return (f"{fmt(iv['mean'], percent, signed)} [{fmt(iv['low'], percent, signed)}, "
-            f"{fmt(iv['high'], percent, signed)}]")
+    return f"{fmt(iv['mean'], percent, signed)} [{fmt(iv['low'], percent, signed)}, {fmt(iv['high'], percent, signed)}]"
 
 
-def headline(results: Sequence[dict], arm_a: str = "send", arm_b: str = "off",
-             key: str = "test_accuracy") -> Optional[dict]:
+def headline(
+    results: Sequence[dict], arm_a: str = "send", arm_b: str = "off", key: str = "test_accuracy"
+) -> Optional[dict]:
     """The main paired difference (default: test accuracy, SeND − off), or None without both arms."""
     if not any(r["arm"] == arm_a for r in results) or not any(r["arm"] == arm_b for r in results):
         return None

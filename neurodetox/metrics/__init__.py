@@ -10,8 +10,14 @@
 * Factual accuracy: :func:`is_correct`, :func:`factual_accuracy`.
 """
 
-from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION, length_normalized_entropy, lexical_similarity, perplexity, rouge_l
 from neurodetox.metrics.auroc import auroc, bootstrap_auroc, detection_summary, paired_auroc_difference, roc_points
+from neurodetox.metrics.baselines import (
+    HALLUCINATION_DIRECTION,
+    length_normalized_entropy,
+    lexical_similarity,
+    perplexity,
+    rouge_l,
+)
 from neurodetox.metrics.ees import EESResult, dataset_ees, efficient_eigenscore, exact_log_det_mean, log_det_mean
 from neurodetox.metrics.eigenscore import answer_covariance, eigenscore
 from neurodetox.metrics.factual import factual_accuracy, is_correct, normalize_answer

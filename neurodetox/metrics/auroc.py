@@ -56,8 +56,15 @@ def auroc(scores: Sequence[float], hallucinated: Sequence[bool], direction: int 
     return float(roc_auc_score(y, direction * s))
 
 
-def bootstrap_auroc(scores: Sequence[float], hallucinated: Sequence[bool], direction: int = 1, *,
-                    n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_auroc(
+    scores: Sequence[float],
+    hallucinated: Sequence[bool],
+    direction: int = 1,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """AUROC and its percentile-bootstrap interval (prompts resampled with replacement).
 
     Resamples that contain a single class are drawn again. Each resample's AUROC
@@ -108,9 +115,15 @@ def roc_points(scores: Sequence[float], hallucinated: Sequence[bool], direction:
     return fpr, tpr
 
 
-def detection_summary(scores: Mapping[str, Sequence[float]], correct: Sequence[bool],
-                      directions: Optional[Mapping[str, int]] = None, *, n_boot: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> dict:
+def detection_summary(
+    scores: Mapping[str, Sequence[float]],
+    correct: Sequence[bool],
+    directions: Optional[Mapping[str, int]] = None,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
     """AUROC with bootstrap interval for every score against correctness.
 
     Prompts whose score is NaN are left out of that score only (``n`` says how
@@ -139,8 +152,7 @@ def detection_summary(scores: Mapping[str, Sequence[float]], correct: Sequence[b
         keep = np.isfinite(v)
         entry = {"direction": int(dirs.get(name, 1)), "n": int(keep.sum()), "n_hallucinated": int(y_all[keep].sum())}
         try:
-            a, lo, hi = bootstrap_auroc(v[keep], y_all[keep], entry["direction"], n_boot=n_boot, level=level,
-                                        seed=seed)
+            a, lo, hi = bootstrap_auroc(v[keep], y_all[keep], entry["direction"], n_boot=n_boot, level=level, seed=seed)
             entry.update(auroc=a, ci_low=lo, ci_high=hi)
         except ValueError as e:
             entry.update(auroc=math.nan, ci_low=math.nan, ci_high=math.nan, note=str(e))
@@ -148,9 +160,17 @@ def detection_summary(scores: Mapping[str, Sequence[float]], correct: Sequence[b
     return out
 
 
-def paired_auroc_difference(scores_a: Sequence[float], scores_b: Sequence[float], hallucinated: Sequence[bool],
-                            direction_a: int = 1, direction_b: int = 1, *, n_boot: int = 1000, level: float = 0.95,
-                            seed: int = 0) -> tuple[float, float, float]:
+def paired_auroc_difference(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    hallucinated: Sequence[bool],
+    direction_a: int = 1,
+    direction_b: int = 1,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """``AUROC(a) − AUROC(b)`` on the same prompts, with a paired percentile-bootstrap interval.
 
     Both scores are evaluated on each resample of prompts, so the interval

@@ -11,8 +11,9 @@ from neurodetox.core.distributed import all_gather_objects, is_distributed, rank
 from neurodetox.metrics.probes import EigenScoreSettings, ProbeResult, evaluate_probes
 
 
-def evaluate_probes_all_ranks(model, tokenizer, prompts, aliases, settings: Optional[EigenScoreSettings] = None,
-                              show_progress: bool = False) -> ProbeResult:
+def evaluate_probes_all_ranks(
+    model, tokenizer, prompts, aliases, settings: Optional[EigenScoreSettings] = None, show_progress: bool = False
+) -> ProbeResult:
     """:func:`neurodetox.metrics.probes.evaluate_probes` that also works on several processes.
 
     Single process: a plain call. Distributed: prompts are dealt to ranks
@@ -25,12 +26,21 @@ def evaluate_probes_all_ranks(model, tokenizer, prompts, aliases, settings: Opti
     if len(prompts) == 0:
         raise ValueError("no probe prompts to evaluate (empty probe set)")
     idx, n_real = shard(len(prompts))
-    part = evaluate_probes(model, tokenizer, [prompts[i] for i in idx], [aliases[i] for i in idx], settings,
-                           show_progress=show_progress and rank() == 0)
+    part = evaluate_probes(
+        model,
+        tokenizer,
+        [prompts[i] for i in idx],
+        [aliases[i] for i in idx],
+        settings,
+        show_progress=show_progress and rank() == 0,
+    )
     records = unshard(all_gather_objects(part.records[:n_real]), len(prompts))
     scores = [r["eigenscore"] for r in records if not math.isnan(r["eigenscore"])]
-    return ProbeResult(factual_accuracy=sum(r["correct"] for r in records) / len(records),
-                       eigenscore=sum(scores) / len(scores) if scores else float("nan"), records=records)
+    return ProbeResult(
+        factual_accuracy=sum(r["correct"] for r in records) / len(records),
+        eigenscore=sum(scores) / len(scores) if scores else float("nan"),
+        records=records,
+    )
 
 
 class EigenScoreCallback(TrainerCallback):
@@ -54,8 +64,13 @@ class EigenScoreCallback(TrainerCallback):
         history: list of ``(global_step, ProbeResult)``.
     """
 
-    def __init__(self, tokenizer, prompts: Sequence[str], aliases: Sequence[Sequence[str]],
-                 settings: Optional[EigenScoreSettings] = None):
+    def __init__(
+        self,
+        tokenizer,
+        prompts: Sequence[str],
+        aliases: Sequence[Sequence[str]],
+        settings: Optional[EigenScoreSettings] = None,
+    ):
         if len(prompts) == 0:
             raise ValueError("EigenScoreCallback needs at least one probe prompt (empty probe set)")
         self.tokenizer = tokenizer

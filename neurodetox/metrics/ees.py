@@ -294,8 +294,22 @@ def _orth(x: torch.Tensor) -> torch.Tensor:
 
 
 # Student-t 0.975 quantiles for 1..14 degrees of freedom (beyond: Cornish-Fisher expansion).
-_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
-         2.1604, 2.1448)
+_T975 = (
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.3060,
+    2.2622,
+    2.2281,
+    2.2010,
+    2.1788,
+    2.1604,
+    2.1448,
+)
 
 
 def _t_quantile(p: int) -> float:
@@ -512,7 +526,6 @@ def _run_probes(op, m, m_eff, a, b, half, coef, probes, tol_stoch, max_probes, g
         target = min(max(need, count + _PROBE_BLOCK), max_probes)
 
 
-
 def _kpm_logdet(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     m: int,
@@ -575,8 +588,17 @@ def _kpm_logdet(
     m_eff = m - op.k
     details = {"deflated": op.k, "dim": m, "dim_stochastic": m_eff}
     if m_eff <= 0:
-        details.update(moments=0, probes=0, deterministic=True, bounds=None, stderr=0.0, truncation_bound=0.0,
-                       matvecs=matvecs, retries=0, seconds=time.perf_counter() - t0)
+        details.update(
+            moments=0,
+            probes=0,
+            deterministic=True,
+            bounds=None,
+            stderr=0.0,
+            truncation_bound=0.0,
+            matvecs=matvecs,
+            retries=0,
+            seconds=time.perf_counter() - t0,
+        )
         return op.logdet_c, 0.0, details
 
     # --- spectral bounds
@@ -605,8 +627,9 @@ def _kpm_logdet(
             bias += float(np.sum(np.abs(coef) * (1.0 - g)))
             coef = coef * g
         # --- probes
-        ests, deterministic, growth, nmv = _run_probes(op, m, m_eff, a, b, half, coef, probes, tol_stoch,
-                                                       max_probes, gen, dtype)
+        ests, deterministic, growth, nmv = _run_probes(
+            op, m, m_eff, a, b, half, coef, probes, tol_stoch, max_probes, gen, dtype
+        )
         matvecs += nmv
         if growth > _GROWTH_LIMIT and retries < 4:
             # The spectrum of S left [a, b]: widen both ends and start again.
@@ -629,9 +652,19 @@ def _kpm_logdet(
     err = m_eff * bias + half_width
     if growth > _GROWTH_LIMIT:  # bounds still violated after the retries: no valid error bar
         err = float("inf")
-    details.update(moments=degree, probes=n_probes, deterministic=deterministic, bounds=(a, b),
-                   lanczos=(th_min, th_max, r_min, r_max), stderr=stderr, truncation_bound=m_eff * bias, matvecs=matvecs,
-                   retries=retries, growth=growth, seconds=time.perf_counter() - t0)
+    details.update(
+        moments=degree,
+        probes=n_probes,
+        deterministic=deterministic,
+        bounds=(a, b),
+        lanczos=(th_min, th_max, r_min, r_max),
+        stderr=stderr,
+        truncation_bound=m_eff * bias,
+        matvecs=matvecs,
+        retries=retries,
+        growth=growth,
+        seconds=time.perf_counter() - t0,
+    )
     return op.logdet_c + value, err, details
 
 
@@ -690,9 +723,20 @@ def log_det_mean(
         raise ValueError(f"n must be a positive integer, got {n!r}")
     _check_alpha(lower, "lower")
     _check_kpm_args(tol, moments, probes, damping, deflate)
-    s, err, det = _kpm_logdet(matvec, n, float(lower), tol_sum=tol * n, moments=moments, probes=probes,
-                              deflate=deflate, seed=seed, damping=damping, max_moments=max_moments,
-                              max_probes=max_probes, dtype=dtype)
+    s, err, det = _kpm_logdet(
+        matvec,
+        n,
+        float(lower),
+        tol_sum=tol * n,
+        moments=moments,
+        probes=probes,
+        deflate=deflate,
+        seed=seed,
+        damping=damping,
+        max_moments=max_moments,
+        max_probes=max_probes,
+        dtype=dtype,
+    )
     return EESResult(value=s / n, error=err / n, method="kpm", details=det)
 
 
@@ -804,13 +848,23 @@ def efficient_eigenscore(
     _check_alpha(alpha)
     _check_kpm_args(tol, moments, probes, damping, deflate)
     z = _check_embeddings(embeddings, alpha)
-    kw = dict(tol=tol, moments=moments, probes=probes, deflate=deflate, seed=seed, damping=damping,
-              max_moments=max_moments, max_probes=max_probes)
+    kw = dict(
+        tol=tol,
+        moments=moments,
+        probes=probes,
+        deflate=deflate,
+        seed=seed,
+        damping=damping,
+        max_moments=max_moments,
+        max_probes=max_probes,
+    )
     zc = _center(z)
     if zc.ndim == 2:
         v, e, route, det = _one(zc, float(alpha), method, dict(kw))
         return EESResult(value=v, error=e, method=route, details=det)
-    if method in ("exact", "exact-direct", "exact-gram") or (method == "auto" and _auto_route(*zc.shape[1:]) == "exact"):
+    if method in ("exact", "exact-direct", "exact-gram") or (
+        method == "auto" and _auto_route(*zc.shape[1:]) == "exact"
+    ):
         # batched exact: one eigvalsh over [P, m, m]
         from neurodetox.metrics.eigenscore import eigenscore
 
@@ -823,8 +877,9 @@ def efficient_eigenscore(
             vals = eigenscore(z, alpha=float(alpha)).cpu().numpy()
         else:
             vals = np.array([_exact(zc[p], float(alpha), route)[0] for p in range(zc.shape[0])])
-        return EESResult(value=vals, error=np.zeros_like(vals), method=route,
-                         details={"seconds": time.perf_counter() - t0})
+        return EESResult(
+            value=vals, error=np.zeros_like(vals), method=route, details={"seconds": time.perf_counter() - t0}
+        )
     vals, errs, dets = [], [], []
     route = "kpm"
     for p in range(zc.shape[0]):

@@ -38,7 +38,9 @@ def _as_tensor(embeddings: ArrayLike) -> torch.Tensor:
     try:
         return torch.as_tensor(np.asarray(embeddings))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"embeddings must be a tensor or array of numbers, got {type(embeddings).__name__}: {e}") from None
+        raise ValueError(
+            f"embeddings must be a tensor or array of numbers, got {type(embeddings).__name__}: {e}"
+        ) from None
 
 
 def _check(embeddings: ArrayLike, alpha: float | None) -> torch.Tensor:

@@ -24,18 +24,37 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from neurodetox.metrics.baselines import HALLUCINATION_DIRECTION, length_normalized_entropy, lexical_similarity, perplexity
 from neurodetox.metrics.auroc import detection_summary
+from neurodetox.metrics.baselines import (
+    HALLUCINATION_DIRECTION,
+    length_normalized_entropy,
+    lexical_similarity,
+    perplexity,
+)
 from neurodetox.metrics.ees import efficient_eigenscore
 from neurodetox.metrics.eigenscore import eigenscore
 from neurodetox.metrics.factual import is_correct
 from neurodetox.metrics.sampling import POOLINGS, FeatureClipper, sample_answers
 
-__all__ = ["EigenScoreSettings", "ProbeResult", "DetectionResult", "evaluate_probes", "score_probes",
-           "settings_dict", "SCORE_NAMES"]
+__all__ = [
+    "EigenScoreSettings",
+    "ProbeResult",
+    "DetectionResult",
+    "evaluate_probes",
+    "score_probes",
+    "settings_dict",
+    "SCORE_NAMES",
+]
 
-SCORE_NAMES = ("eigenscore", "eigenscore_ees", "eigenscore_clipped", "perplexity", "ln_entropy",
-               "lexical_similarity", "length")
+SCORE_NAMES = (
+    "eigenscore",
+    "eigenscore_ees",
+    "eigenscore_clipped",
+    "perplexity",
+    "ln_entropy",
+    "lexical_similarity",
+    "length",
+)
 
 
 @dataclass
@@ -113,13 +132,22 @@ def _finite_rows(emb: torch.Tensor, prompts: Sequence[str], what: str) -> torch.
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten().tolist()
         names = ", ".join(f"{i} ({prompts[i][:40]!r})" for i in bad[:10])
-        warnings.warn(f"{what}: skipped {len(bad)} prompt(s) with NaN/inf embeddings: {names}"
-                      + (" ..." if len(bad) > 10 else ""), stacklevel=3)
+        warnings.warn(
+            f"{what}: skipped {len(bad)} prompt(s) with NaN/inf embeddings: {names}"
+            + (" ..." if len(bad) > 10 else ""),
+            stacklevel=3,
+        )
     return finite
 
 
-def evaluate_probes(model, tokenizer, prompts: Sequence[str], aliases: Sequence[Sequence[str]],
-                    settings: Optional[EigenScoreSettings] = None, show_progress: bool = False) -> ProbeResult:
+def evaluate_probes(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    aliases: Sequence[Sequence[str]],
+    settings: Optional[EigenScoreSettings] = None,
+    show_progress: bool = False,
+) -> ProbeResult:
     """Greedy factual accuracy and mean EigenScore on fact probes.
 
     Args:
@@ -135,10 +163,22 @@ def evaluate_probes(model, tokenizer, prompts: Sequence[str], aliases: Sequence[
     """
     s = settings or EigenScoreSettings()
     _check_probes(prompts, aliases)
-    out = sample_answers(model, tokenizer, list(prompts), k=s.k, temperature=s.temperature, top_p=s.top_p,
-                         top_k=s.top_k, max_new_tokens=s.max_new_tokens, layer=s.layer,
-                         batch_size=s.batch_size, seed=s.seed, greedy=True, show_progress=show_progress,
-                         pooling=getattr(s, "pooling", "last"))
+    out = sample_answers(
+        model,
+        tokenizer,
+        list(prompts),
+        k=s.k,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens,
+        layer=s.layer,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        greedy=True,
+        show_progress=show_progress,
+        pooling=getattr(s, "pooling", "last"),
+    )
     finite = torch.isfinite(out.embeddings).flatten(1).all(1)  # sample_answers warned, naming the prompts
     scores = torch.full((len(prompts),), float("nan"), dtype=torch.float64)
     if finite.any():
@@ -180,10 +220,19 @@ class DetectionResult:
     info: dict = field(default_factory=dict)
 
 
-def score_probes(model, tokenizer, prompts: Sequence[str], aliases: Sequence[Sequence[str]],
-                 settings: Optional[EigenScoreSettings] = None, *, relations: Optional[Sequence[str]] = None,
-                 clipped: bool = True, ees: bool = True, n_boot: int = 1000, show_progress: bool = False,
-                 ) -> DetectionResult:
+def score_probes(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    aliases: Sequence[Sequence[str]],
+    settings: Optional[EigenScoreSettings] = None,
+    *,
+    relations: Optional[Sequence[str]] = None,
+    clipped: bool = True,
+    ees: bool = True,
+    n_boot: int = 1000,
+    show_progress: bool = False,
+) -> DetectionResult:
     """Every hallucination score per prompt, on the same samples, and its detection AUROC.
 
     One greedy and one sampled ``generate`` per batch (with per-token log-probs
@@ -222,9 +271,18 @@ def score_probes(model, tokenizer, prompts: Sequence[str], aliases: Sequence[Seq
     prompts = list(prompts)
     if relations is not None and len(relations) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(relations)} relations")
-    common = dict(k=s.k, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                  layer=s.layer, batch_size=s.batch_size, seed=s.seed, pooling=s.pooling,
-                  show_progress=show_progress)
+    common = dict(
+        k=s.k,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens,
+        layer=s.layer,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        pooling=s.pooling,
+        show_progress=show_progress,
+    )
     timings = {}
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -249,8 +307,9 @@ def score_probes(model, tokenizer, prompts: Sequence[str], aliases: Sequence[Seq
         if ees:
             idx = finite.nonzero().flatten().tolist()
             for i in idx:
-                cols["eigenscore_ees"][i] = float(efficient_eigenscore(out.embeddings[i], s.alpha, "kpm",
-                                                                       tol=s.ees_tol, seed=s.seed).value)
+                cols["eigenscore_ees"][i] = float(
+                    efficient_eigenscore(out.embeddings[i], s.alpha, "kpm", tol=s.ees_tol, seed=s.seed).value
+                )
     if out_c is not None:
         fc = _finite_rows(out_c.embeddings, prompts, "feature-clipped EigenScore")
         if fc.any():
@@ -289,8 +348,14 @@ def score_probes(model, tokenizer, prompts: Sequence[str], aliases: Sequence[Seq
             "tokens_pushed": clipper.pushed,
             "prompts_with_different_samples": sum(a != b for a, b in zip(out.samples, out_c.samples)),
         }
-    return DetectionResult(records=records, summary=summary, factual_accuracy=sum(correct) / n, timings=timings,
-                           settings=asdict(s), info=info)
+    return DetectionResult(
+        records=records,
+        summary=summary,
+        factual_accuracy=sum(correct) / n,
+        timings=timings,
+        settings=asdict(s),
+        info=info,
+    )
 
 
 def settings_dict(s: EigenScoreSettings) -> dict:

@@ -218,9 +218,7 @@ def _real_lengths(gen: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
 
 
 def _decode(tokenizer, gen: torch.Tensor, n_real: torch.Tensor) -> list[str]:
-    return [
-        tokenizer.decode(gen[i, : int(n_real[i])].tolist(), skip_special_tokens=True) for i in range(gen.shape[0])
-    ]
+    return [tokenizer.decode(gen[i, : int(n_real[i])].tolist(), skip_special_tokens=True) for i in range(gen.shape[0])]
 
 
 class FeatureClipper:
@@ -254,8 +252,9 @@ class FeatureClipper:
         ValueError: bad ``bank_size``, ``percentile`` or ``min_tokens``.
     """
 
-    def __init__(self, bank_size: int = 3000, percentile: float = 0.2, layer: LayerSpec = "penultimate",
-                 min_tokens: int = 500):
+    def __init__(
+        self, bank_size: int = 3000, percentile: float = 0.2, layer: LayerSpec = "penultimate", min_tokens: int = 500
+    ):
         _positive_int("bank_size", bank_size)
         _positive_int("min_tokens", min_tokens)
         if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile < 50:
@@ -283,14 +282,14 @@ class FeatureClipper:
             raise ValueError(f"activation width {acts.shape[-1]} differs from the bank's {self.bank.shape[1]}")
         self.pushed += acts.shape[0]
         if acts.shape[0] >= self.bank_size:
-            acts = acts[-self.bank_size:]
+            acts = acts[-self.bank_size :]
         n = acts.shape[0]
         end = self._pos + n
         if end <= self.bank_size:
-            self.bank[self._pos:end] = acts
+            self.bank[self._pos : end] = acts
         else:
             first = self.bank_size - self._pos
-            self.bank[self._pos:] = acts[:first]
+            self.bank[self._pos :] = acts[:first]
             self.bank[: n - first] = acts[first:]
         self._pos = end % self.bank_size
         self.count = min(self.count + n, self.bank_size)
@@ -301,7 +300,7 @@ class FeatureClipper:
             return torch.zeros(0, 0)
         if self.count < self.bank_size:
             return self.bank[: self.count].clone()
-        return torch.cat([self.bank[self._pos:], self.bank[: self._pos]], dim=0)
+        return torch.cat([self.bank[self._pos :], self.bank[: self._pos]], dim=0)
 
     def thresholds(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Per-feature ``(lo, hi)`` from the bank, or ``None`` before ``min_tokens``."""
@@ -326,8 +325,10 @@ class FeatureClipper:
         """Clamp the block's output and feed the bank while the context is open."""
         sites = resolve_sites(model, "residual", self.layer)
         if len(sites) != 1:
-            raise ValueError(f"feature clipping needs exactly one block, got layer={self.layer!r} -> "
-                             f"blocks {[s.layer for s in sites]}")
+            raise ValueError(
+                f"feature clipping needs exactly one block, got layer={self.layer!r} -> "
+                f"blocks {[s.layer for s in sites]}"
+            )
         site = sites[0]
         embed = base_model(model).get_input_embeddings()
         special = torch.tensor(sorted(set(int(i) for i in special_ids)), dtype=torch.long)
@@ -352,8 +353,9 @@ class FeatureClipper:
             h1.remove()
             h2.remove()
 
-    def seed(self, model: nn.Module, tokenizer, prompts: Sequence[str], special_ids: Sequence[int],
-             batch_size: int = 16) -> None:
+    def seed(
+        self, model: nn.Module, tokenizer, prompts: Sequence[str], special_ids: Sequence[int], batch_size: int = 16
+    ) -> None:
         """Fill the bank by forward passes over ``prompts`` (real tokens only) until full."""
         if self.frozen:
             return
@@ -366,11 +368,16 @@ class FeatureClipper:
                     if self.count >= self.bank_size:
                         break
                     # left padding with the pad token: padded positions are excluded from the bank
-                    enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt",
-                                    padding=True).to(device)
+                    enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(
+                        device
+                    )
                     pos = (enc["attention_mask"].long().cumsum(1) - 1).clamp_min(0)
-                    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=pos,
-                          use_cache=False)
+                    model(
+                        input_ids=enc["input_ids"],
+                        attention_mask=enc["attention_mask"],
+                        position_ids=pos,
+                        use_cache=False,
+                    )
         finally:
             self.clamp_enabled = clamp
 
@@ -383,13 +390,22 @@ def _token_logprobs(logits_steps, gen: torch.Tensor, n_real: torch.Tensor) -> li
     lp = torch.empty(rows, n, dtype=torch.float64)
     for s, lg in enumerate(logits_steps[:n]):
         lg = lg.to(torch.float32)
-        lp[:, s] = (lg.gather(1, gen[:, s : s + 1].to(lg.device)).squeeze(1) - torch.logsumexp(lg, dim=-1)).double().cpu()
+        lp[:, s] = (
+            (lg.gather(1, gen[:, s : s + 1].to(lg.device)).squeeze(1) - torch.logsumexp(lg, dim=-1)).double().cpu()
+        )
     n_scored = torch.where(n_real < n, n_real + 1, n_real).tolist()
     return [lp[r, : n_scored[r]].tolist() for r in range(rows)]
 
 
-def _greedy_batch(model, tokenizer, batch: list[str], max_new_tokens: int, eos_ids: list[int],
-                  want_logprobs: bool = False, detail: bool = False):
+def _greedy_batch(
+    model,
+    tokenizer,
+    batch: list[str],
+    max_new_tokens: int,
+    eos_ids: list[int],
+    want_logprobs: bool = False,
+    detail: bool = False,
+):
     enc = tokenizer(batch, return_tensors="pt", padding=True).to(_device(model))
     out = model.generate(
         input_ids=enc["input_ids"],
@@ -442,8 +458,23 @@ def lockstep_forwards() -> bool:
     return is_distributed() and world_size() > 1 and zero3_enabled()
 
 
-def _sample_batch(model, tokenizer, site, batch, *, k, temperature, top_p, top_k, max_new_tokens, eos_ids,
-                  pooling="last", want_logprobs=False, clipper=None, special_ids=()):
+def _sample_batch(
+    model,
+    tokenizer,
+    site,
+    batch,
+    *,
+    k,
+    temperature,
+    top_p,
+    top_k,
+    max_new_tokens,
+    eos_ids,
+    pooling="last",
+    want_logprobs=False,
+    clipper=None,
+    special_ids=(),
+):
     """Sample K answers for each prompt of ``batch``.
 
     Returns ``(answers, embeddings [B*K, d], path, logprobs or None, n_real list)``."""
@@ -514,7 +545,7 @@ def _sample_batch(model, tokenizer, site, batch, *, k, temperature, top_p, top_k
                     if cache is not None and hasattr(cache, "get_seq_length"):
                         try:
                             cache_len = int(cache.get_seq_length())
-                        except Exception:  # noqa: BLE001 - any odd cache: use the full forward
+                        except Exception:
                             cache_len = -1
                         if cache_len == t_prompt + n - 1:
                             record["steps"] = []
@@ -615,7 +646,9 @@ def greedy_answers(
     answers: list[str] = []
     with _generation_mode(model, tokenizer):
         for start in range(0, len(prompts), batch_size):
-            answers.extend(_greedy_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, eos_ids))
+            answers.extend(
+                _greedy_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, eos_ids)
+            )
     return answers
 
 
@@ -716,7 +749,9 @@ def sample_answers(
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     sites = resolve_sites(model, "residual", layer)
     if len(sites) != 1:
-        raise ValueError(f"layer must name exactly one decoder block, got {layer!r} -> blocks {[s.layer for s in sites]}")
+        raise ValueError(
+            f"layer must name exactly one decoder block, got {layer!r} -> blocks {[s.layer for s in sites]}"
+        )
     site = sites[0]
     if feature_clip is True:
         clipper: Optional[FeatureClipper] = FeatureClipper()
@@ -753,8 +788,9 @@ def sample_answers(
         for start in tqdm(starts, desc="sampling answers", disable=not show_progress):
             batch = prompts[start : start + batch_size]
             if greedy:
-                g = _greedy_batch(model, tokenizer, batch, max_new_tokens, eos_ids,
-                                  want_logprobs=return_logprobs, detail=True)
+                g = _greedy_batch(
+                    model, tokenizer, batch, max_new_tokens, eos_ids, want_logprobs=return_logprobs, detail=True
+                )
                 greedy_out.extend(g[0])
                 greedy_len.extend(g[2])
                 if return_logprobs:

@@ -25,7 +25,6 @@ Typical use::
     apply_to_checkpoint("runs/demo/final", patch, out="runs/demo/final-patched")
 """
 
-from neurodetox.patching.neurons import decode_neuron, decode_vector, entropy_neuron_scores, entropy_neurons, value_vector
 from neurodetox.patching.checkpoint import (
     CheckpointError,
     CheckpointInfo,
@@ -42,17 +41,69 @@ from neurodetox.patching.direction import SemanticSpace, semantic_space
 from neurodetox.patching.edit_metrics import compare, evaluate_patch, measure_model, perplexity
 from neurodetox.patching.failures import Edit, Failure, coerce_edits, encode_edit, find_failures, teacher_forced_argmax
 from neurodetox.patching.locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, locate, neuron_scores
-from neurodetox.patching.mint import UPDATE_RULES, EditResult, FailureResult, MintSettings, RepairReport, repair, update_rule
+from neurodetox.patching.mint import (
+    UPDATE_RULES,
+    EditResult,
+    FailureResult,
+    MintSettings,
+    RepairReport,
+    repair,
+    update_rule,
+)
+from neurodetox.patching.neurons import (
+    decode_neuron,
+    decode_vector,
+    entropy_neuron_scores,
+    entropy_neurons,
+    value_vector,
+)
 from neurodetox.patching.patchfile import ParamPatch, PatchError, PatchMismatchError, PatchSet, tensor_sha256
 from neurodetox.patching.protect import ReferenceProtection
 
 __all__ = [
     "ReferenceProtection",
-    "Candidate", "CheckpointError", "CheckpointInfo", "DEFAULT_REFERENCE_PROMPTS", "Edit", "EditResult", "Failure",
-    "FailureResult", "LOCATORS", "MintSettings", "ParamPatch", "PatchError", "PatchMismatchError", "PatchSet",
-    "RepairReport", "SemanticSpace", "apply_to_checkpoint", "bind_to_checkpoint", "checkpoint_states", "coerce_edits",
-    "compare", "copy_checkpoint", "decode_neuron", "decode_vector", "encode_edit", "entropy_neuron_scores",
-    "entropy_neurons", "evaluate_patch", "find_failures", "folder_sha256", "inspect_checkpoint", "locate",
-    "measure_model", "neuron_scores", "perplexity", "repair", "revert_checkpoint", "semantic_space", "tensor_sha256",
-    "teacher_forced_argmax", "UPDATE_RULES", "update_rule", "value_vector", "verify_checkpoint",
+    "Candidate",
+    "CheckpointError",
+    "CheckpointInfo",
+    "DEFAULT_REFERENCE_PROMPTS",
+    "Edit",
+    "EditResult",
+    "Failure",
+    "FailureResult",
+    "LOCATORS",
+    "MintSettings",
+    "ParamPatch",
+    "PatchError",
+    "PatchMismatchError",
+    "PatchSet",
+    "RepairReport",
+    "SemanticSpace",
+    "apply_to_checkpoint",
+    "bind_to_checkpoint",
+    "checkpoint_states",
+    "coerce_edits",
+    "compare",
+    "copy_checkpoint",
+    "decode_neuron",
+    "decode_vector",
+    "encode_edit",
+    "entropy_neuron_scores",
+    "entropy_neurons",
+    "evaluate_patch",
+    "find_failures",
+    "folder_sha256",
+    "inspect_checkpoint",
+    "locate",
+    "measure_model",
+    "neuron_scores",
+    "perplexity",
+    "repair",
+    "revert_checkpoint",
+    "semantic_space",
+    "tensor_sha256",
+    "teacher_forced_argmax",
+    "UPDATE_RULES",
+    "update_rule",
+    "value_vector",
+    "verify_checkpoint",
 ]

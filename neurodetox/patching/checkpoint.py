@@ -47,9 +47,19 @@ import torch
 from neurodetox.patching.patchfile import PatchError, PatchMismatchError, PatchSet, tensor_sha256
 
 __all__ = [
-    "CheckpointError", "CheckpointInfo", "inspect_checkpoint", "read_tensors", "checkpoint_states",
-    "verify_checkpoint", "apply_to_checkpoint", "revert_checkpoint", "bind_to_checkpoint", "file_sha256",
-    "folder_sha256", "copy_checkpoint", "checkpoint_dtype",
+    "CheckpointError",
+    "CheckpointInfo",
+    "inspect_checkpoint",
+    "read_tensors",
+    "checkpoint_states",
+    "verify_checkpoint",
+    "apply_to_checkpoint",
+    "revert_checkpoint",
+    "bind_to_checkpoint",
+    "file_sha256",
+    "folder_sha256",
+    "copy_checkpoint",
+    "checkpoint_dtype",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -94,7 +104,7 @@ def _zero_message(folder: Path) -> str:
     return (
         f"{folder} is a DeepSpeed ZeRO checkpoint (it has global_step*/, 'latest' or zero_to_fp32.py) without "
         "consolidated safetensors weights. Consolidate it with DeepSpeed's own utility first, e.g.\n"
-        f"  python -c \"from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict; "
+        f'  python -c "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict; '
         f"convert_zero_checkpoint_to_fp32_state_dict('{folder}', 'OUT', safe_serialization=True)\"\n"
         f"(or: python {folder / 'zero_to_fp32.py'} {folder} OUT --safe_serialization), copy config.json and the "
         "tokenizer files into OUT, and patch OUT"
@@ -119,7 +129,9 @@ def inspect_checkpoint(folder: PathLike) -> CheckpointInfo:
         raise CheckpointError(f"{folder} is a file; a checkpoint is a folder holding config.json and *.safetensors")
     index = folder / INDEX_NAME
     single = folder / SINGLE_NAME
-    has_zero = any(folder.glob("global_step*")) or (folder / "zero_to_fp32.py").exists() or (folder / "latest").is_file()
+    has_zero = (
+        any(folder.glob("global_step*")) or (folder / "zero_to_fp32.py").exists() or (folder / "latest").is_file()
+    )
     if (folder / "adapter_config.json").is_file() and not index.is_file() and not single.is_file():
         raise CheckpointError(
             f"{folder} holds only a PEFT adapter (adapter_config.json), not a full model; MINT patches full "
@@ -229,8 +241,10 @@ def _mismatch(patch: PatchSet, info: CheckpointInfo, name: str, tensor: torch.Te
     have_dtype = _DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
     why = ""
     if want_dtype and want_dtype != have_dtype:
-        why = (f" It is stored as {have_dtype} but the patch was made against a {want_dtype} copy: run "
-               "`neurodetox patch find` on this checkpoint instead.")
+        why = (
+            f" It is stored as {have_dtype} but the patch was made against a {want_dtype} copy: run "
+            "`neurodetox patch find` on this checkpoint instead."
+        )
     elif want_shape and list(tensor.shape) != list(want_shape):
         why = f" Its shape is {list(tensor.shape)}, the patch expects {want_shape}."
     key = "sha256_original" if expect == "original" else "sha256_patched"
@@ -261,8 +275,9 @@ def verify_checkpoint(folder: PathLike, patch: PatchSet, expect: str = "original
         if states[n] != expect:
             if states[n] == "mismatch":
                 raise PatchMismatchError(_mismatch(patch, info, n, t, expect))
-            raise PatchMismatchError(f"tensor {n!r} in {info.folder / info.shard_of(n)} is already {states[n]!r}, "
-                                     f"expected {expect!r}")
+            raise PatchMismatchError(
+                f"tensor {n!r} in {info.folder / info.shard_of(n)} is already {states[n]!r}, expected {expect!r}"
+            )
     return states
 
 
@@ -270,8 +285,10 @@ def _require_hashes(patch: PatchSet) -> None:
     for p in patch.params:
         entry = patch.manifest.get("tensors", {}).get(p.name, {})
         if not entry.get("sha256_original") or not entry.get("sha256_patched"):
-            raise PatchError(f"the patch manifest has no sha256 for {p.name!r}; bind it to its base checkpoint "
-                             "with bind_to_checkpoint() (the CLI's `patch find` does)")
+            raise PatchError(
+                f"the patch manifest has no sha256 for {p.name!r}; bind it to its base checkpoint "
+                "with bind_to_checkpoint() (the CLI's `patch find` does)"
+            )
 
 
 def bind_to_checkpoint(patch: PatchSet, folder: PathLike) -> PatchSet:
@@ -287,18 +304,22 @@ def bind_to_checkpoint(patch: PatchSet, folder: PathLike) -> PatchSet:
     tensors = read_tensors(info, [p.name for p in patch.params])
     for p in patch.params:
         if p.state_of(tensors[p.name]) != "original":
-            raise PatchMismatchError(f"tensor {p.name!r} in {info.folder / info.shard_of(p.name)} does not hold the "
-                                     "patch's original values: the patch was not made from this checkpoint")
+            raise PatchMismatchError(
+                f"tensor {p.name!r} in {info.folder / info.shard_of(p.name)} does not hold the "
+                "patch's original values: the patch was not made from this checkpoint"
+            )
     patch.set_hashes(tensors)
     base = patch.manifest.setdefault("base", {})
     cfg = info.folder / "config.json"
-    base.update({
-        "path": str(info.folder.resolve()),
-        "config_sha256": file_sha256(cfg) if cfg.is_file() else None,
-        "index_sha256": file_sha256(info.index_file) if info.index_file else None,
-        "weight_files": {s: (info.folder / s).stat().st_size for s in info.shards},
-        "dtype": _DTYPE_NAMES.get(checkpoint_dtype(info, [p.name for p in patch.params]), "mixed"),
-    })
+    base.update(
+        {
+            "path": str(info.folder.resolve()),
+            "config_sha256": file_sha256(cfg) if cfg.is_file() else None,
+            "index_sha256": file_sha256(info.index_file) if info.index_file else None,
+            "weight_files": {s: (info.folder / s).stat().st_size for s in info.shards},
+            "dtype": _DTYPE_NAMES.get(checkpoint_dtype(info, [p.name for p in patch.params]), "mixed"),
+        }
+    )
     return patch
 
 
@@ -332,8 +353,10 @@ def _write_shard(src: Path, tmp: Path, updates: dict[str, torch.Tensor]) -> None
             lo, hi = meta["data_offsets"]
             data = _tensor_bytes(tensor)
             if len(data) != hi - lo or list(tensor.shape) != list(meta["shape"]):
-                raise CheckpointError(f"tensor {name!r}: new data {tuple(tensor.shape)} does not fit the stored "
-                                      f"{meta['shape']} {meta['dtype']}")
+                raise CheckpointError(
+                    f"tensor {name!r}: new data {tuple(tensor.shape)} does not fit the stored "
+                    f"{meta['shape']} {meta['dtype']}"
+                )
             f.seek(start + lo)
             f.write(data)
         f.flush()
@@ -374,9 +397,15 @@ class CheckpointWrite:
     dtype: dict[str, str]
 
     def to_json(self) -> dict[str, Any]:
-        return {"folder": str(self.folder), "tensors": self.tensors, "written": self.written, "shards": self.shards,
-                "cast_error": self.cast_error, "dtype": self.dtype,
-                "max_cast_error": max(self.cast_error.values(), default=0.0)}
+        return {
+            "folder": str(self.folder),
+            "tensors": self.tensors,
+            "written": self.written,
+            "shards": self.shards,
+            "cast_error": self.cast_error,
+            "dtype": self.dtype,
+            "max_cast_error": max(self.cast_error.values(), default=0.0),
+        }
 
 
 def _transition(folder: PathLike, patch: PatchSet, src: str, dst: str) -> CheckpointWrite:
@@ -397,8 +426,9 @@ def _transition(folder: PathLike, patch: PatchSet, src: str, dst: str) -> Checkp
     for p in patch.params:
         t = tensors[p.name]
         if t.dtype not in _DTYPE_NAMES:
-            raise CheckpointError(f"tensor {p.name!r} is stored as {t.dtype}; patches support float32, bfloat16, "
-                                  "float16")
+            raise CheckpointError(
+                f"tensor {p.name!r} is stored as {t.dtype}; patches support float32, bfloat16, float16"
+            )
         dtypes[p.name] = _DTYPE_NAMES[t.dtype]
         cast_error[p.name] = p.cast_error(t.dtype) if dst == "patched" else 0.0
         if states[p.name] == src:
@@ -406,8 +436,10 @@ def _transition(folder: PathLike, patch: PatchSet, src: str, dst: str) -> Checkp
             p.write(new, p.new if dst == "patched" else p.original)
             want = patch.manifest["tensors"][p.name]["sha256_" + dst]
             if tensor_sha256(new) != want:
-                raise PatchError(f"writing the {dst} values of {p.name!r} in {dtypes[p.name]} does not reproduce "
-                                 f"the manifest's sha256_{dst}; the patch file is inconsistent")
+                raise PatchError(
+                    f"writing the {dst} values of {p.name!r} in {dtypes[p.name]} does not reproduce "
+                    f"the manifest's sha256_{dst}; the patch file is inconsistent"
+                )
             updates.setdefault(info.shard_of(p.name), {})[p.name] = new
     temps: dict[str, Path] = {}
     try:
@@ -427,8 +459,9 @@ def _transition(folder: PathLike, patch: PatchSet, src: str, dst: str) -> Checkp
     finally:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)
-    return CheckpointWrite(info.folder, states, sorted(n for ups in updates.values() for n in ups),
-                           sorted(updates), cast_error, dtypes)
+    return CheckpointWrite(
+        info.folder, states, sorted(n for ups in updates.values() for n in ups), sorted(updates), cast_error, dtypes
+    )
 
 
 def copy_checkpoint(src: PathLike, dst: PathLike, overwrite: bool = False) -> Path:
@@ -457,8 +490,9 @@ def copy_checkpoint(src: PathLike, dst: PathLike, overwrite: bool = False) -> Pa
     return dst
 
 
-def _with_output(folder: PathLike, patch: PatchSet, src: str, dst: str, out: Optional[PathLike],
-                 overwrite: bool) -> CheckpointWrite:
+def _with_output(
+    folder: PathLike, patch: PatchSet, src: str, dst: str, out: Optional[PathLike], overwrite: bool
+) -> CheckpointWrite:
     if out is None:
         return _transition(folder, patch, src, dst)
     # check the source before copying anything
@@ -476,8 +510,9 @@ def _with_output(folder: PathLike, patch: PatchSet, src: str, dst: str, out: Opt
         raise
 
 
-def apply_to_checkpoint(folder: PathLike, patch: PatchSet, out: Optional[PathLike] = None,
-                        overwrite: bool = False) -> CheckpointWrite:
+def apply_to_checkpoint(
+    folder: PathLike, patch: PatchSet, out: Optional[PathLike] = None, overwrite: bool = False
+) -> CheckpointWrite:
     """Apply ``patch`` to the checkpoint ``folder`` (in place), or to a copy at ``out``.
 
     Tensors already patched are skipped, so a second call is a no-op and a
@@ -496,8 +531,9 @@ def apply_to_checkpoint(folder: PathLike, patch: PatchSet, out: Optional[PathLik
     return _with_output(folder, patch, "original", "patched", out, overwrite)
 
 
-def revert_checkpoint(folder: PathLike, patch: PatchSet, out: Optional[PathLike] = None,
-                      overwrite: bool = False) -> CheckpointWrite:
+def revert_checkpoint(
+    folder: PathLike, patch: PatchSet, out: Optional[PathLike] = None, overwrite: bool = False
+) -> CheckpointWrite:
     """Restore the original values bit-exactly (in place, or into a copy at ``out``).
 
     Raises:

@@ -115,7 +115,9 @@ class SemanticSpace:
         tries = 0
         while int(info) != 0:
             if tries >= 6:
-                raise RuntimeError("G = W_U^T W_U is not positive definite even with jitter; is the LM head degenerate?")
+                raise RuntimeError(
+                    "G = W_U^T W_U is not positive definite even with jitter; is the LM head degenerate?"
+                )
             self.jitter_used = rel * scale
             chol, info = torch.linalg.cholesky_ex(G + self.jitter_used * eye)
             rel *= 100.0
@@ -158,7 +160,7 @@ class SemanticSpace:
         return range_normalise(d).float()
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def semantic_space(model: nn.Module, fold_norm: bool = False) -> SemanticSpace:
@@ -177,8 +179,13 @@ def semantic_space(model: nn.Module, fold_norm: bool = False) -> SemanticSpace:
     gain = final_norm_gain(model) if fold_norm else None
     norm = final_norm(model)
     nw = getattr(norm, "weight", None) if fold_norm and norm is not None else None
-    key = (bool(fold_norm), W.data_ptr(), W._version, tuple(W.shape),
-           None if nw is None else (nw.data_ptr(), nw._version))
+    key = (
+        bool(fold_norm),
+        W.data_ptr(),
+        W._version,
+        tuple(W.shape),
+        None if nw is None else (nw.data_ptr(), nw._version),
+    )
     per_model = _CACHE.setdefault(model, {})
     space = per_model.get(key)
     if space is None:

@@ -81,7 +81,7 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: in
     try:
         tokenizer.padding_side = "right"
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+            enc = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
             logits = model(**enc, use_cache=False).logits[:, :-1].float()
             labels = enc["input_ids"][:, 1:]
             mask = enc["attention_mask"][:, 1:].bool()
@@ -109,7 +109,7 @@ def next_token_predictions(model: nn.Module, tokenizer, prompts: Sequence[str], 
     try:
         tokenizer.padding_side = "left"
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+            enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
             logits = tail_logits(model, 1, **enc)[:, -1]
             out.extend(logits.argmax(-1).tolist())
     finally:
@@ -118,9 +118,17 @@ def next_token_predictions(model: nn.Module, tokenizer, prompts: Sequence[str], 
     return out
 
 
-def measure_model(model: nn.Module, tokenizer, edits: Sequence[Edit], unrelated: Sequence[Any],
-                  reference_texts: Sequence[str], *, max_new_tokens: int = 8, batch_size: int = 16,
-                  show_progress: bool = False) -> dict[str, Any]:
+def measure_model(
+    model: nn.Module,
+    tokenizer,
+    edits: Sequence[Edit],
+    unrelated: Sequence[Any],
+    reference_texts: Sequence[str],
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 16,
+    show_progress: bool = False,
+) -> dict[str, Any]:
     """Everything :func:`compare` needs from one model state.
 
     Returns:
@@ -132,30 +140,49 @@ def measure_model(model: nn.Module, tokenizer, edits: Sequence[Edit], unrelated:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=5, desc="evaluating", disable=not show_progress)
-    tf = [bool(torch.equal(teacher_forced_argmax(model, e.prompt_ids, e.target_ids),
-                           torch.tensor(e.target_ids))) for e in edits]
+    tf = [
+        bool(torch.equal(teacher_forced_argmax(model, e.prompt_ids, e.target_ids), torch.tensor(e.target_ids)))
+        for e in edits
+    ]
     bar.update()
-    edit_answers = greedy_answers(model, tokenizer, [e.prompt for e in edits], max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size) if edits else []
+    edit_answers = (
+        greedy_answers(
+            model, tokenizer, [e.prompt for e in edits], max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        if edits
+        else []
+    )
     bar.update()
     para_flat = [p for e in edits for p in e.paraphrases]
-    para = greedy_answers(model, tokenizer, para_flat, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size) if para_flat else []
+    para = (
+        greedy_answers(model, tokenizer, para_flat, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        if para_flat
+        else []
+    )
     para_answers, k = [], 0
     for e in edits:
-        para_answers.append(para[k:k + len(e.paraphrases)])
+        para_answers.append(para[k : k + len(e.paraphrases)])
         k += len(e.paraphrases)
     bar.update()
     unrelated = unrelated_prompts(unrelated)
-    un = greedy_answers(model, tokenizer, unrelated, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size) if unrelated else []
+    un = (
+        greedy_answers(model, tokenizer, unrelated, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        if unrelated
+        else []
+    )
     un_next = next_token_predictions(model, tokenizer, unrelated) if unrelated else []
     bar.update()
     ppl = perplexity(model, tokenizer, reference_texts) if reference_texts else float("nan")
     bar.update()
     bar.close()
-    return {"teacher_forced": tf, "edit_answers": edit_answers, "paraphrase_answers": para_answers,
-            "unrelated_answers": un, "unrelated_next": un_next, "perplexity": ppl}
+    return {
+        "teacher_forced": tf,
+        "edit_answers": edit_answers,
+        "paraphrase_answers": para_answers,
+        "unrelated_answers": un,
+        "unrelated_next": un_next,
+        "perplexity": ppl,
+    }
 
 
 def unrelated_prompts(unrelated: Sequence[Any]) -> list[str]:
@@ -167,8 +194,9 @@ def _frac(flags: Sequence[bool]) -> float:
     return sum(bool(f) for f in flags) / len(flags) if flags else float("nan")
 
 
-def compare(before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit],
-            unrelated: Sequence[Any]) -> dict[str, Any]:
+def compare(
+    before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit], unrelated: Sequence[Any]
+) -> dict[str, Any]:
     """Success, generalisation, specificity and perplexity drift from two
     :func:`measure_model` results (same edits and prompts).
 
@@ -179,23 +207,31 @@ def compare(before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit]
     per_edit = []
     for i, e in enumerate(edits):
         ok = e.answers
-        per_edit.append({
-            "fact_id": e.fact_id, "prompt": e.prompt, "target": e.target,
-            "fixed": after["teacher_forced"][i], "was_right": before["teacher_forced"][i],
-            "answer_before": before["edit_answers"][i], "answer_after": after["edit_answers"][i],
-            "greedy_correct": is_correct(after["edit_answers"][i], ok),
-            "paraphrases_correct_before": [is_correct(a, ok) for a in before["paraphrase_answers"][i]],
-            "paraphrases_correct_after": [is_correct(a, ok) for a in after["paraphrase_answers"][i]],
-        })
+        per_edit.append(
+            {
+                "fact_id": e.fact_id,
+                "prompt": e.prompt,
+                "target": e.target,
+                "fixed": after["teacher_forced"][i],
+                "was_right": before["teacher_forced"][i],
+                "answer_before": before["edit_answers"][i],
+                "answer_after": after["edit_answers"][i],
+                "greedy_correct": is_correct(after["edit_answers"][i], ok),
+                "paraphrases_correct_before": [is_correct(a, ok) for a in before["paraphrase_answers"][i]],
+                "paraphrases_correct_after": [is_correct(a, ok) for a in after["paraphrase_answers"][i]],
+            }
+        )
     para_before = [f for r in per_edit for f in r["paraphrases_correct_before"]]
     para_after = [f for r in per_edit for f in r["paraphrases_correct_after"]]
     same = [answer_span(a) == answer_span(b) for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
     exact = [a == b for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
     same_next = [a == b for a, b in zip(before["unrelated_next"], after["unrelated_next"])]
     prompts = unrelated_prompts(unrelated)
-    changed = [{"prompt": p, "before": a, "after": b}
-               for p, a, b, ok in zip(prompts, before["unrelated_answers"], after["unrelated_answers"], same)
-               if not ok]
+    changed = [
+        {"prompt": p, "before": a, "after": b}
+        for p, a, b, ok in zip(prompts, before["unrelated_answers"], after["unrelated_answers"], same)
+        if not ok
+    ]
     aliases = [u.get("aliases") if isinstance(u, Mapping) else None for u in unrelated]
     known: dict[str, Any] = {}
     if aliases and all(aliases):
@@ -208,10 +244,12 @@ def compare(before: dict[str, Any], after: dict[str, Any], edits: Sequence[Edit]
         known = {
             "known_facts": sum(right_b),
             "known_facts_kept": _frac([ra for rb, ra in zip(right_b, right_a) if rb]),
-            "changes": {"right_to_wrong": sum(rb and not ra for rb, ra in moved),
-                        "wrong_to_right": sum(ra and not rb for rb, ra in moved),
-                        "wrong_to_wrong": sum(not rb and not ra for rb, ra in moved),
-                        "right_to_right": sum(rb and ra for rb, ra in moved)},
+            "changes": {
+                "right_to_wrong": sum(rb and not ra for rb, ra in moved),
+                "wrong_to_right": sum(ra and not rb for rb, ra in moved),
+                "wrong_to_wrong": sum(not rb and not ra for rb, ra in moved),
+                "right_to_right": sum(rb and ra for rb, ra in moved),
+            },
         }
     ppl_b, ppl_a = before["perplexity"], after["perplexity"]
     return {
@@ -273,15 +311,32 @@ def evaluate_patch(
     was_patched = states == {"patched"}
     try:
         patch.revert(model)
-        before = measure_model(model, tokenizer, edits, unrelated, reference_texts, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, show_progress=show_progress)
+        before = measure_model(
+            model,
+            tokenizer,
+            edits,
+            unrelated,
+            reference_texts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
         patch.apply(model)
-        after = measure_model(model, tokenizer, edits, unrelated, reference_texts, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, show_progress=show_progress)
+        after = measure_model(
+            model,
+            tokenizer,
+            edits,
+            unrelated,
+            reference_texts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
     finally:
         (patch.apply if was_patched else patch.revert)(model)
     out = compare(before, after, edits, unrelated)
-    out["neurons_per_fix"] = [len(e.get("neurons", [])) for e in patch.manifest.get("edits", [])
-                              if e.get("status") == "fixed"]
+    out["neurons_per_fix"] = [
+        len(e.get("neurons", [])) for e in patch.manifest.get("edits", []) if e.get("status") == "fixed"
+    ]
     out["parameters_changed"] = patch.num_values
     return out

@@ -155,7 +155,7 @@ def encode_edit(tokenizer, edit: Edit) -> Edit:
     full = list(tokenizer(edit.prompt + target)["input_ids"])
     eos = getattr(tokenizer, "eos_token_id", None)
     if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
-        cont = full[len(p_ids):]
+        cont = full[len(p_ids) :]
         # a tokenizer that appends EOS to every text: drop it from the continuation
         if eos is not None and p_ids and p_ids[-1] == eos and cont and cont[-1] == eos:
             cont = cont[:-1]
@@ -249,7 +249,7 @@ def still_failing(model: nn.Module, edits: Sequence[Edit], batch_size: int = 32)
     model.eval()
     try:
         for start in range(0, len(edits), batch_size):
-            chunk = list(edits[start:start + batch_size])
+            chunk = list(edits[start : start + batch_size])
             ids, mask = right_pad([list(e.prompt_ids) + list(e.target_ids)[:-1] for e in chunk])
             width = ids.shape[1]
             first = min(len(e.prompt_ids) for e in chunk) - 1  # earliest position read

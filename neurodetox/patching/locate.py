@@ -33,8 +33,17 @@ from neurodetox.core.logits import tail_logits
 from neurodetox.core.sites import NeuronSite, register_site_hook, value_vector_parameter
 from neurodetox.patching.direction import SemanticSpace, final_norm
 
-__all__ = ["LOCATORS", "DEFAULT_REFERENCE_PROMPTS", "Candidate", "ReferenceStats", "neuron_scores", "top_candidates",
-           "locate", "reference_stats", "reference_rms"]
+__all__ = [
+    "LOCATORS",
+    "DEFAULT_REFERENCE_PROMPTS",
+    "Candidate",
+    "ReferenceStats",
+    "neuron_scores",
+    "top_candidates",
+    "locate",
+    "reference_stats",
+    "reference_rms",
+]
 
 LOCATORS = ("grad_x_act", "contrastive", "activation")
 
@@ -98,8 +107,9 @@ class ReferenceStats:
     norm_scale: torch.Tensor
     layers: list[int]
 
-    def head_change(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
-                    deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    def head_change(
+        self, unembedding: torch.Tensor, gain: Optional[torch.Tensor], deltas: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         """``W_U (g ⊙ Δ_i)`` for each value-vector change ``Δ_i`` (float32 ``[C, V]``, one pass over ``W_U``)."""
         W = unembedding.detach().float().cpu()
         D = torch.stack([d.float().cpu() for d in deltas], dim=0)  # [C, d]
@@ -116,8 +126,13 @@ class ReferenceStats:
         coef = torch.stack([self.last_acts[:, pos[c.layer], c.index] for c in cands], dim=0)  # [C, N]
         return coef * self.norm_scale[None, :], dlog
 
-    def predicted_logits(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
-                         cands: Sequence["Candidate"], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    def predicted_logits(
+        self,
+        unembedding: torch.Tensor,
+        gain: Optional[torch.Tensor],
+        cands: Sequence[Candidate],
+        deltas: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
         """Next-token logits of the reference prompts if each candidate's value
         vector moved by ``deltas[i]`` (``[d]``), to first order through the
         direct path: ``a_j(x) · Δw_j`` added to the residual stream at the last
@@ -138,9 +153,14 @@ class ReferenceStats:
         coef, dlog = self._deltas(unembedding, gain, cands, deltas)
         return self.last_logits[None] + coef[:, :, None] * dlog[:, None, :]
 
-    def predicted_flips(self, unembedding: torch.Tensor, gain: Optional[torch.Tensor],
-                        cands: Sequence["Candidate"], deltas: Sequence[torch.Tensor],
-                        dlog: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def predicted_flips(
+        self,
+        unembedding: torch.Tensor,
+        gain: Optional[torch.Tensor],
+        cands: Sequence[Candidate],
+        deltas: Sequence[torch.Tensor],
+        dlog: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """How many reference prompts would change their next-token argmax under
         each candidate's patch, by :meth:`predicted_logits`. Exact over the
         whole vocabulary, though only each prompt's top 64 tokens are scored
@@ -185,8 +205,9 @@ class ReferenceStats:
 
 
 @torch.no_grad()
-def reference_stats(model: nn.Module, tokenizer, sites: Sequence[NeuronSite], prompts: Sequence[str],
-                    batch_size: int = 16) -> ReferenceStats:
+def reference_stats(
+    model: nn.Module, tokenizer, sites: Sequence[NeuronSite], prompts: Sequence[str], batch_size: int = 16
+) -> ReferenceStats:
     """Collect :class:`ReferenceStats` for ``prompts`` (right-padded batches;
     padding excluded from the RMS).
 
@@ -235,12 +256,16 @@ def reference_stats(model: nn.Module, tokenizer, sites: Sequence[NeuronSite], pr
     try:
         tokenizer.padding_side = "right"
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+            enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
             box["mask"] = enc["attention_mask"].double()
             box["last"] = enc["attention_mask"].sum(dim=1) - 1
             first = int(box["last"].min())  # earliest position read
-            logits = tail_logits(model, enc["input_ids"].shape[1] - first, input_ids=enc["input_ids"],
-                                 attention_mask=enc["attention_mask"])
+            logits = tail_logits(
+                model,
+                enc["input_ids"].shape[1] - first,
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+            )
             logits_out.append(logits[torch.arange(logits.shape[0]), box["last"] - first].float().cpu())
             count += int(enc["attention_mask"].sum())
     finally:
@@ -258,8 +283,9 @@ def reference_stats(model: nn.Module, tokenizer, sites: Sequence[NeuronSite], pr
     )
 
 
-def reference_rms(model: nn.Module, tokenizer, sites: Sequence[NeuronSite], prompts: Sequence[str],
-                  batch_size: int = 16) -> torch.Tensor:
+def reference_rms(
+    model: nn.Module, tokenizer, sites: Sequence[NeuronSite], prompts: Sequence[str], batch_size: int = 16
+) -> torch.Tensor:
     """Root-mean-square activation of every neuron of ``sites`` over the real
     tokens of ``prompts`` (padding excluded): float32 ``[len(sites), d_ff]``."""
     return reference_stats(model, tokenizer, sites, prompts, batch_size).rms
@@ -342,10 +368,12 @@ def neuron_scores(
                 p_t = torch.softmax(logits, dim=-1)[int(target_id)]
                 logits = logits.detach()
                 grads = torch.autograd.grad(p_t, acts, allow_unused=True)
-            scores = torch.stack([
-                (a[0].detach().float() * (g[0].float() if g is not None else 0.0)).norm(dim=0)
-                for a, g in zip(acts, grads)
-            ])
+            scores = torch.stack(
+                [
+                    (a[0].detach().float() * (g[0].float() if g is not None else 0.0)).norm(dim=0)
+                    for a, g in zip(acts, grads)
+                ]
+            )
         else:
             with torch.no_grad():
                 logits = tail_logits(model, 1, input_ids=ids)[0, -1].float()
@@ -431,7 +459,11 @@ def top_candidates(
     order = torch.sort(flat, descending=True, stable=True).indices[:k].tolist()
     width = scores.shape[1]
     return [
-        Candidate(layer=sites[i // width].layer, index=i % width, score=float(flat[i]),
-                  activation=float(last[i // width, i % width]))
+        Candidate(
+            layer=sites[i // width].layer,
+            index=i % width,
+            score=float(flat[i]),
+            activation=float(last[i // width, i % width]),
+        )
         for i in order
     ]

@@ -68,11 +68,25 @@ from torch import nn
 
 from neurodetox.core.logits import tail_logits
 from neurodetox.core.sites import NeuronSite, base_model, decoder_layers, resolve_sites, value_vector_parameter
+from neurodetox.patching.direction import final_norm_gain, semantic_space
+from neurodetox.patching.failures import (
+    Edit,
+    Failure,
+    coerce_edits,
+    encode_edit,
+    find_failures,
+    right_pad,
+    still_failing,
+)
+from neurodetox.patching.locate import (
+    DEFAULT_REFERENCE_PROMPTS,
+    LOCATORS,
+    Candidate,
+    neuron_scores,
+    reference_stats,
+    top_candidates,
+)
 from neurodetox.patching.neurons import entropy_neurons
-from neurodetox.patching.direction import semantic_space
-from neurodetox.patching.failures import Edit, Failure, coerce_edits, encode_edit, find_failures, right_pad, still_failing
-from neurodetox.patching.direction import final_norm_gain
-from neurodetox.patching.locate import DEFAULT_REFERENCE_PROMPTS, LOCATORS, Candidate, neuron_scores, reference_stats, top_candidates
 from neurodetox.patching.patchfile import ParamPatch, PatchSet
 from neurodetox.patching.protect import ReferenceProtection
 
@@ -80,15 +94,22 @@ __all__ = ["MintSettings", "FailureResult", "EditResult", "RepairReport", "repai
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 UPDATE_RULES = ("additive", "interpolate")
 
 
-def update_rule(w: torch.Tensor, tau: torch.Tensor, alpha: float, sign: float = 1.0,
-                rule: str = "additive") -> torch.Tensor:
+def update_rule(
+    w: torch.Tensor, tau: torch.Tensor, alpha: float, sign: float = 1.0, rule: str = "additive"
+) -> torch.Tensor:
     """A value-vector update, in float32 math.
 
     Args:
@@ -391,8 +412,9 @@ class EditResult:
             "attempts": self.attempts,
             "seconds": round(self.seconds, 4),
             "neurons": [list(n) for n in self.neurons],
-            "failures": [{**{k: v for k, v in asdict(f).items()}, "neurons": [list(n) for n in f.neurons]}
-                         for f in self.failures],
+            "failures": [
+                {**{k: v for k, v in asdict(f).items()}, "neurons": [list(n) for n in f.neurons]} for f in self.failures
+            ],
         }
 
 
@@ -463,8 +485,11 @@ class RepairReport:
             "median_neurons_per_fix": self.median_neurons_per_fix,
             "failures": len(self.failures),
             "failures_fixed": sum(f.status in ("fixed", "undone") for f in self.failures),
-            "failure_success_rate": (sum(f.status in ("fixed", "undone") for f in self.failures) / len(self.failures)
-                                     if self.failures else float("nan")),
+            "failure_success_rate": (
+                sum(f.status in ("fixed", "undone") for f in self.failures) / len(self.failures)
+                if self.failures
+                else float("nan")
+            ),
             "neurons_per_failure": self.neurons_per_failure,
             "median_neurons_per_failure": _median(self.neurons_per_failure),
             "reference_flips": sum(e.reference_flips or 0 for e in self.fixed),
@@ -475,8 +500,11 @@ class RepairReport:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "settings": self.settings.to_json(),
-                "edits": [e.to_json() for e in self.edits]}
+        return {
+            "summary": self.summary(),
+            "settings": self.settings.to_json(),
+            "edits": [e.to_json() for e in self.edits],
+        }
 
 
 # ----------------------------------------------------------------------------- internals
@@ -607,8 +635,13 @@ def _hidden(output: Any) -> Optional[torch.Tensor]:
     """The hidden states of a block output of a known form (a tensor, or a tuple of it and ``None``s)."""
     if isinstance(output, torch.Tensor) and output.dim() == 3:
         return output
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 3 \
-            and all(o is None for o in output[1:]):
+    if (
+        isinstance(output, tuple)
+        and output
+        and isinstance(output[0], torch.Tensor)
+        and output[0].dim() == 3
+        and all(o is None for o in output[1:])
+    ):
         return output[0]
     return None
 
@@ -648,15 +681,15 @@ class _PrefixCache:
     """
 
     def __init__(self, model: nn.Module, below: int, size: int = 64):
-        self.blocks = list(decoder_layers(model))[:max(int(below), 0)]
+        self.blocks = list(decoder_layers(model))[: max(int(below), 0)]
         self.size = size
-        self.store: "OrderedDict[tuple[int, ...], Any]" = OrderedDict()
+        self.store: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
     def _recorded(self, key: tuple[int, ...]) -> Any:
         for known, output in reversed(self.store.items()):
             if known == key:
                 found = output
-            elif len(known) > len(key) and known[:len(key)] == key:
+            elif len(known) > len(key) and known[: len(key)] == key:
                 found = _first_positions(output, len(key))
                 if found is None:
                     continue
@@ -733,8 +766,16 @@ _NO_SHARED_PREFIX: set[type] = set()
 
 
 @torch.no_grad()
-def _plan(model, sites_by_layer, ids, target, cands: list[Candidate], deltas: list[torch.Tensor],
-          share_prefix: bool = True, prefix: Optional[_PrefixCache] = None):
+def _plan(
+    model,
+    sites_by_layer,
+    ids,
+    target,
+    cands: list[Candidate],
+    deltas: list[torch.Tensor],
+    share_prefix: bool = True,
+    prefix: Optional[_PrefixCache] = None,
+):
     """Gaps ``p_a − p_t`` after each candidate's patch, in one batched forward.
 
     Row ``r`` adds ``a_j · Δw_r`` to the FFN output of its candidate's layer
@@ -793,8 +834,9 @@ def _plan(model, sites_by_layer, ids, target, cands: list[Candidate], deltas: li
         if share:
             blocks = decoder_layers(model)
             for layer in sorted(rows_by_layer):
-                handles.append(blocks[layer].register_forward_pre_hook(
-                    _append_rows(len(rows_by_layer[layer])), with_kwargs=True))
+                handles.append(
+                    blocks[layer].register_forward_pre_hook(_append_rows(len(rows_by_layer[layer])), with_kwargs=True)
+                )
             try:
                 replay = prefix is not None and len(prefix.blocks) <= min(rows_by_layer)
                 with prefix.replay(ids) if replay else nullcontext():
@@ -822,7 +864,7 @@ def _encode_right_padded(tokenizer, prompts: Sequence[str], batch_size: int = 64
     """``[(input_ids [B, T], attention_mask [B, T])]`` batches, right-padded (pad id 0 where none is set)."""
     out = []
     for start in range(0, len(prompts), batch_size):
-        rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start:start + batch_size]]
+        rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start : start + batch_size]]
         rows = [r for r in rows if r]
         if rows:
             out.append(right_pad(rows))
@@ -839,10 +881,10 @@ def _last_argmax(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tor
     return logits[torch.arange(ids.shape[0]), (last - first).to(logits.device)].argmax(dim=-1).cpu()
 
 
-_REF_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_REF_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
-_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(model: nn.Module) -> tuple:
@@ -880,13 +922,19 @@ def _cached_reference(model, tokenizer, sites, prompts):
 def _decode(tokenizer, token: int) -> str:
     try:
         return tokenizer.decode([int(token)])
-    except Exception:  # noqa: BLE001 - a label only
+    except Exception:
         return f"#{token}"
 
 
 class _Repairer:
-    def __init__(self, model, tokenizer, settings: MintSettings, show_progress: bool,
-                 reference_prompts: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: MintSettings,
+        show_progress: bool,
+        reference_prompts: Optional[Sequence[str]] = None,
+    ):
         self.model = model
         self.tok = tokenizer
         self.s = settings
@@ -910,8 +958,13 @@ class _Repairer:
             self.ref = _cached_reference(model, tokenizer, self.sites, reference_prompts or DEFAULT_REFERENCE_PROMPTS)
         self.head = base_model(model).get_output_embeddings().weight
         self.gain = final_norm_gain(model)
-        self.protection = (ReferenceProtection(self.ref, self.space, self.head, self.gain, settings.protect,
-                                               settings.protect_competitors) if settings.protect else None)
+        self.protection = (
+            ReferenceProtection(
+                self.ref, self.space, self.head, self.gain, settings.protect, settings.protect_competitors
+            )
+            if settings.protect
+            else None
+        )
         self.banned: set[tuple[int, int]] = set()  # neurons the current edit may not use (rejected attempts)
         self._flip_cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # per failure, see _flips
         self._head_cache: dict[tuple[int, int], tuple] = {}  # per failure, see _head_changes
@@ -919,7 +972,8 @@ class _Repairer:
         self.reference_now: Optional[torch.Tensor] = None  # next-token predictions of the current model
         if settings.verify_reference:
             self.reference_batches = _encode_right_padded(
-                tokenizer, [p for p in (reference_prompts or DEFAULT_REFERENCE_PROMPTS) if p.strip()])
+                tokenizer, [p for p in (reference_prompts or DEFAULT_REFERENCE_PROMPTS) if p.strip()]
+            )
 
     def failures(self, edit: Edit, i: int) -> list[Failure]:
         """:func:`find_failures` of ``edit`` under the current weights (the unpatched blocks replayed)."""
@@ -930,7 +984,7 @@ class _Repairer:
         """:func:`still_failing` under the current weights (the unpatched blocks replayed)."""
         out: list[bool] = []
         for start in range(0, len(edits), batch_size):
-            chunk = list(edits[start:start + batch_size])
+            chunk = list(edits[start : start + batch_size])
             with self.prefix.replay_batch([list(e.prompt_ids) + list(e.target_ids)[:-1] for e in chunk]):
                 out += still_failing(self.model, chunk, batch_size=batch_size)
         return out
@@ -984,8 +1038,10 @@ class _Repairer:
         self.reference_now = now
         result.reference_flips, result.attempts, result.seconds = flips, tries, seconds
         if tries > 1:
-            result.message = (f"reference check: attempt {best + 1} of {tries} kept; it changes {flips} of "
-                              f"{len(now)} reference predictions")
+            result.message = (
+                f"reference check: attempt {best + 1} of {tries} kept; it changes {flips} of "
+                f"{len(now)} reference predictions"
+            )
         return result
 
     def _proposals(self, cands: list[Candidate], t: int, a: int, alphas: Sequence[float]):
@@ -1023,8 +1079,9 @@ class _Repairer:
         todo = [i for i, o in enumerate(out) if o is None]
         if todo:
             dlog = self._head_changes([rows[i] for i in todo])
-            new = self.ref.predicted_flips(self.head, self.gain, [rows[i][0] for i in todo], [rows[i][4] for i in todo],
-                                           dlog)
+            new = self.ref.predicted_flips(
+                self.head, self.gain, [rows[i][0] for i in todo], [rows[i][4] for i in todo], dlog
+            )
             for i, n in zip(todo, new.tolist()):
                 out[i] = n
                 self._flip_cache[(rows[i][0].layer, rows[i][0].index)] = (rows[i][4], n)
@@ -1044,8 +1101,12 @@ class _Repairer:
         miss = []
         for i, (c, alpha, sign, _, _) in enumerate(rows):
             known = self._head_cache.get((c.layer, c.index))
-            if (known is not None and known[0] == sign and torch.equal(known[1], self._taus[c.layer])
-                    and torch.equal(known[2], self.tracker.column(c.layer, c.index))):
+            if (
+                known is not None
+                and known[0] == sign
+                and torch.equal(known[1], self._taus[c.layer])
+                and torch.equal(known[2], self.tracker.column(c.layer, c.index))
+            ):
                 out[i] = known[4] * (_step_scale(alpha, self.s.update) / known[3])
             else:
                 miss.append(i)
@@ -1055,10 +1116,16 @@ class _Repairer:
                 out[i] = row
                 c, alpha, sign = rows[i][0], rows[i][1], rows[i][2]
                 if self.tracker.entries[c.layer][1].dtype == torch.float32 and self.tracker.storage in (
-                        None, torch.float32):
-                    self._head_cache[(c.layer, c.index)] = (sign, self._taus[c.layer],
-                                                            self.tracker.column(c.layer, c.index),
-                                                            _step_scale(alpha, self.s.update), row)
+                    None,
+                    torch.float32,
+                ):
+                    self._head_cache[(c.layer, c.index)] = (
+                        sign,
+                        self._taus[c.layer],
+                        self.tracker.column(c.layer, c.index),
+                        _step_scale(alpha, self.s.update),
+                        row,
+                    )
         return torch.stack(out)
 
     def _ok(self, gap: float, arg: int, t: int) -> bool:
@@ -1086,8 +1153,14 @@ class _Repairer:
         t0 = time.perf_counter()
         ids = list(edit.prompt_ids) + list(edit.target_ids[: f.step])
         t = f.target_id
-        res = FailureResult(step=f.step, position=f.position, target_id=t, argmax_id=f.argmax_id,
-                            target_token=_decode(self.tok, t), argmax_token=_decode(self.tok, f.argmax_id))
+        res = FailureResult(
+            step=f.step,
+            position=f.position,
+            target_id=t,
+            argmax_id=f.argmax_id,
+            target_token=_decode(self.tok, t),
+            argmax_token=_decode(self.tok, f.argmax_id),
+        )
         snap = self.tracker.snapshot()
         alphas = sorted({float(s.alpha) * float(m) for m in s.alpha_steps})
         used_taus: dict[int, torch.Tensor] = {}
@@ -1133,8 +1206,9 @@ class _Repairer:
             flips = self._flips(rows, guard)
             fewest = int(flips.min())
             rows = [r for r, fl in zip(rows, flips.tolist()) if fl == fewest]
-            gaps, args = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in rows], [r[4] for r in rows],
-                               prefix=self.prefix)
+            gaps, args = _plan(
+                self.model, self.sites_by_layer, ids, t, [r[0] for r in rows], [r[4] for r in rows], prefix=self.prefix
+            )
             best = min(range(len(rows)), key=lambda i: (float(gaps[i]), i))
 
             chosen = (rows[best], float(gaps[best]), int(args[best]))
@@ -1144,8 +1218,15 @@ class _Repairer:
                 small = self._proposals([rows[best][0]], t, a, alphas[:-1])
                 small = [r for r, fl in zip(small, self._flips(small, guard).tolist()) if fl <= fewest]
                 if small:
-                    g2, a2 = _plan(self.model, self.sites_by_layer, ids, t, [r[0] for r in small],
-                                   [r[4] for r in small], prefix=self.prefix)
+                    g2, a2 = _plan(
+                        self.model,
+                        self.sites_by_layer,
+                        ids,
+                        t,
+                        [r[0] for r in small],
+                        [r[4] for r in small],
+                        prefix=self.prefix,
+                    )
                     for r, g, ar in zip(small, g2.tolist(), a2.tolist()):
                         if self._ok(g, ar, t):
                             chosen = (r, g, ar)
@@ -1153,8 +1234,17 @@ class _Repairer:
             (c, alpha, sign, new, _), gap, arg = chosen
             self.tracker.write(c.layer, c.index, new)
             used_taus[c.layer] = self._taus[c.layer]
-            res.patches.append({"layer": c.layer, "index": c.index, "alpha": alpha, "sign": sign,
-                                "score": c.score, "competitor": int(a), "gap_after": gap})
+            res.patches.append(
+                {
+                    "layer": c.layer,
+                    "index": c.index,
+                    "alpha": alpha,
+                    "sign": sign,
+                    "score": c.score,
+                    "competitor": int(a),
+                    "gap_after": gap,
+                }
+            )
             if self._ok(gap, arg, t):  # the plan's batched forward is exact (repair_edit re-checks the target)
                 break
             if arg != t:
@@ -1176,7 +1266,11 @@ class _Repairer:
         edit, i = result.edit, result.index
         if len(result.neurons) <= 1:
             return
-        mine = [k for k in self.tracker.originals if not torch.equal(self.tracker.column(*k), snap.get(k, self.tracker.originals[k]))]
+        mine = [
+            k
+            for k in self.tracker.originals
+            if not torch.equal(self.tracker.column(*k), snap.get(k, self.tracker.originals[k]))
+        ]
         removed = set()
         # last patched first: later patches often compensate for earlier ones
         order = [k for f in reversed(result.failures) if f.status == "fixed" for k in reversed(f.neurons)]
@@ -1247,8 +1341,11 @@ class _Repairer:
         failures = self.failures(edit, i)
         if not failures:
             status = "fixed" if previous is not None else "nothing_to_fix"
-            msg = "" if previous is not None else (
-                f"nothing to fix: the model already predicts {edit.target!r} after {edit.prompt!r}")
+            msg = (
+                ""
+                if previous is not None
+                else (f"nothing to fix: the model already predicts {edit.target!r} after {edit.prompt!r}")
+            )
             return previous if previous is not None else EditResult(i, edit, status, message=msg)
         snap = self.tracker.snapshot()
         result = previous or EditResult(i, edit, "skipped")
@@ -1261,8 +1358,10 @@ class _Repairer:
             fr = self.repair_failure(edit, failures[0])
             result.failures.append(fr)
             if fr.status != "fixed":
-                result.message = (f"target step {fr.step} ({fr.target_token!r} instead of {fr.argmax_token!r}) "
-                                  f"not fixed within {self.s.max_patches} patches; all patches of this edit undone")
+                result.message = (
+                    f"target step {fr.step} ({fr.target_token!r} instead of {fr.argmax_token!r}) "
+                    f"not fixed within {self.s.max_patches} patches; all patches of this edit undone"
+                )
                 break
             failures = self.failures(edit, i)
         if failures:

@@ -56,8 +56,9 @@ def entropy_neuron_scores(model: nn.Module, layer: int = -1, bottom_fraction: fl
     return (U.T @ W).norm(dim=0) / W.norm(dim=0).clamp_min(1e-12)
 
 
-def entropy_neurons(model: nn.Module, layer: int = -1, bottom_fraction: float = 0.01,
-                    threshold: float = 0.5) -> list[tuple[int, int]]:
+def entropy_neurons(
+    model: nn.Module, layer: int = -1, bottom_fraction: float = 0.01, threshold: float = 0.5
+) -> list[tuple[int, int]]:
     """``(layer, index)`` of the neurons of block ``layer`` (default the last)
     with ``ρ_j >= threshold`` (default 0.5, i.e. at least half the value
     vector's norm lies in the bottom 1% of ``W_U``'s singular directions)."""
@@ -98,8 +99,15 @@ def decode_vector(
     return out
 
 
-def decode_neuron(model: nn.Module, tokenizer, layer: int, index: int, k: int = 10,
-                  vector: Optional[torch.Tensor] = None, fold_norm: bool = True) -> list[tuple[str, float]]:
+def decode_neuron(
+    model: nn.Module,
+    tokenizer,
+    layer: int,
+    index: int,
+    k: int = 10,
+    vector: Optional[torch.Tensor] = None,
+    fold_norm: bool = True,
+) -> list[tuple[str, float]]:
     """LM-head decoding of FFN neuron ``index`` of block ``layer`` (or of ``vector``
     given in its place, e.g. the patched value vector)."""
     w = value_vector(model, layer, index) if vector is None else vector

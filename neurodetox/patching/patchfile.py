@@ -37,8 +37,14 @@ from torch import nn
 from neurodetox.core.io import atomic_save_safetensors, atomic_write_json
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "ParamPatch", "PatchSet", "PatchError", "PatchMismatchError",
-    "tensor_sha256", "patch_paths",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ParamPatch",
+    "PatchSet",
+    "PatchError",
+    "PatchMismatchError",
+    "tensor_sha256",
+    "patch_paths",
 ]
 
 FORMAT = "neurodetox-mint-patch"
@@ -240,13 +246,17 @@ class PatchSet:
         p = self.param(name)
         w = model.get_parameter(name)
         if w.dim() != 2 or int(p.indices.max()) >= w.shape[p.axis]:
-            return f"tensor {name!r} has shape {tuple(w.shape)}, the patch expects neuron indices up to " \
-                   f"{int(p.indices.max())} on axis {p.axis}: wrong base model"
+            return (
+                f"tensor {name!r} has shape {tuple(w.shape)}, the patch expects neuron indices up to "
+                f"{int(p.indices.max())} on axis {p.axis}: wrong base model"
+            )
         cols = w.detach().index_select(p.axis, p.indices.to(w.device)).float().cpu()
         diff = float((cols - (p.original if expect == "original" else p.new)).abs().max())
-        return (f"tensor {name!r} is {state!r}, expected {expect!r}: its patched columns differ from the patch's "
-                f"{expect} values by up to {diff:.3g}; this is not the model the patch was made for "
-                f"(base: {self.manifest.get('base', {}).get('name_or_path', '?')})")
+        return (
+            f"tensor {name!r} is {state!r}, expected {expect!r}: its patched columns differ from the patch's "
+            f"{expect} values by up to {diff:.3g}; this is not the model the patch was made for "
+            f"(base: {self.manifest.get('base', {}).get('name_or_path', '?')})"
+        )
 
     def _transition(self, model: nn.Module, src: str, dst: str) -> int:
         weights = self._weights(model)
@@ -305,7 +315,7 @@ class PatchSet:
         return manifest_path
 
     @classmethod
-    def load(cls, path: PathLike) -> "PatchSet":
+    def load(cls, path: PathLike) -> PatchSet:
         """Load a patch saved by :meth:`save` (folder or ``.safetensors`` path).
 
         Raises:
@@ -325,13 +335,17 @@ class PatchSet:
         if manifest.get("format") != FORMAT:
             raise PatchError(f"{manifest_path} is not a neurodetox patch manifest (format={manifest.get('format')!r})")
         if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise PatchError(f"{manifest_path} has format_version {manifest.get('format_version')}; this neurodetox "
-                             f"reads up to {FORMAT_VERSION}: upgrade neurodetox")
+            raise PatchError(
+                f"{manifest_path} has format_version {manifest.get('format_version')}; this neurodetox "
+                f"reads up to {FORMAT_VERSION}: upgrade neurodetox"
+            )
         want = manifest.get("payload", {}).get("sha256")
         got = hashlib.sha256(payload.read_bytes()).hexdigest()
         if want and want != got:
-            raise PatchError(f"{payload} has sha256 {got}, the manifest expects {want}: the patch file was changed "
-                             "or belongs to another manifest")
+            raise PatchError(
+                f"{payload} has sha256 {got}, the manifest expects {want}: the patch file was changed "
+                "or belongs to another manifest"
+            )
         params = []
         with safe_open(str(payload), framework="pt") as f:
             keys = set(f.keys())
@@ -340,12 +354,19 @@ class PatchSet:
                 missing = [k for k in need if k not in keys]
                 if missing:
                     raise PatchError(f"{payload} lacks {missing} for tensor {name!r} listed in the manifest")
-                params.append(ParamPatch(name=name, axis=int(info["axis"]), indices=f.get_tensor(need[0]),
-                                         original=f.get_tensor(need[1]), new=f.get_tensor(need[2]),
-                                         layer=info.get("layer")))
+                params.append(
+                    ParamPatch(
+                        name=name,
+                        axis=int(info["axis"]),
+                        indices=f.get_tensor(need[0]),
+                        original=f.get_tensor(need[1]),
+                        new=f.get_tensor(need[2]),
+                        layer=info.get("layer"),
+                    )
+                )
         return cls(params, manifest)
 
-    def copy(self) -> "PatchSet":
+    def copy(self) -> PatchSet:
         return PatchSet([copy.deepcopy(p) for p in self.params], copy.deepcopy(self.manifest))
 
     def set_hashes(self, weights: dict[str, torch.Tensor]) -> None:
@@ -360,8 +381,12 @@ class PatchSet:
             patched = w.clone()
             p.write(patched, p.new)
             entry = self.manifest["tensors"].setdefault(p.name, {})
-            entry.update({
-                "shape": list(w.shape), "dtype": str(w.dtype).replace("torch.", ""),
-                "sha256_original": tensor_sha256(w), "sha256_patched": tensor_sha256(patched),
-                "cast_error": p.cast_error(w.dtype),
-            })
+            entry.update(
+                {
+                    "shape": list(w.shape),
+                    "dtype": str(w.dtype).replace("torch.", ""),
+                    "sha256_original": tensor_sha256(w),
+                    "sha256_patched": tensor_sha256(patched),
+                    "cast_error": p.cast_error(w.dtype),
+                }
+            )

@@ -65,8 +65,15 @@ class ReferenceProtection:
         ValueError: ``strength`` ≤ 0 or ``competitors`` < 1.
     """
 
-    def __init__(self, ref: ReferenceStats, space: SemanticSpace, unembedding: torch.Tensor,
-                 gain: Optional[torch.Tensor], strength: float, competitors: int = 3):
+    def __init__(
+        self,
+        ref: ReferenceStats,
+        space: SemanticSpace,
+        unembedding: torch.Tensor,
+        gain: Optional[torch.Tensor],
+        strength: float,
+        competitors: int = 3,
+    ):
         if not strength > 0:
             raise ValueError(f"protection strength must be > 0, got {strength!r}")
         if competitors < 1:

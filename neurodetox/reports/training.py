@@ -31,9 +31,12 @@ def plot_training_curves(metrics_jsonl, out_png) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_jsonl(metrics_jsonl)
-    panels = [("loss", "training loss", None), ("eval_loss", "eval loss (tracking set)", None),
-              ("eval_eigenscore", "EigenScore (test probes)", "test_eigenscore"),
-              ("eval_factual_accuracy", "factual accuracy (test probes)", "test_factual_accuracy")]
+    panels = [
+        ("loss", "training loss", None),
+        ("eval_loss", "eval loss (tracking set)", None),
+        ("eval_eigenscore", "EigenScore (test probes)", "test_eigenscore"),
+        ("eval_factual_accuracy", "factual accuracy (test probes)", "test_factual_accuracy"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title, full_key) in zip(axes, panels):
         pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -70,8 +73,11 @@ def summary_table(summary: dict):
     t.add_column("metric")
     t.add_column("before")
     t.add_column("after")
-    t.add_row("factual accuracy (test)", fmt(summary.get("factual_accuracy_before"), True),
-              fmt(summary.get("factual_accuracy_after"), True))
+    t.add_row(
+        "factual accuracy (test)",
+        fmt(summary.get("factual_accuracy_before"), True),
+        fmt(summary.get("factual_accuracy_after"), True),
+    )
     t.add_row("EigenScore (test, mean)", fmt(summary.get("eigenscore_before")), fmt(summary.get("eigenscore_after")))
     for sel in summary.get("sensitive_neurons", []):
         counts = ", ".join(f"{k}: {len(v)}" for k, v in sel["neurons"].items())

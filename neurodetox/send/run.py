@@ -19,16 +19,15 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from neurodetox.metrics.callback import EigenScoreCallback
-from neurodetox.reports.metrics_log import JsonlMetricsCallback
-from neurodetox.send.callbacks import SensitiveNeuronDropoutCallback
-from neurodetox.metrics.callback import evaluate_probes_all_ranks
-from neurodetox.data import load_facts
-from neurodetox.data.lm import tokenize_texts
 from neurodetox.core.io import atomic_write_json
 from neurodetox.core.models import load_model
-from neurodetox.send.recipes import DataArguments, ModelArguments, RunArguments
+from neurodetox.data import load_facts
+from neurodetox.data.lm import tokenize_texts
+from neurodetox.metrics.callback import EigenScoreCallback, evaluate_probes_all_ranks
+from neurodetox.reports.metrics_log import JsonlMetricsCallback
+from neurodetox.send.callbacks import SensitiveNeuronDropoutCallback
 from neurodetox.send.config import SeNDConfig
+from neurodetox.send.recipes import DataArguments, ModelArguments, RunArguments
 from neurodetox.send.trainer import SeNDTrainer, last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -42,7 +41,8 @@ def _prepare_output_dir(args: SeNDConfig, run: RunArguments) -> None:
         elif not args.resume_from_checkpoint and last_checkpoint(str(out)) is not None:
             raise FileExistsError(
                 f"run folder {out} already holds checkpoints; pass --resume_from_checkpoint true to continue it "
-                "or --overwrite_output_dir true to start over")
+                "or --overwrite_output_dir true to start over"
+            )
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -64,14 +64,20 @@ def check_schedule(args: SeNDConfig, n_train: int) -> None:
         return
     steps = planned_steps(args, n_train)
     if args.send_window_steps > steps:
-        raise ValueError(f"send_window_steps={args.send_window_steps} is longer than the run ({steps} steps): "
-                         "no window would ever end; use a smaller window or 0 (one epoch)")
+        raise ValueError(
+            f"send_window_steps={args.send_window_steps} is longer than the run ({steps} steps): "
+            "no window would ever end; use a smaller window or 0 (one epoch)"
+        )
     windows = steps // args.send_window_steps if args.send_window_steps else math.ceil(args.num_train_epochs)
     # recordings at step 0 and at every window end but the last: a selection needs C of them
     if windows < args.send_num_checkpoints:
-        logger.warning("only %d SeND windows fit in %d steps: with send_num_checkpoints=%d no neuron will ever "
-                       "be dropped; shorten send_window_steps or train longer", windows, steps,
-                       args.send_num_checkpoints)
+        logger.warning(
+            "only %d SeND windows fit in %d steps: with send_num_checkpoints=%d no neuron will ever "
+            "be dropped; shorten send_window_steps or train longer",
+            windows,
+            steps,
+            args.send_num_checkpoints,
+        )
 
 
 def load_run_data(data: DataArguments, seed_fallback: int = 0):
@@ -87,12 +93,20 @@ class _ProbesBeforeTraining(TrainerCallback):
     """Score the test probes once training has been set up, before the first step."""
 
     def __init__(self, tok, prompts, aliases, settings, path: Path, into: dict):
-        self.tok, self.prompts, self.aliases, self.settings, self.path, self.into = tok, prompts, aliases, settings, path, into
+        self.tok, self.prompts, self.aliases, self.settings, self.path, self.into = (
+            tok,
+            prompts,
+            aliases,
+            settings,
+            path,
+            into,
+        )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         logger.info("scoring %d test probes before training", len(self.prompts))
-        result = evaluate_probes_all_ranks(model, self.tok, self.prompts, self.aliases, self.settings,
-                                           show_progress=True)
+        result = evaluate_probes_all_ranks(
+            model, self.tok, self.prompts, self.aliases, self.settings, show_progress=True
+        )
         self.into.update({**result.metrics(), "records": result.records})
         if state.is_world_process_zero:
             atomic_write_json(self.path, self.into)
@@ -146,19 +160,25 @@ def check_deepspeed_config(args: SeNDConfig) -> None:
     if not cfg:
         return
     world = max(args.world_size, 1)
-    checks = [("train_micro_batch_size_per_gpu", "per_device_train_batch_size", args.per_device_train_batch_size),
-              ("gradient_accumulation_steps", "gradient_accumulation_steps", args.gradient_accumulation_steps)]
+    checks = [
+        ("train_micro_batch_size_per_gpu", "per_device_train_batch_size", args.per_device_train_batch_size),
+        ("gradient_accumulation_steps", "gradient_accumulation_steps", args.gradient_accumulation_steps),
+    ]
     for ds_key, arg_name, value in checks:
         v = cfg.get(ds_key, "auto")
         if v != "auto" and int(v) != int(value):
-            raise ValueError(f"DeepSpeed config {ds_key}={v} contradicts {arg_name}={value}; "
-                             f"set it to \"auto\" (recommended) or to {value}")
+            raise ValueError(
+                f"DeepSpeed config {ds_key}={v} contradicts {arg_name}={value}; "
+                f'set it to "auto" (recommended) or to {value}'
+            )
     tbs = cfg.get("train_batch_size", "auto")
     expect = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     if tbs != "auto" and int(tbs) != expect:
-        raise ValueError(f"DeepSpeed config train_batch_size={tbs} is not per_device_train_batch_size × "
-                         f"gradient_accumulation_steps × world size = {args.per_device_train_batch_size} × "
-                         f"{args.gradient_accumulation_steps} × {world} = {expect}; remove the key or set it to \"auto\"")
+        raise ValueError(
+            f"DeepSpeed config train_batch_size={tbs} is not per_device_train_batch_size × "
+            f"gradient_accumulation_steps × world size = {args.per_device_train_batch_size} × "
+            f'{args.gradient_accumulation_steps} × {world} = {expect}; remove the key or set it to "auto"'
+        )
 
 
 def wrap_peft(model, peft_config: dict, args: SeNDConfig):
@@ -179,8 +199,10 @@ def wrap_peft(model, peft_config: dict, args: SeNDConfig):
     valid = {f.name for f in dataclasses.fields(LoraConfig)}
     bad = sorted(set(peft_config) - valid)
     if bad:
-        raise ValueError(f"unknown peft field(s) {bad} in the recipe; valid LoraConfig fields include "
-                         f"r, lora_alpha, lora_dropout, target_modules, bias, modules_to_save")
+        raise ValueError(
+            f"unknown peft field(s) {bad} in the recipe; valid LoraConfig fields include "
+            f"r, lora_alpha, lora_dropout, target_modules, bias, modules_to_save"
+        )
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **peft_config))
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -224,8 +246,13 @@ def save_final_model(trainer, tok, output_dir: Path, merge_adapter: bool) -> Pat
     return final_dir
 
 
-def run_training(model_args: ModelArguments, data_args: DataArguments, run_args: RunArguments,
-                 args: SeNDConfig, peft_config: Optional[dict] = None) -> dict:
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    run_args: RunArguments,
+    args: SeNDConfig,
+    peft_config: Optional[dict] = None,
+) -> dict:
     """Fine-tune with SeND and write the run folder; returns the summary dict.
 
     Every input is validated (data, sites, layers, window, tracking set)
@@ -253,9 +280,15 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
     settings = args.eigenscore_settings()
 
     trainer = SeNDTrainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=tracking_set,
-        tracking_dataset=tracking_set, probe_prompts=test_prompts, probe_aliases=test_aliases,
-        processing_class=tok, callbacks=[JsonlMetricsCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=tracking_set,
+        tracking_dataset=tracking_set,
+        probe_prompts=test_prompts,
+        probe_aliases=test_aliases,
+        processing_class=tok,
+        callbacks=[JsonlMetricsCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
     )
 
     resume = args.resume_from_checkpoint
@@ -280,8 +313,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
 
     after = None
     if run_args.score_test_probes:
-        after = evaluate_probes_all_ranks(trainer.model, tok, test_prompts, test_aliases, settings,
-                                          show_progress=True)
+        after = evaluate_probes_all_ranks(trainer.model, tok, test_prompts, test_aliases, settings, show_progress=True)
         if trainer.is_world_process_zero():
             _log_test_metrics(args.output_dir, trainer.state.global_step, after.metrics())
     send_cb = trainer.callback(SensitiveNeuronDropoutCallback)
@@ -310,7 +342,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, run_args:
     }
     if trainer.is_world_process_zero():
         if after is not None:
-            atomic_write_json(Path(args.output_dir) / "probes_after.json", {**after.metrics(), "records": after.records})
+            atomic_write_json(
+                Path(args.output_dir) / "probes_after.json", {**after.metrics(), "records": after.records}
+            )
         from neurodetox.reports.training import plot_training_curves
 
         plot_training_curves(Path(args.output_dir) / "metrics.jsonl", Path(args.output_dir) / "training_curves.png")

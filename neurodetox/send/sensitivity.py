@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
-
 #: What SeND drops at each window end: the most sensitive neurons, as many random ones, or none.
 SEND_MODES = ("send", "random", "off")
+
 
 def sensitivity_scores(history: torch.Tensor) -> torch.Tensor:
     """Per-neuron sensitivity ``V_i`` from the last ``C`` checkpoints.

@@ -10,12 +10,12 @@ from typing import Optional, Sequence
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from neurodetox.core.runtime import PREFIX_CHECKPOINT_DIR
+from neurodetox.data.lm import CausalLMCollator
+from neurodetox.metrics.callback import EigenScoreCallback
 from neurodetox.send.callbacks.activation_stats import ActivationStatsCallback
 from neurodetox.send.callbacks.base import CheckpointedCallback
-from neurodetox.metrics.callback import EigenScoreCallback
 from neurodetox.send.callbacks.sensitive_dropout import SensitiveNeuronDropoutCallback
-from neurodetox.data.lm import CausalLMCollator
-from neurodetox.core.runtime import PREFIX_CHECKPOINT_DIR
 from neurodetox.send.config import SeNDConfig
 
 _STAGING = ".partial-checkpoints"
@@ -30,8 +30,11 @@ def last_checkpoint(output_dir: str) -> Optional[str]:
     """
     if not os.path.isdir(output_dir):
         return None
-    found = [(int(m.group(1)), n) for n in os.listdir(output_dir)
-             if (m := _CKPT_RE.match(n)) and os.path.isfile(os.path.join(output_dir, n, "trainer_state.json"))]
+    found = [
+        (int(m.group(1)), n)
+        for n in os.listdir(output_dir)
+        if (m := _CKPT_RE.match(n)) and os.path.isfile(os.path.join(output_dir, n, "trainer_state.json"))
+    ]
     return os.path.join(output_dir, max(found)[1]) if found else None
 
 
@@ -69,9 +72,16 @@ class SeNDTrainer(Trainer):
             or a site/layer that does not exist in the model.
     """
 
-    def __init__(self, model=None, args: Optional[SeNDConfig] = None, *, tracking_dataset=None,
-                 probe_prompts: Optional[Sequence[str]] = None,
-                 probe_aliases: Optional[Sequence[Sequence[str]]] = None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args: Optional[SeNDConfig] = None,
+        *,
+        tracking_dataset=None,
+        probe_prompts: Optional[Sequence[str]] = None,
+        probe_aliases: Optional[Sequence[Sequence[str]]] = None,
+        **kwargs,
+    ):
         tok = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and tok is not None:
             kwargs["data_collator"] = CausalLMCollator(tok)
@@ -88,16 +98,29 @@ class SeNDTrainer(Trainer):
             self.add_callback(cb)
         if args.send_mode != "off":
             if tracking_dataset is None or len(tracking_dataset) == 0:
-                raise ValueError(f"send_mode={args.send_mode!r} needs a non-empty tracking set (got "
-                                 f"{'none' if tracking_dataset is None else 'an empty one'})")
+                raise ValueError(
+                    f"send_mode={args.send_mode!r} needs a non-empty tracking set (got "
+                    f"{'none' if tracking_dataset is None else 'an empty one'})"
+                )
             cb = SensitiveNeuronDropoutCallback(
-                tracking_dataset, self.data_collator, mode=args.send_mode, site=args.send_site,
-                layers=args.send_layers, drop_fraction=args.send_drop_fraction,
-                num_checkpoints=args.send_num_checkpoints, drop_windows=args.send_drop_windows,
-                window_steps=args.send_window_steps, rescale=args.send_rescale,
-                batch_size=args.send_tracking_batch_size, seed=args.seed, module_path=args.send_module_path,
-                show_progress=not args.disable_tqdm, stop_loss=args.send_stop_loss, stop_ees=args.send_stop_ees,
-                ees_alpha=args.eigenscore_alpha)
+                tracking_dataset,
+                self.data_collator,
+                mode=args.send_mode,
+                site=args.send_site,
+                layers=args.send_layers,
+                drop_fraction=args.send_drop_fraction,
+                num_checkpoints=args.send_num_checkpoints,
+                drop_windows=args.send_drop_windows,
+                window_steps=args.send_window_steps,
+                rescale=args.send_rescale,
+                batch_size=args.send_tracking_batch_size,
+                seed=args.seed,
+                module_path=args.send_module_path,
+                show_progress=not args.disable_tqdm,
+                stop_loss=args.send_stop_loss,
+                stop_ees=args.send_stop_ees,
+                ees_alpha=args.eigenscore_alpha,
+            )
             from neurodetox.core.sites import assert_sites_reached, resolve_sites
 
             sites = resolve_sites(self.model, args.send_site, args.send_layers, args.send_module_path)
@@ -109,8 +132,9 @@ class SeNDTrainer(Trainer):
             self.add_callback(cb)
         if probe_prompts and args.eigenscore_num_prompts > 0:
             n = args.eigenscore_num_prompts
-            self.add_callback(EigenScoreCallback(tok, list(probe_prompts)[:n], list(probe_aliases)[:n],
-                                                 args.eigenscore_settings()))
+            self.add_callback(
+                EigenScoreCallback(tok, list(probe_prompts)[:n], list(probe_aliases)[:n], args.eigenscore_settings())
+            )
 
     def callback(self, cls):
         """The first attached callback of type ``cls`` (or ``None``)."""
@@ -144,8 +168,9 @@ class SeNDTrainer(Trainer):
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, CheckpointedCallback):
                 cb.sync()  # collectives on every rank
-                cb.save_into_checkpoint(os.path.join(staging, name), self.state.global_step,
-                                        write=self.args.should_save)
+                cb.save_into_checkpoint(
+                    os.path.join(staging, name), self.state.global_step, write=self.args.should_save
+                )
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)
@@ -157,14 +182,21 @@ class SeNDTrainer(Trainer):
             except OSError:
                 pass
             if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(self.state.best_model_checkpoint))
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+                self.state.best_model_checkpoint = os.path.join(
+                    run_dir, os.path.basename(self.state.best_model_checkpoint)
+                )
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
         self.accelerator.wait_for_everyone()
 
     # -- metrics ---------------------------------------------------------------------
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, EigenScoreCallback):

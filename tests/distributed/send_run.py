@@ -18,13 +18,15 @@ sys.path.insert(0, os.path.dirname(HERE))  # tests/ for conftest helpers
 
 from conftest import make_tiny_llama, make_tokenizer  # noqa: E402
 
-from neurodetox.send.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback  # noqa: E402
-from neurodetox.data.lm import tokenize_texts  # noqa: E402
 from neurodetox.core.distributed import rank, world_size  # noqa: E402
+from neurodetox.data.lm import tokenize_texts  # noqa: E402
 from neurodetox.send import SeNDConfig, SeNDTrainer  # noqa: E402
+from neurodetox.send.callbacks import ActivationStatsCallback, SensitiveNeuronDropoutCallback  # noqa: E402
 
-WORDS = ("the capital of france is paris germany berlin italy rome spain madrid located in continent europe "
-         "asia africa currency euro dollar yen japan tokyo").split()
+WORDS = (
+    "the capital of france is paris germany berlin italy rome spain madrid located in continent europe "
+    "asia africa currency euro dollar yen japan tokyo"
+).split()
 
 
 def texts(n, seed):
@@ -57,22 +59,52 @@ def main():
     if a.peft:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                 lora_dropout=0.0, init_lora_weights="gaussian"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj", "down_proj"],
+                lora_dropout=0.0,
+                init_lora_weights="gaussian",
+            ),
+        )
     w = int(os.environ.get("WORLD_SIZE", "1"))
     args = SeNDConfig(
-        output_dir=os.path.join(a.out, "run"), per_device_train_batch_size=a.global_batch // w, max_steps=a.steps,
-        send_window_steps=2, send_site=a.site, send_layers=a.layers, send_drop_windows=2,
-        send_tracking_batch_size=4, activation_stats_site="mlp", activation_stats_layers="all",
-        save_strategy="steps", save_steps=4, logging_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
-        learning_rate=a.lr, lr_scheduler_type="constant", seed=0, data_seed=0, eigenscore_num_prompts=0,
-        deepspeed=a.deepspeed, gradient_checkpointing=a.gc,
+        output_dir=os.path.join(a.out, "run"),
+        per_device_train_batch_size=a.global_batch // w,
+        max_steps=a.steps,
+        send_window_steps=2,
+        send_site=a.site,
+        send_layers=a.layers,
+        send_drop_windows=2,
+        send_tracking_batch_size=4,
+        activation_stats_site="mlp",
+        activation_stats_layers="all",
+        save_strategy="steps",
+        save_steps=4,
+        logging_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        seed=0,
+        data_seed=0,
+        eigenscore_num_prompts=0,
+        deepspeed=a.deepspeed,
+        gradient_checkpointing=a.gc,
         gradient_checkpointing_kwargs={"use_reentrant": True} if a.gc else None,
         dataloader_num_workers=0,
         ddp_backend="gloo" if w > 1 and not a.deepspeed and not os.environ.get("ACCELERATE_USE_DEEPSPEED") else None,
     )
-    trainer = SeNDTrainer(model=model, args=args, train_dataset=tokenize_texts(tok, texts(64, 1)),
-                          tracking_dataset=tokenize_texts(tok, texts(a.tracking, 2)), processing_class=tok)
+    trainer = SeNDTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize_texts(tok, texts(64, 1)),
+        tracking_dataset=tokenize_texts(tok, texts(a.tracking, 2)),
+        processing_class=tok,
+    )
     if a.stop_at:
         from transformers import TrainerCallback
 
@@ -87,7 +119,8 @@ def main():
     stats = trainer.callback(ActivationStatsCallback).merged_moments()
     send = trainer.callback(SensitiveNeuronDropoutCallback)
     out = {
-        "rank": rank(), "world": world_size(),
+        "rank": rank(),
+        "world": world_size(),
         "stats": {k: {"count": m.count, "mean": m.mean.tolist(), "var": m.variance.tolist()} for k, m in stats.items()},
         "selections": send.selections,
         "current": send.current,

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from neurodetox.core.distributed import is_distributed, merge_moments, rank
 from neurodetox.core.io import atomic_save_safetensors
+from neurodetox.core.moments import RunningMoments
 from neurodetox.core.pooling import AttentionMaskTracker, real_tokens
 from neurodetox.core.runtime import in_backward_recompute
 from neurodetox.core.sites import LayerSpec, resolve_sites
-from neurodetox.core.moments import RunningMoments
 from neurodetox.send.callbacks.base import CheckpointedCallback
 
 
@@ -107,8 +107,10 @@ class ActivationStatsCallback(CheckpointedCallback):
         counted = [m for m in self.merged_moments().values() if m.count]
         if not counted:
             return {}
-        return {"stats/tokens": counted[0].count,
-                "stats/mean_variance": float(torch.stack([m.variance.mean() for m in counted]).mean())}
+        return {
+            "stats/tokens": counted[0].count,
+            "stats/mean_variance": float(torch.stack([m.variance.mean() for m in counted]).mean()),
+        }
 
     # -- persistence -------------------------------------------------------
     def save_state(self, directory: str) -> None:
@@ -117,7 +119,10 @@ class ActivationStatsCallback(CheckpointedCallback):
         for key, m in source.items():
             for name, t in m.state_dict().items():
                 tensors[f"{key}.{name}"] = t
-        meta = {"site": self.site, "layers": json.dumps(self.layers if not isinstance(self.layers, tuple) else list(self.layers))}
+        meta = {
+            "site": self.site,
+            "layers": json.dumps(self.layers if not isinstance(self.layers, tuple) else list(self.layers)),
+        }
         atomic_save_safetensors(Path(directory) / f"{self.state_name}.safetensors", tensors, metadata=meta)
 
     def load_state(self, directory: str) -> None:

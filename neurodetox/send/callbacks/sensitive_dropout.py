@@ -17,16 +17,23 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from neurodetox.core.distributed import all_gather_objects, broadcast_object, is_distributed, rank, shard, unshard, zero3_enabled
-from neurodetox.send.masks import NeuronDropout
+from neurodetox.core.distributed import (
+    all_gather_objects,
+    broadcast_object,
+    is_distributed,
+    rank,
+    shard,
+    unshard,
+    zero3_enabled,
+)
 from neurodetox.core.io import atomic_save_safetensors, atomic_write_json
 from neurodetox.core.pooling import AttentionMaskTracker, sentence_embedding
-from neurodetox.send.sensitivity import SEND_MODES, random_fraction, sensitivity_scores, top_fraction
 from neurodetox.core.sites import LayerSpec, register_site_hook, resolve_sites
 from neurodetox.send.callbacks.base import CheckpointedCallback
+from neurodetox.send.masks import NeuronDropout
+from neurodetox.send.sensitivity import SEND_MODES, random_fraction, sensitivity_scores, top_fraction
 
 logger = logging.getLogger(__name__)
-
 
 
 class _TrackingForwardDone(Exception):
@@ -186,10 +193,12 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         stop_early = not zero3_enabled()
         handles = []
         for s in sites:
+
             def grab(act, key=s.key):
                 out[key].append(sentence_embedding(act, tracker.mask_for(act)).cpu())
                 if stop_early and key == deepest:
                     raise _TrackingForwardDone
+
             handles.append(register_site_hook(s, grab, observer=True))
         extra = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
         try:
@@ -199,11 +208,14 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
             order = sorted(range(len(indices)), key=lambda i: lengths[i])  # stable: ties keep shard order
             starts = range(0, len(order), self.batch_size)
             for i in tqdm(starts, desc="SeND tracking", leave=False, disable=not self.show_progress or rank() != 0):
-                items = [self.tracking_dataset[indices[j]] for j in order[i:i + self.batch_size]]
+                items = [self.tracking_dataset[indices[j]] for j in order[i : i + self.batch_size]]
                 batch = self.collator(items)
                 try:
-                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                          **extra)
+                    model(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        **extra,
+                    )
                 except _TrackingForwardDone:
                     pass
         finally:
@@ -213,8 +225,10 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
             model.train(was_training)
         missed = [k for k, v in out.items() if not v]
         if missed:
-            raise ValueError(f"the tracking forward passes never reached site(s) {', '.join(missed)}: a wrapper "
-                             "(e.g. a PEFT method) hides them; name the module that runs with send_module_path")
+            raise ValueError(
+                f"the tracking forward passes never reached site(s) {', '.join(missed)}: a wrapper "
+                "(e.g. a PEFT method) hides them; name the module that runs with send_module_path"
+            )
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         local = {k: torch.cat(v)[inverse][:n_real] for k, v in out.items()}
@@ -252,8 +266,14 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
             return False
         if self.stop_ees is not None and not self.ees_history[-1]["ees"] < self.stop_ees:
             return False
-        logger.info("SeND stopping rule met at step %d: loss %s < %s and EES %.4f < %s", state.global_step,
-                    losses[-1] if losses else None, self.stop_loss, self.ees_history[-1]["ees"], self.stop_ees)
+        logger.info(
+            "SeND stopping rule met at step %d: loss %s < %s and EES %.4f < %s",
+            state.global_step,
+            losses[-1] if losses else None,
+            self.stop_loss,
+            self.ees_history[-1]["ees"],
+            self.stop_ees,
+        )
         return True
 
     def _window_end(self, model, step: int, final: bool) -> None:
@@ -270,8 +290,9 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
             self._dropout.set(self.current)
             self.windows_left = self.drop_windows
             self.selections.append({"step": step, "window": self.windows_done, "neurons": self.current})
-            logger.info("SeND (%s) at step %d: dropping %s", self.mode, step,
-                        {k: len(v) for k, v in self.current.items()})
+            logger.info(
+                "SeND (%s) at step %d: dropping %s", self.mode, step, {k: len(v) for k, v in self.current.items()}
+            )
         elif self.windows_left == 0 and self.current:
             self.current = {}
             self._dropout.clear()
@@ -320,11 +341,18 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
             for key, e in h.items():
                 tensors[f"history.{t}.{key}"] = e
         meta = {
-            "mode": self.mode, "site": self.site, "layers": self.layers if isinstance(self.layers, (str, int)) else list(self.layers),
-            "drop_fraction": self.drop_fraction, "num_checkpoints": self.num_checkpoints,
-            "drop_windows": self.drop_windows, "window_steps": self.window_steps,
-            "history_steps": list(self.history_steps), "windows_done": self.windows_done,
-            "windows_left": self.windows_left, "current": self.current, "selections": self.selections,
+            "mode": self.mode,
+            "site": self.site,
+            "layers": self.layers if isinstance(self.layers, (str, int)) else list(self.layers),
+            "drop_fraction": self.drop_fraction,
+            "num_checkpoints": self.num_checkpoints,
+            "drop_windows": self.drop_windows,
+            "window_steps": self.window_steps,
+            "history_steps": list(self.history_steps),
+            "windows_done": self.windows_done,
+            "windows_left": self.windows_left,
+            "current": self.current,
+            "selections": self.selections,
             "ees_history": self.ees_history,
         }
         if tensors:
@@ -336,14 +364,19 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         meta = json.loads((d / f"{self.state_name}.json").read_text())
         for k in ("mode", "site", "drop_fraction", "num_checkpoints"):
             if meta[k] != getattr(self, k):
-                raise ValueError(f"cannot resume from {d}: it was saved with {k}={meta[k]!r}, "
-                                 f"this run has {k}={getattr(self, k)!r}")
-        tensors = load_file(str(d / f"{self.state_name}.safetensors")) if (d / f"{self.state_name}.safetensors").exists() else {}
+                raise ValueError(
+                    f"cannot resume from {d}: it was saved with {k}={meta[k]!r}, this run has {k}={getattr(self, k)!r}"
+                )
+        tensors = (
+            load_file(str(d / f"{self.state_name}.safetensors"))
+            if (d / f"{self.state_name}.safetensors").exists()
+            else {}
+        )
         self.history.clear()
         self.history_steps.clear()
         for t, step in enumerate(meta["history_steps"]):
             prefix = f"history.{t}."
-            self.history.append({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            self.history.append({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
             self.history_steps.append(step)
         self.windows_done, self.windows_left = meta["windows_done"], meta["windows_left"]
         self.current, self.selections = meta["current"], meta["selections"]
