@@ -25,12 +25,21 @@ like this:
    states make a second ``apply`` / ``revert`` finish a run killed between
    renames.
 
+Hardening (issue 19): every shard name read from ``model.safetensors.index.json`` must be a
+relative path that resolves inside the folder (no absolute path, no ``..``, symlinks resolved),
+checked by :func:`neurodetox.core.paths.safe_member` before any byte is read or written. In-place
+writes hold :func:`neurodetox.core.locks.folder_lock` on the folder (a second writer waits, then is
+refused), remove temporary files a killed run left (named with
+:data:`neurodetox.core.paths.TEMP_PREFIX`) and keep each shard's file mode. Writing a copy
+(``out=``) refuses a destination that contains, equals or lies inside the checkpoint or the patch.
+
 ``revert`` is the same with originals: the result is bit-exact, so the sha256
 of every file is what it was before ``apply``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +53,16 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from neurodetox.core.errors import UserError
+from neurodetox.core.locks import LOCK_NAME, folder_lock
+from neurodetox.core.paths import (
+    TEMP_PREFIX,
+    PathExistsError,
+    check_disjoint,
+    check_writable_destination,
+    clean_stale_temps,
+    safe_member,
+)
 from neurodetox.patching.patchfile import PatchError, PatchMismatchError, PatchSet, tensor_sha256
 
 __all__ = [
@@ -60,16 +79,19 @@ __all__ = [
     "folder_sha256",
     "copy_checkpoint",
     "checkpoint_dtype",
+    "shard_path",
 ]
 
 PathLike = Union[str, os.PathLike]
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+#: Age (s) after which a copy's temporary folder beside ``out`` counts as left by a killed run.
+_STALE_COPY_AGE_S = 6 * 3600
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A folder is not a checkpoint that patches can be applied to; the message says why and what to do."""
 
 
@@ -144,17 +166,19 @@ def inspect_checkpoint(folder: PathLike) -> CheckpointInfo:
         raise CheckpointError(_zero_message(folder))
     if index.is_file():
         try:
-            weight_map = dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-        except (ValueError, KeyError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        for shard in sorted(set(weight_map.values()), key=str):
+            safe_member(folder, shard, f"shard name in {index}")
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise CheckpointError(f"{index} lists shards that are missing from {folder}: {', '.join(missing)}")
         return CheckpointInfo(folder, weight_map, index, sorted(set(weight_map.values())))
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
+        with _safe_open(single) as f:
             names = list(f.keys())
         return CheckpointInfo(folder, {n: SINGLE_NAME for n in names}, None, [SINGLE_NAME])
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -164,9 +188,7 @@ def inspect_checkpoint(folder: PathLike) -> CheckpointInfo:
         )
     other = sorted(p.name for p in folder.glob("*.safetensors"))
     if len(other) == 1:
-        from safetensors import safe_open
-
-        with safe_open(str(folder / other[0]), framework="pt") as f:
+        with _safe_open(folder / other[0]) as f:
             names = list(f.keys())
         return CheckpointInfo(folder, {n: other[0] for n in names}, None, other)
     raise CheckpointError(
@@ -175,28 +197,60 @@ def inspect_checkpoint(folder: PathLike) -> CheckpointInfo:
     )
 
 
+def shard_path(info: CheckpointInfo, shard: str) -> Path:
+    """``info.folder / shard``, checked to stay inside the folder when the name came from an index.
+
+    Raises:
+        UserError: an absolute shard name, one with ``..``, or one resolving (through a symlink) outside
+            the folder (see :func:`neurodetox.core.paths.safe_member`).
+    """
+    if info.index_file is None and shard == Path(shard).name:
+        return info.folder / shard  # the folder's own single weights file (may be an HF-cache symlink)
+    return safe_member(info.folder, shard, f"shard name in {info.index_file or 'the weight map'}")
+
+
+def _safe_open(path: PathLike):
+    """``safetensors.safe_open(path)``; a truncated or corrupt file raises :class:`CheckpointError` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+        raise CheckpointError(
+            f"{path} ({size} bytes) is not a readable safetensors file (truncated or corrupt: {e}); "
+            "copy it again from its source"
+        ) from None
+
+
 def read_tensors(info: CheckpointInfo, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Read only ``names`` from their shards (``safe_open``), in their stored dtype."""
-    from safetensors import safe_open
+    """Read only ``names`` from their shards (``safe_open``), in their stored dtype.
+
+    Raises:
+        CheckpointError: a name missing from the checkpoint, or a truncated/corrupt shard.
+    """
+    from safetensors import SafetensorError
 
     by_shard: dict[str, list[str]] = {}
     for n in names:
         by_shard.setdefault(info.shard_of(n), []).append(n)
     out = {}
     for shard, ns in by_shard.items():
-        with safe_open(str(info.folder / shard), framework="pt") as f:
+        path = shard_path(info, shard)
+        with _safe_open(path) as f:
             for n in ns:
-                out[n] = f.get_tensor(n)
+                try:
+                    out[n] = f.get_tensor(n)
+                except (SafetensorError, KeyError) as e:
+                    raise CheckpointError(f"cannot read tensor {n!r} from {path} (truncated or corrupt: {e})") from None
     return out
 
 
 def checkpoint_dtype(info: CheckpointInfo, names: Sequence[str]) -> Optional[torch.dtype]:
     """The common stored dtype of ``names`` (``None`` if they differ)."""
-    from safetensors import safe_open
-
     dtypes = set()
     for n in names:
-        with safe_open(str(info.folder / info.shard_of(n)), framework="pt") as f:
+        with _safe_open(shard_path(info, info.shard_of(n))) as f:
             dtypes.add(f.get_slice(n).get_dtype())
     if len(dtypes) != 1:
         return None
@@ -408,11 +462,20 @@ class CheckpointWrite:
         }
 
 
-def _transition(folder: PathLike, patch: PatchSet, src: str, dst: str) -> CheckpointWrite:
+def _transition(folder: PathLike, patch: PatchSet, src: str, dst: str, lock_timeout: Optional[float] = None):
+    """Move every touched tensor of ``folder`` from state ``src`` to ``dst``, holding the folder's lock."""
+    folder = Path(folder).expanduser()
+    _require_hashes(patch)
+    inspect_checkpoint(folder)  # refuse a non-checkpoint or hostile index before creating the lock file
+    with folder_lock(folder, timeout=lock_timeout, what="checkpoint"):
+        clean_stale_temps(folder)  # what a killed apply/revert left (we hold the lock: nobody is writing)
+        return _transition_locked(folder, patch, src, dst)
+
+
+def _transition_locked(folder: Path, patch: PatchSet, src: str, dst: str) -> CheckpointWrite:
     from safetensors import safe_open
 
-    _require_hashes(patch)
-    info = inspect_checkpoint(folder)
+    info = inspect_checkpoint(folder)  # again, under the lock
     names = [p.name for p in patch.params]
     tensors = read_tensors(info, names)
     states = {}
@@ -444,18 +507,27 @@ def _transition(folder: PathLike, patch: PatchSet, src: str, dst: str) -> Checkp
     temps: dict[str, Path] = {}
     try:
         for shard, ups in sorted(updates.items()):
-            fd, tmp = tempfile.mkstemp(prefix=f".{shard}.", suffix=".neurodetox.tmp", dir=info.folder)
+            target = shard_path(info, shard)
+            fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{Path(shard).name}.", suffix=".tmp", dir=target.parent)
             os.close(fd)
             temps[shard] = Path(tmp)
-            _write_shard(info.folder / shard, Path(tmp), ups)
+            _write_shard(target, Path(tmp), ups)
+            shutil.copymode(target, tmp)  # keep the shard's file mode (mkstemp creates 0600)
             with safe_open(tmp, framework="pt") as f:  # re-read what was written
                 for name, t in ups.items():
                     if tensor_sha256(f.get_tensor(name)) != tensor_sha256(t):
                         raise CheckpointError(f"read-back check of {name!r} in {tmp} failed; nothing was changed")
         for shard, tmp in sorted(temps.items()):
-            os.replace(tmp, info.folder / shard)
+            os.replace(tmp, shard_path(info, shard))
         temps.clear()
         _fsync_dir(info.folder)
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"cannot write the checkpoint {info.folder}: {e.strerror} ({e.filename or info.folder}); "
+                "nothing was changed — free space or make the folder writable, or write a copy with out="
+            ) from None
+        raise
     finally:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)
@@ -464,24 +536,37 @@ def _transition(folder: PathLike, patch: PatchSet, src: str, dst: str) -> Checkp
     )
 
 
-def copy_checkpoint(src: PathLike, dst: PathLike, overwrite: bool = False) -> Path:
+def copy_checkpoint(
+    src: PathLike, dst: PathLike, overwrite: bool = False, inputs: Sequence[tuple[str, Optional[PathLike]]] = ()
+) -> Path:
     """Copy a checkpoint folder (files only, top level and subfolders) to ``dst``,
     atomically: built in a temporary sibling and renamed into place.
 
+    Args:
+        src: the checkpoint folder.
+        dst: the new folder.
+        overwrite: replace an existing non-empty ``dst``.
+        inputs: more ``(label, path)`` that ``dst`` must neither contain nor lie inside (e.g. the patch).
+
     Raises:
-        FileExistsError: ``dst`` exists and is not empty (without ``overwrite``).
+        UserError: ``dst`` is, contains or lies inside ``src`` or one of ``inputs`` (checked even with
+            ``overwrite``, before anything is written).
+        PathExistsError: ``dst`` exists and is not empty (without ``overwrite``); also a ``FileExistsError``.
     """
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if src.resolve() == dst.resolve():
-        raise ValueError(f"output folder {dst} is the checkpoint itself; use --in-place instead")
-    nonempty = (dst.is_dir() and any(dst.iterdir())) or (dst.exists() and not dst.is_dir())
+    check_disjoint(dst, [("checkpoint", src), *inputs], what="output folder")
+    nonempty = (dst.is_dir() and any(dst.iterdir())) or (dst.exists() and not dst.is_dir()) or dst.is_symlink()
     if nonempty and not overwrite:
-        raise FileExistsError(f"output folder {dst} exists and is not empty; pass --overwrite to replace it")
+        raise PathExistsError(f"output folder {dst} exists and is not empty; pass --overwrite to replace it")
+    check_writable_destination(dst, overwrite=True, what="output folder")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    clean_stale_temps(dst.parent, min_age_s=_STALE_COPY_AGE_S)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{dst.name}.", dir=dst.parent))
     try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if dst.exists():
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK_NAME, f"{TEMP_PREFIX}*"))
+        if dst.is_symlink() or dst.is_file():
+            dst.unlink()
+        elif dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
     except BaseException:
@@ -491,32 +576,58 @@ def copy_checkpoint(src: PathLike, dst: PathLike, overwrite: bool = False) -> Pa
 
 
 def _with_output(
-    folder: PathLike, patch: PatchSet, src: str, dst: str, out: Optional[PathLike], overwrite: bool
+    folder: PathLike,
+    patch: PatchSet,
+    src: str,
+    dst: str,
+    out: Optional[PathLike],
+    overwrite: bool,
+    patch_path: Optional[PathLike] = None,
+    lock_timeout: Optional[float] = None,
 ) -> CheckpointWrite:
     if out is None:
-        return _transition(folder, patch, src, dst)
-    # check the source before copying anything
+        return _transition(folder, patch, src, dst, lock_timeout)
+    # check the destination and the source before copying anything
+    patch_path = patch_path if patch_path is not None else getattr(patch, "source", None)
+    check_disjoint(out, [("checkpoint", folder), ("patch", patch_path)], what="output folder")
     _require_hashes(patch)
     info = inspect_checkpoint(folder)
     tensors = read_tensors(info, [p.name for p in patch.params])
     for n, t in tensors.items():
         if _state(patch, n, t) not in (src, dst):
             raise PatchMismatchError(_mismatch(patch, info, n, t, src))
-    target = copy_checkpoint(folder, out, overwrite=overwrite)
+    target = copy_checkpoint(folder, out, overwrite=overwrite, inputs=[("patch", patch_path)])
     try:
-        return _transition(target, patch, src, dst)
+        return _transition(target, patch, src, dst, lock_timeout)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
 
 
 def apply_to_checkpoint(
-    folder: PathLike, patch: PatchSet, out: Optional[PathLike] = None, overwrite: bool = False
+    folder: PathLike,
+    patch: PatchSet,
+    out: Optional[PathLike] = None,
+    overwrite: bool = False,
+    *,
+    patch_path: Optional[PathLike] = None,
+    lock_timeout: Optional[float] = None,
 ) -> CheckpointWrite:
     """Apply ``patch`` to the checkpoint ``folder`` (in place), or to a copy at ``out``.
 
     Tensors already patched are skipped, so a second call is a no-op and a
-    call after a kill between shard renames finishes the job.
+    call after a kill between shard renames finishes the job. In place, the
+    folder's lock is held (:func:`neurodetox.core.locks.folder_lock`); a
+    second writer waits ``lock_timeout`` seconds (default 60, or
+    ``$NEURODETOX_LOCK_TIMEOUT``), then is refused.
+
+    Args:
+        folder: the checkpoint folder.
+        patch: a bound :class:`PatchSet`.
+        out: write a patched copy there instead of changing ``folder``.
+        overwrite: replace an existing ``out``.
+        patch_path: where the patch lives (default: where it was loaded from); ``out`` may not contain it.
+        lock_timeout: seconds to wait for another writer of the same folder.
 
     Returns:
         A :class:`CheckpointWrite` (shards rewritten, cast error per tensor).
@@ -526,17 +637,28 @@ def apply_to_checkpoint(
             original nor patched sha256 (names the tensor and shard); nothing
             is written.
         CheckpointError / FileNotFoundError: see :func:`inspect_checkpoint`.
-        FileExistsError: ``out`` exists (without ``overwrite``).
+        UserError: a shard name that leaves the folder; ``out`` equal to, containing or inside the
+            checkpoint or the patch; a read-only or full disk (nothing changed).
+        PathExistsError: ``out`` exists (without ``overwrite``); also a ``FileExistsError``.
+        FolderLockedError: another writer held the folder for ``lock_timeout`` seconds.
     """
-    return _with_output(folder, patch, "original", "patched", out, overwrite)
+    return _with_output(folder, patch, "original", "patched", out, overwrite, patch_path, lock_timeout)
 
 
 def revert_checkpoint(
-    folder: PathLike, patch: PatchSet, out: Optional[PathLike] = None, overwrite: bool = False
+    folder: PathLike,
+    patch: PatchSet,
+    out: Optional[PathLike] = None,
+    overwrite: bool = False,
+    *,
+    patch_path: Optional[PathLike] = None,
+    lock_timeout: Optional[float] = None,
 ) -> CheckpointWrite:
     """Restore the original values bit-exactly (in place, or into a copy at ``out``).
 
+    Arguments and locking as :func:`apply_to_checkpoint`.
+
     Raises:
-        PatchMismatchError: as :func:`apply_to_checkpoint`.
+        PatchMismatchError, UserError, PathExistsError, FolderLockedError: as :func:`apply_to_checkpoint`.
     """
-    return _with_output(folder, patch, "patched", "original", out, overwrite)
+    return _with_output(folder, patch, "patched", "original", out, overwrite, patch_path, lock_timeout)

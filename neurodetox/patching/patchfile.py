@@ -34,7 +34,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from neurodetox.core.errors import UserError
 from neurodetox.core.io import atomic_save_safetensors, atomic_write_json
+from neurodetox.core.paths import PathExistsError, PathNotFoundError, check_writable_destination
 
 __all__ = [
     "FORMAT",
@@ -45,6 +47,7 @@ __all__ = [
     "PatchMismatchError",
     "tensor_sha256",
     "patch_paths",
+    "check_patch_destination",
 ]
 
 FORMAT = "neurodetox-mint-patch"
@@ -52,8 +55,8 @@ FORMAT_VERSION = 1
 PathLike = Union[str, Path]
 
 
-class PatchError(ValueError):
-    """A patch file is malformed or does not fit a model or checkpoint."""
+class PatchError(UserError):
+    """A patch file is malformed or does not fit a model or checkpoint (a :class:`UserError`, so a ``ValueError``)."""
 
 
 class PatchMismatchError(PatchError):
@@ -105,7 +108,11 @@ class ParamPatch:
         self.indices = torch.as_tensor(self.indices, dtype=torch.long).flatten()
         self.original = self.original.detach().float().cpu().contiguous()
         self.new = self.new.detach().float().cpu().contiguous()
+        if self.axis not in (0, 1):
+            raise PatchError(f"{self.name}: axis must be 0 or 1, got {self.axis!r}")
         k = self.indices.numel()
+        if k and int(self.indices.min()) < 0:
+            raise PatchError(f"{self.name}: negative neuron index {int(self.indices.min())}; indices must be >= 0")
         if self.original.shape != self.new.shape or self.original.dim() != 2 or self.original.shape[self.axis] != k:
             raise PatchError(
                 f"{self.name}: original {tuple(self.original.shape)} / new {tuple(self.new.shape)} do not match "
@@ -140,6 +147,74 @@ class ParamPatch:
         if self.new.numel() == 0:
             return 0.0
         return float((self.new - self.new.to(dtype).float()).abs().max())
+
+
+def check_patch_destination(path: PathLike, overwrite: bool = False) -> tuple[Path, Path]:
+    """Cheap check that a patch may be written at ``path``; call it before the repair.
+
+    Returns:
+        ``(payload, manifest)`` paths, as :func:`patch_paths`.
+
+    Raises:
+        PathExistsError: the payload or manifest exists and ``overwrite`` is false.
+        UserError: ``path`` is an existing file where a folder is expected, or its folder is not writable.
+    """
+    payload, manifest_path = patch_paths(path)
+    p = Path(path).expanduser()
+    if payload.parent == p and p.exists() and not p.is_dir():
+        raise UserError(f"patch folder {p} is an existing file; give a folder or a NAME.safetensors path")
+    for f in (payload, manifest_path):
+        if (f.exists() or f.is_symlink()) and not overwrite:
+            raise PathExistsError(
+                f"a patch already exists at {p} ({f.name}); choose another --out or pass --overwrite "
+                "(if that patch was applied in place, keep it: it is needed to revert)"
+            )
+        check_writable_destination(f, overwrite=True, what="patch file")
+    return payload, manifest_path
+
+
+def _load_param(f, keys: set, name: Any, info: Any, payload: Path, manifest_path: Path) -> ParamPatch:
+    """One :class:`ParamPatch` from an open payload, with every manifest value checked."""
+    if not isinstance(name, str) or not name or not isinstance(info, dict):
+        raise PatchError(f"{manifest_path}: tensor entry {name!r} must be a non-empty name with an object of fields")
+    need = [f"{name}::indices", f"{name}::original", f"{name}::new"]
+    missing = [k for k in need if k not in keys]
+    if missing:
+        raise PatchError(f"{payload} lacks {missing} for tensor {name!r} listed in the manifest")
+    axis = info.get("axis")
+    if axis not in (0, 1) or isinstance(axis, bool):
+        raise PatchError(f"{manifest_path}: tensor {name!r} has axis {axis!r}; valid: 0 or 1")
+    indices = f.get_tensor(need[0])
+    if indices.dtype.is_floating_point or indices.dim() != 1:
+        raise PatchError(
+            f"{payload}: {need[0]} must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}"
+        )
+    listed = info.get("indices")
+    if listed is not None and listed != indices.tolist():
+        raise PatchError(f"{manifest_path}: tensor {name!r} lists indices that differ from the payload's")
+    shape = info.get("shape")
+    if shape is not None:
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise PatchError(f"{manifest_path}: tensor {name!r} has shape {shape!r}; expected two positive integers")
+        if indices.numel() and int(indices.max()) >= shape[axis]:
+            raise PatchError(
+                f"{manifest_path}: tensor {name!r} has neuron index {int(indices.max())}, but its shape {shape} "
+                f"allows at most {shape[axis] - 1} on axis {axis}"
+            )
+    original, new = f.get_tensor(need[1]), f.get_tensor(need[2])
+    if shape is not None and original.dim() == 2 and original.shape[1 - axis] != shape[1 - axis]:
+        raise PatchError(
+            f"{payload}: {need[1]} has shape {tuple(original.shape)}, which does not fit the tensor shape {shape}"
+        )
+    layer = info.get("layer")
+    return ParamPatch(
+        name=name,
+        axis=axis,
+        indices=indices,
+        original=original,
+        new=new,
+        layer=layer if isinstance(layer, int) and not isinstance(layer, bool) else None,
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -296,13 +371,23 @@ class PatchSet:
         return self._transition(model, "patched", "original")
 
     # -------------------------------------------------------------- on disk
-    def save(self, path: PathLike) -> Path:
+    def save(self, path: PathLike, overwrite: bool = False) -> Path:
         """Write ``patch.safetensors`` then ``manifest.json`` (each atomically).
+
+        Args:
+            path: a patch folder, or a ``NAME.safetensors`` / ``NAME.json`` file name (see :func:`patch_paths`).
+            overwrite: replace an existing patch there. Off by default: a patch that was applied in place
+                is the only record of the original values, so replacing it can make a revert impossible.
 
         Returns:
             The manifest path.
+
+        Raises:
+            PathExistsError: a patch (payload or manifest) already exists at ``path`` and ``overwrite`` is
+                false; nothing is written. Call :func:`check_patch_destination` before expensive work.
+            UserError: the destination's folder is not writable.
         """
-        payload, manifest_path = patch_paths(path)
+        payload, manifest_path = check_patch_destination(path, overwrite)
         tensors = {}
         for p in self.params:
             tensors[f"{p.name}::indices"] = p.indices
@@ -318,23 +403,39 @@ class PatchSet:
     def load(cls, path: PathLike) -> PatchSet:
         """Load a patch saved by :meth:`save` (folder or ``.safetensors`` path).
 
+        The loaded patch remembers its location in ``source`` (a :class:`Path`), so
+        writing a checkpoint copy can refuse an output folder that holds the patch.
+
         Raises:
-            FileNotFoundError: the payload or manifest is missing (names both paths).
-            PatchError: a wrong format, a payload whose sha256 differs from the
-                manifest's, or tensors missing from the payload.
+            PathNotFoundError: the payload or manifest is missing (names both paths); also a
+                ``FileNotFoundError``.
+            PatchError: a manifest that is not JSON or not a neurodetox manifest, a payload whose
+                sha256 differs from the manifest's, a truncated payload, tensors missing from the
+                payload, indices that are negative, duplicated, differ from the manifest's or exceed
+                the tensor's recorded shape, or value shapes that do not match the indices.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         payload, manifest_path = patch_paths(path)
         if not payload.is_file() or not manifest_path.is_file():
-            raise FileNotFoundError(
+            raise PathNotFoundError(
                 f"no patch at {path}: expected {payload} and {manifest_path} "
                 "(a patch folder as written by `neurodetox patch find --out PATCH`)"
             )
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PatchError(
+                f"{manifest_path} is not valid JSON ({e}); it is not a neurodetox patch manifest"
+            ) from None
+        if not isinstance(manifest, dict):
+            raise PatchError(f"{manifest_path} is not a neurodetox patch manifest (a JSON object is expected)")
         if manifest.get("format") != FORMAT:
             raise PatchError(f"{manifest_path} is not a neurodetox patch manifest (format={manifest.get('format')!r})")
-        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        version = manifest.get("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise PatchError(f"{manifest_path}: format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise PatchError(
                 f"{manifest_path} has format_version {manifest.get('format_version')}; this neurodetox "
                 f"reads up to {FORMAT_VERSION}: upgrade neurodetox"
@@ -346,25 +447,23 @@ class PatchSet:
                 f"{payload} has sha256 {got}, the manifest expects {want}: the patch file was changed "
                 "or belongs to another manifest"
             )
+        entries = manifest.get("tensors", {})
+        if not isinstance(entries, dict):
+            raise PatchError(f"{manifest_path}: 'tensors' must map tensor names to their entries")
         params = []
-        with safe_open(str(payload), framework="pt") as f:
-            keys = set(f.keys())
-            for name, info in manifest.get("tensors", {}).items():
-                need = [f"{name}::indices", f"{name}::original", f"{name}::new"]
-                missing = [k for k in need if k not in keys]
-                if missing:
-                    raise PatchError(f"{payload} lacks {missing} for tensor {name!r} listed in the manifest")
-                params.append(
-                    ParamPatch(
-                        name=name,
-                        axis=int(info["axis"]),
-                        indices=f.get_tensor(need[0]),
-                        original=f.get_tensor(need[1]),
-                        new=f.get_tensor(need[2]),
-                        layer=info.get("layer"),
-                    )
-                )
-        return cls(params, manifest)
+        try:
+            with safe_open(str(payload), framework="pt") as f:
+                keys = set(f.keys())
+                for name, info in entries.items():
+                    params.append(_load_param(f, keys, name, info, payload, manifest_path))
+        except SafetensorError as e:
+            raise PatchError(f"{payload} is not a readable safetensors file (truncated or corrupt: {e})") from None
+        patch = cls(params, manifest)
+        patch.source = payload.parent if payload.name == "patch.safetensors" else payload
+        return patch
+
+    #: Where :meth:`load` read the patch from (folder, or payload file); ``None`` for a patch built in memory.
+    source: Optional[Path] = None
 
     def copy(self) -> PatchSet:
         return PatchSet([copy.deepcopy(p) for p in self.params], copy.deepcopy(self.manifest))
