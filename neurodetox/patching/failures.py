@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from neurodetox.core.checks import model_device
 from neurodetox.core.logits import tail_logits
 
 __all__ = ["Edit", "Failure", "encode_edit", "teacher_forced_argmax", "find_failures", "still_failing", "coerce_edits"]
@@ -167,13 +168,6 @@ def encode_edit(tokenizer, edit: Edit) -> Edit:
     return edit
 
 
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def teacher_forced_argmax(model: nn.Module, prompt_ids: Sequence[int], target_ids: Sequence[int]) -> torch.Tensor:
     """Argmax of the model at each target step under teacher forcing.
@@ -186,7 +180,7 @@ def teacher_forced_argmax(model: nn.Module, prompt_ids: Sequence[int], target_id
         Long tensor ``[K]``: the model's argmax at positions ``P-1 .. P+K-2``
         of ``prompt_ids + target_ids``.
     """
-    ids = torch.tensor([list(prompt_ids) + list(target_ids)[:-1]], device=_device(model))
+    ids = torch.tensor([list(prompt_ids) + list(target_ids)[:-1]], device=model_device(model))
     was = model.training
     model.eval()
     try:
@@ -243,7 +237,7 @@ def still_failing(model: nn.Module, edits: Sequence[Edit], batch_size: int = 32)
     Returns:
         One bool per edit, in order.
     """
-    device = _device(model)
+    device = model_device(model)
     out: list[bool] = []
     was = model.training
     model.eval()

@@ -24,17 +24,19 @@ The candidate pool is the global top ``k`` (default 10) over all sites.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Optional, Sequence
+from typing import Collection, Literal, Optional, Sequence, get_args
 
 import torch
 from torch import nn
 
+from neurodetox.core.checks import check_int, model_device
 from neurodetox.core.logits import tail_logits
 from neurodetox.core.sites import NeuronSite, register_site_hook, value_vector_parameter
 from neurodetox.patching.direction import SemanticSpace, final_norm
 
 __all__ = [
     "LOCATORS",
+    "Locator",
     "DEFAULT_REFERENCE_PROMPTS",
     "Candidate",
     "ReferenceStats",
@@ -45,7 +47,9 @@ __all__ = [
     "reference_rms",
 ]
 
-LOCATORS = ("grad_x_act", "contrastive", "activation")
+#: The neuron locators of :func:`neuron_scores` (see the module docstring).
+Locator = Literal["grad_x_act", "contrastive", "activation"]
+LOCATORS: tuple[str, ...] = get_args(Locator)
 
 #: Generic prompts whose activations define a neuron's background level for the
 #: selectivity weighting of :func:`neurodetox.patching.repair` (used when no
@@ -308,10 +312,6 @@ class Candidate:
     activation: float
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def neuron_scores(
     model: nn.Module,
     sites: Sequence[NeuronSite],
@@ -344,7 +344,7 @@ def neuron_scores(
         raise ValueError(f"unknown locator {method!r}; valid locators are {', '.join(LOCATORS)}")
     if method == "contrastive" and space is None:
         raise ValueError("the contrastive locator needs the semantic space (space=semantic_space(model))")
-    device = _device(model)
+    device = model_device(model)
     ids = torch.tensor([list(input_ids)], device=device)
     acts: list[Optional[torch.Tensor]] = [None] * len(sites)
 
@@ -442,8 +442,7 @@ def top_candidates(
     Raises:
         ValueError: ``top_k < 1``.
     """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    check_int("top_k", top_k, minimum=1)
     last = activations
     scores = scores.clone()
     scores[last == 0] = float("-inf")
