@@ -58,7 +58,24 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Delete an existing run folder first (otherwise a folder with checkpoints needs --resume_from_checkpoint)."
+            "help": "Delete an existing run folder first (otherwise a folder with checkpoints needs "
+            "--resume_from_checkpoint). Only a folder that is recognisably a neurodetox run is deleted, after every "
+            "input and setting has been checked; never the working folder, one of its parents, or a folder holding "
+            "the model or data."
+        },
+    )
+    force_overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "With --overwrite_output_dir: also delete an output folder that is not a neurodetox run (the "
+            "working folder, its parents and folders holding the model or data are still refused)."
+        },
+    )
+    allow_resume_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "With --resume_from_checkpoint: continue even when the data split or optimisation settings "
+            "differ from the ones the run recorded (run_config.json); otherwise the run is refused, naming each field."
         },
     )
     score_test_probes: bool = field(
