@@ -68,7 +68,7 @@ def test_help_lists_every_send_and_eigenscore_field(capsys):
     [
         (
             ["--send_dropfraction", "0.3"],
-            "unknown recipe field(s): 'send_dropfraction' (did you mean send_drop_fraction",
+            "unknown field(s): 'send_dropfraction' (did you mean send_drop_fraction",
         ),
         (["--send_drop_fraction", "1.5"], "send_drop_fraction=1.5 is invalid: must be in (0, 1)"),
         (["--send_num_checkpoints", "1"], "send_num_checkpoints=1 is invalid"),

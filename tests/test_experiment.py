@@ -176,17 +176,17 @@ def test_whole_tiny_study_writes_page_and_reuses_complete_runs(tiny_model_dir, t
 
 
 def test_quick_mode_plan_and_user_overrides_win(tmp_path):
-    from neurodetox.cli.experiment import QUICK_FIELDS, build_parser, plan_from_args
+    from neurodetox.cli.experiment import QUICK_FIELDS, parse_args, plan_from_args
 
-    a = build_parser().parse_args(["--quick", "--seeds", "3,4", "--variants", "drop0.3"])
+    a = parse_args(["--quick", "--seeds", "3,4", "--variants", "drop0.3"])
     plan = plan_from_args(a)
     assert plan.seeds == [3] and [x.name for x in plan.arms] == ["send", "random", "off"]
     assert str(plan.out) == "runs/study-quick"  # never replaces runs of the full study in runs/study
     assert plan.paraphrase_probes == 40
     assert all(plan.fields[k] == v for k, v in QUICK_FIELDS.items())
-    a = build_parser().parse_args(["--quick", "--set", "max_steps=80", "--out", str(tmp_path)])
+    a = parse_args(["--quick", "--set", "max_steps=80", "--out", str(tmp_path)])
     assert plan_from_args(a).train_fields(plan.arms[0], 0)["max_steps"] == "80"
-    full = plan_from_args(build_parser().parse_args([]))
+    full = plan_from_args(parse_args([]))
     assert full.seeds == [0, 1, 2] and str(full.out) == "runs/study" and "max_steps" not in full.fields
 
 

@@ -78,6 +78,7 @@ def command_parser(
     )
     if config:
         parser.add_argument("--config", default=None, help="YAML recipe whose keys are any of the fields below.")
+    parser.accepts_config = config
     return parser
 
 
@@ -164,15 +165,15 @@ def parse_command(
     """
     argv = list(argv)
     recipe = dict(recipe or {})
-    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+    if getattr(parser, "accepts_config", False) and any(a == "--config" or a.startswith("--config=") for a in argv):
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config")
         known, argv = pre.parse_known_args(argv)
         recipe = {**load_recipe(known.config), **recipe}
     if recipe:
-        check_known(parser, list(recipe), "recipe field(s)")
+        check_known(parser, list(recipe), "field(s) in the recipe")
     flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
-    check_known(parser, [f for f in flags if f not in ("help",)], "option(s)")
+    check_known(parser, [f for f in flags if f not in ("help",)], "field(s)")
     try:
         out = parser.parse_args_into_dataclasses(args=recipe_to_argv(recipe) + argv, return_remaining_strings=True)
     except UserError:

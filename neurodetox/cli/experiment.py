@@ -7,15 +7,19 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
+
+from neurodetox.cli.args import command_parser, parse_command
+from neurodetox.core.checks import check_int
+from neurodetox.core.errors import UserError
 
 DEFAULT_RECIPE = "recipes/smollm2-facts-send.yaml"
 #: --quick: 100 steps (one SeND selection, at step 50), no activation statistics (they cost every arm alike).
@@ -23,61 +27,111 @@ QUICK_FIELDS = {"max_steps": "100", "activation_stats_site": "none"}
 QUICK_PARAPHRASE_PROBES = 40
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="neurodetox experiment",
-        description="Controlled SeND study (arXiv 2410.15460): send_mode send / random / off × seeds from one "
-        "recipe (identical data, steps, learning rate and trainable layers), measured on the test "
-        "split and on training-fact paraphrases; writes study.json, curve PNGs and a markdown page "
-        "with per-arm intervals and paired differences. Complete runs are reused on rerun.",
+@dataclass
+class StudyArguments:
+    """Settings of ``neurodetox experiment`` (the SeND study): which runs, how many seeds, where results go.
+
+    Attributes:
+        recipe: the YAML recipe every run starts from (flag alias ``--config``).
+        model_name_or_path, data: overrides of the recipe's model and fact source (``None``: the recipe's).
+        seeds: comma list of training seeds.
+        arms: comma list of ``send_mode`` arms.
+        variants: comma list of extra SeND settings run as their own arms (``drop0.3``, ``mlp`` or
+            ``NAME:field=value[;field=value]``).
+        variant_modes: modes each variant runs with.
+        set_fields: recipe overrides for every run, ``FIELD=VALUE`` (flag alias ``--set``).
+        quick: first seed only, no variants, :data:`QUICK_FIELDS` and fewer paraphrase probes.
+        paraphrase_probes: training facts whose first paraphrase prompt is scored (≥ 1).
+        bootstrap: bootstrap resamples per AUROC interval (≥ 1).
+        output_dir: study folder (default ``runs/study``, or ``runs/study-quick`` with ``quick``; alias ``--out``).
+        report: Markdown page to write (default ``OUTPUT_DIR/send.md``).
+        keep_models: keep each run's ``final/`` checkpoint.
+        progress: show progress bars (``--no_progress`` turns them off).
+    """
+
+    recipe: str = field(
+        default=DEFAULT_RECIPE, metadata={"help": "Recipe every run starts from.", "aliases": ["--config"]}
     )
-    p.add_argument("--config", default=DEFAULT_RECIPE, help=f"Recipe every run starts from (default {DEFAULT_RECIPE}).")
-    p.add_argument("--model", help="Override model_name_or_path (a folder, a .gguf, a hub id).")
-    p.add_argument("--data", help="Override data: 'facts' or a local fact file.")
-    p.add_argument("--seeds", default="0,1,2", help="Comma list of training seeds (default 0,1,2).")
-    p.add_argument("--arms", default="send,random,off", help="Comma list of send_mode arms (default all three).")
-    p.add_argument(
-        "--variants",
-        default="",
-        help="Comma list of extra SeND settings, each run as its own arm for every seed: "
-        "drop0.3 (send_drop_fraction 0.3), mlp (send_site mlp), or NAME:field=value[;field=value].",
-    )
-    p.add_argument("--variant-modes", default="send", help="Modes each variant runs with (default send).")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="Recipe override for every run (repeatable), e.g. --set max_steps=100.",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="A first look in under 20 min on 2 CPU cores: the first seed, no variants, "
-        + ", ".join(f"{k}={v}" for k, v in QUICK_FIELDS.items())
-        + f" and {QUICK_PARAPHRASE_PROBES} paraphrase probes (--set still wins).",
-    )
-    p.add_argument(
-        "--paraphrase-probes",
-        type=int,
-        default=75,
-        help="Training facts whose first paraphrase prompt is scored (default 75, the size of the test split).",
-    )
-    p.add_argument("--bootstrap", type=int, default=500, help="Bootstrap resamples per AUROC interval (default 500).")
-    p.add_argument(
-        "--out",
+    model_name_or_path: Optional[str] = field(
         default=None,
-        help="Study folder (default runs/study, or runs/study-quick with --quick, "
-        "so a quick look never replaces runs of the full study).",
+        metadata={"help": "Override the recipe's model (a folder, a .gguf, a hub id).", "aliases": ["--model"]},
     )
-    p.add_argument(
-        "--report",
-        help="Markdown page to write (default OUT/send.md); figures go to a folder named "
-        "after it (e.g. docs/results/send/).",
+    data: Optional[str] = field(default=None, metadata={"help": "Override the recipe's data: 'facts' or a fact file."})
+    seeds: str = field(default="0,1,2", metadata={"help": "Comma list of training seeds."})
+    arms: str = field(default="send,random,off", metadata={"help": "Comma list of send_mode arms."})
+    variants: str = field(
+        default="",
+        metadata={
+            "help": "Comma list of extra SeND settings, each run as its own arm for every seed: drop0.3 "
+            "(send_drop_fraction 0.3), mlp (send_site mlp), or NAME:field=value[;field=value]."
+        },
     )
-    p.add_argument("--keep-models", action="store_true", help="Keep each run's final/ checkpoint.")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    variant_modes: str = field(default="send", metadata={"help": "Modes each variant runs with."})
+    set_fields: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Recipe overrides for every run, FIELD=VALUE (several allowed), e.g. --set max_steps=100.",
+            "aliases": ["--set"],
+            "action": "extend",
+        },
+    )
+    quick: bool = field(
+        default=False,
+        metadata={
+            "help": "A first look in under 20 min on 2 CPU cores: the first seed, no variants, "
+            + ", ".join(f"{k}={v}" for k, v in QUICK_FIELDS.items())
+            + f" and {QUICK_PARAPHRASE_PROBES} paraphrase probes (--set still wins)."
+        },
+    )
+    paraphrase_probes: int = field(
+        default=75,
+        metadata={"help": "Training facts whose first paraphrase prompt is scored (75 = the size of the test split)."},
+    )
+    bootstrap: int = field(default=500, metadata={"help": "Bootstrap resamples per AUROC interval."})
+    output_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Study folder (default runs/study, or runs/study-quick with --quick, so a quick look never "
+            "replaces runs of the full study).",
+            "aliases": ["--out"],
+        },
+    )
+    report: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Markdown page to write (default OUTPUT_DIR/send.md); figures go to a folder named after it "
+            "(e.g. docs/results/send/)."
+        },
+    )
+    keep_models: bool = field(default=False, metadata={"help": "Keep each run's final/ checkpoint."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        check_int("paraphrase_probes", self.paraphrase_probes, minimum=1)
+        check_int("bootstrap", self.bootstrap, minimum=1)
+
+
+DESCRIPTION = (
+    "Controlled SeND study (arXiv 2410.15460): send_mode send / random / off × seeds from one recipe (identical "
+    "data, steps, learning rate and trainable layers), measured on the test split and on training-fact "
+    "paraphrases; writes study.json, curve PNGs and a markdown page with per-arm intervals and paired "
+    "differences. Complete runs are reused on rerun."
+)
+
+
+def build_parser():
+    """The ``neurodetox experiment`` parser (the fields of :class:`StudyArguments`)."""
+    return command_parser("neurodetox experiment", DESCRIPTION, (StudyArguments,))
+
+
+def parse_args(argv: Sequence[str]) -> StudyArguments:
+    """``neurodetox experiment`` arguments → :class:`StudyArguments`.
+
+    Raises:
+        UserError: an unknown flag or a bad value.
+    """
+    (a,) = parse_command(build_parser(), argv)
+    return a
 
 
 def _split(s: str) -> list[str]:
@@ -93,23 +147,18 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     from neurodetox.experiment.stats import headline
     from neurodetox.reports.study import nan_to_none, plot_curves, render_markdown
 
-    a = build_parser().parse_args(list(argv))
+    a = parse_args(argv)
     console = Console(stderr=True)
-    try:
-        plan = plan_from_args(a)
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"neurodetox: error: {e}")
-        return 2
+    plan = plan_from_args(a)
     console.print(
         f"[bold]neurodetox experiment[/]: {len(plan.arms)} arms × {len(plan.seeds)} seeds = "
         f"{len(plan.arms) * len(plan.seeds)} runs into {plan.out}"
     )
     t0 = time.time()
     try:
-        base, results = run_study(plan, progress=not a.no_progress)
+        base, results = run_study(plan, progress=a.progress)
     except RuntimeError as e:
-        console.print(f"neurodetox: error: {e}")
-        return 2
+        raise UserError(str(e)) from None
     wall = (time.time() - t0) / 60
     page = Path(a.report) if a.report else plan.out / "send.md"
     fig_dir = page.parent / page.stem
@@ -120,7 +169,7 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     ]
     comparisons += [(v, "off") for v in arms if "@" in v and "off" in arms]
     comparisons += [(v, "send") for v in arms if "@" in v and "send" in arms]
-    model = plan.fields.get("model_name_or_path") or _recipe_model(a.config)
+    model = plan.fields.get("model_name_or_path") or _recipe_model(a.recipe)
     h = headline(results)
     statement = []
     if h is not None and h["n"]:
@@ -132,7 +181,7 @@ def cmd_experiment(argv: Sequence[str]) -> int:
             f"({verdict(h, +1)})."
         )
     info = {
-        "recipe": a.config,
+        "recipe": a.recipe,
         "seeds": plan.seeds,
         "model": model,
         "comparisons": comparisons,
@@ -151,7 +200,7 @@ def cmd_experiment(argv: Sequence[str]) -> int:
     return 0
 
 
-def plan_from_args(a: argparse.Namespace):
+def plan_from_args(a: StudyArguments):
     """The :class:`~neurodetox.experiment.runs.StudyPlan` of parsed ``neurodetox experiment`` arguments
     (``--quick`` applied: first seed, no variants, :data:`QUICK_FIELDS` under the user's ``--set``).
 
@@ -164,23 +213,23 @@ def plan_from_args(a: argparse.Namespace):
     try:
         seeds = [int(s) for s in _split(a.seeds)]
     except ValueError:
-        raise ValueError(f"--seeds must be a comma list of integers, got {a.seeds!r}") from None
+        raise UserError(f"--seeds must be a comma list of integers, got {a.seeds!r}") from None
     variants = [] if a.quick else [v.replace(";", ",") if ":" in v else v for v in _variant_specs(a.variants)]
-    out = a.out or ("runs/study-quick" if a.quick else "runs/study")
-    fields, probes = list(a.set), a.paraphrase_probes
+    out = a.output_dir or ("runs/study-quick" if a.quick else "runs/study")
+    fields, probes = list(a.set_fields), a.paraphrase_probes
     if a.quick:
         seeds = seeds[:1]
         fields = [f"{k}={v}" for k, v in QUICK_FIELDS.items()] + fields
-        if probes == build_parser().get_default("paraphrase_probes"):
+        if probes == StudyArguments.paraphrase_probes:
             probes = QUICK_PARAPHRASE_PROBES
     return plan_study(
-        a.config,
+        a.recipe,
         seeds,
         out,
         arms=_split(a.arms),
         variants=variants,
         variant_modes=_split(a.variant_modes),
-        model=a.model,
+        model=a.model_name_or_path,
         data=a.data,
         fields=fields,
         paraphrase_probes=probes,

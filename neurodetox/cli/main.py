@@ -1,10 +1,12 @@
 """``neurodetox`` command line.
 
 neurodetox train --config recipes/smollm2-facts-send.yaml [--field value ...]
-neurodetox data facts --out DIR [--seed N] [--relations ...]
+neurodetox data facts --output_dir DIR [--split_seed N] [--relations ...]
 neurodetox eval --model PATH --data facts|FILE
 neurodetox patch find|apply|revert|show|eval ...
-neurodetox experiment [--config R.yaml] [--seeds 0,1,2] [--variants drop0.3,mlp] [--quick]
+neurodetox experiment [--recipe R.yaml] [--seeds 0,1,2] [--variants drop0.3,mlp] [--quick]
+
+Every command takes --field_name or --field-name; NEURODETOX_DEBUG=1 shows tracebacks of user errors.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+from neurodetox.cli.args import command_parser, parse_command
+from neurodetox.core.errors import UserError
 
 
 def _setup_logging() -> None:
@@ -24,32 +30,16 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _fail(message: str) -> int:
-    print(f"neurodetox: error: {message}", file=sys.stderr)
-    return 2
-
-
 def cmd_train(argv: Sequence[str]) -> int:
     from neurodetox.send.recipes import make_parser, parse_recipe
 
     if any(a in ("-h", "--help") for a in argv):
-        parser = make_parser()
-        parser.prog = "neurodetox train"
-        parser.description = (
-            "Fine-tune a causal LM with Sensitive Neuron Dropout (SeND, arXiv 2410.15460) on "
-            "facts, scoring EigenScore and factual accuracy before, during and after. "
-            "Fields come from --config RECIPE.yaml, overridden by --field value."
-        )
-        parser.add_argument("--config", help="YAML recipe whose keys are any of the fields below.")
-        parser.print_help()
+        make_parser().print_help()
         return 0
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(list(argv))
-    try:
-        model_args, data_args, run_args, train_args, peft_config = parse_recipe(known.config, rest)
-    except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
+    model_args, data_args, run_args, train_args, peft_config = parse_recipe(known.config, rest)
     _setup_logging()
     from rich.console import Console
 
@@ -59,41 +49,61 @@ def cmd_train(argv: Sequence[str]) -> int:
     try:
         summary = run_training(model_args, data_args, run_args, train_args, peft_config)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
-        return _fail(str(e))
+        # run_training validates model, data and settings before any step and raises ValueError
+        raise UserError(str(e)) from None
     if train_args.process_index == 0:
         Console().print(summary_table(summary))
         print(f"run folder: {train_args.output_dir}  (summary.json, metrics.jsonl, training_curves.png, final/)")
     return 0
 
 
+@dataclass
+class FactsOutputArguments:
+    """Where ``neurodetox data facts`` writes the dataset.
+
+    Attributes:
+        output_dir: output folder (written atomically; alias ``--out``).
+        overwrite: replace an existing non-empty folder.
+    """
+
+    output_dir: str = field(metadata={"help": "Output folder (written atomically).", "aliases": ["--out"]})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing non-empty folder."})
+
+
 def cmd_data(argv: Sequence[str]) -> int:
-    from neurodetox.data import RELATIONS
-
-    p = argparse.ArgumentParser(prog="neurodetox data", description="Build datasets.")
-    sub = p.add_subparsers(dest="what", required=True)
-    f = sub.add_parser("facts", help="Write the GeoNames fact dataset (train/tracking/test) to a folder.")
-    f.add_argument("--out", required=True, help="Output folder (written atomically).")
-    f.add_argument("--seed", type=int, default=0, help="Split seed (default 0).")
-    f.add_argument("--relations", default=",".join(RELATIONS), help=f"Comma list of {', '.join(RELATIONS)}.")
-    f.add_argument("--tracking-fraction", type=float, default=0.1)
-    f.add_argument("--test-fraction", type=float, default=0.1)
-    f.add_argument("--max-facts-per-relation", type=int, default=None)
-    f.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty folder.")
-    a = p.parse_args(list(argv))
     from neurodetox.data import build_fact_dataset, write_fact_dataset
+    from neurodetox.data.settings import FactDataArguments
 
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: neurodetox data facts --output_dir DIR [--split_seed N] [--relations ...]\n")
+        print("  facts   write the GeoNames fact dataset (train/tracking/test) to a folder")
+        return 0 if argv else 2
+    if argv[0] != "facts":
+        raise UserError(f"unknown dataset {argv[0]!r}; valid: facts")
+    parser = command_parser(
+        "neurodetox data facts",
+        "Write the GeoNames fact dataset (train/tracking/test jsonl per split + a datasets folder).",
+        (FactDataArguments, FactsOutputArguments),
+    )
+    data, out = parse_command(parser, argv[1:])
+    if data.data != "facts":
+        raise UserError(f"neurodetox data facts builds the built-in facts; --data must be 'facts', got {data.data!r}")
     try:
         ds = build_fact_dataset(
-            relations=tuple(r.strip() for r in a.relations.split(",") if r.strip()),
-            seed=a.seed,
-            tracking_fraction=a.tracking_fraction,
-            test_fraction=a.test_fraction,
-            max_facts_per_relation=a.max_facts_per_relation,
+            relations=tuple(data.relation_list),
+            seed=data.split_seed,
+            tracking_fraction=data.tracking_fraction,
+            test_fraction=data.test_fraction,
+            max_facts_per_relation=data.max_facts_per_relation,
         )
-        write_fact_dataset(ds, a.out, overwrite=a.overwrite)
-    except (ValueError, FileExistsError) as e:
-        return _fail(str(e))
-    print(f"wrote {', '.join(f'{k}: {len(v)}' for k, v in ds.items())} facts to {a.out}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        write_fact_dataset(ds, out.output_dir, overwrite=out.overwrite)
+    except FileExistsError as e:
+        raise UserError(f"{e} (pass --overwrite to replace it)") from None
+    print(f"wrote {', '.join(f'{k}: {len(v)}' for k, v in ds.items())} facts to {out.output_dir}")
     return 0
 
 
@@ -116,10 +126,27 @@ def cmd_patch(argv: Sequence[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "patch": cmd_patch, "experiment": cmd_experiment}
+COMMANDS = {
+    "train": cmd_train,
+    "data": cmd_data,
+    "eval": cmd_eval,
+    "patch": cmd_patch,
+    "experiment": cmd_experiment,
+}
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one ``neurodetox`` command; returns its exit code.
+
+    A user error (:class:`~neurodetox.core.errors.UserError`, a missing or existing file) is printed
+    as one line ``neurodetox COMMAND: error: MESSAGE`` and returns 2; ``NEURODETOX_DEBUG=1`` re-raises
+    it with its traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not argv or argv[0] in ("-h", "--help"):
@@ -133,8 +160,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     cmd = COMMANDS.get(argv[0])
     if cmd is None:
-        return _fail(f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}")
-    return cmd(argv[1:])
+        return _fail("neurodetox", f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}")
+    prog = f"neurodetox {argv[0]}"
+    try:
+        return cmd(argv[1:])
+    except (UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as e:
+        if os.environ.get("NEURODETOX_DEBUG"):
+            raise
+        return _fail(prog, str(e) or type(e).__name__)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
