@@ -51,7 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from neurodetox.cli.patch import _fact_pools, set_threads
+from neurodetox.cli.patch import fact_pools, set_threads
 from neurodetox.core.io import atomic_write_json
 from neurodetox.core.models import load_model
 from neurodetox.data import load_facts
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     if not wrong:
         print("the model gets every test/tracking fact right: nothing to compare", file=sys.stderr)
         return 1
-    ref, unrelated, texts = _fact_pools(
+    ref, unrelated, texts = fact_pools(
         "facts", 0, [w["prompt"] for w in wrong], [w["fact_id"] for w in wrong], a.unrelated, a.reference_prompts, 64
     )
     edits = [encode_edit(tok, e) for e in coerce_edits(wrong)]

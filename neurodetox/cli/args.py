@@ -21,6 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -189,3 +192,31 @@ def parse_command(
 def fields_of(obj: Any) -> dict[str, Any]:
     """A settings instance as a plain dict (for JSON summaries)."""
     return dataclasses.asdict(obj)
+
+
+#: Exceptions that mean "the user asked for something that cannot be done": one line, exit code 2.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+def user_errors_exit_2(prog: str):
+    """Decorator for a command entry point ``fn(argv) -> int``: a user error prints
+    ``PROG: error: MESSAGE`` on stderr and returns 2 (``NEURODETOX_DEBUG=1`` re-raises it with
+    its traceback); Ctrl-C returns 130."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(argv: Sequence[str]) -> int:
+            try:
+                return fn(argv)
+            except USER_ERRORS as e:
+                if os.environ.get("NEURODETOX_DEBUG"):
+                    raise
+                print(f"{prog}: error: {str(e) or type(e).__name__}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+
+        return run
+
+    return wrap

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from neurodetox.cli.args import command_parser, parse_command
+from neurodetox.cli.args import command_parser, parse_command, user_errors_exit_2
 from neurodetox.core.checks import check_int
 from neurodetox.core.errors import UserError
 
@@ -138,6 +138,7 @@ def _split(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+@user_errors_exit_2("neurodetox experiment")
 def cmd_experiment(argv: Sequence[str]) -> int:
     """Entry point; returns 0, or 2 with a message on bad input or a failed run."""
     from rich.console import Console

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from neurodetox.cli.args import command_parser, parse_command
+from neurodetox.cli.args import command_parser, parse_command, user_errors_exit_2
 from neurodetox.core.errors import UserError
 
 
@@ -161,16 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = COMMANDS.get(argv[0])
     if cmd is None:
         return _fail("neurodetox", f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}")
-    prog = f"neurodetox {argv[0]}"
-    try:
-        return cmd(argv[1:])
-    except (UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as e:
-        if os.environ.get("NEURODETOX_DEBUG"):
-            raise
-        return _fail(prog, str(e) or type(e).__name__)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    return user_errors_exit_2(f"neurodetox {argv[0]}")(cmd)(argv[1:])
 
 
 if __name__ == "__main__":  # pragma: no cover

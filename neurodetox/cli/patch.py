@@ -16,21 +16,22 @@ fixed ones) or a verification failed; 2 bad input.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
-import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
-__all__ = ["cmd_patch", "run_demo"]
+from neurodetox.cli.args import command_parser, parse_command, user_errors_exit_2
+from neurodetox.core.checks import check_int
+from neurodetox.core.errors import UserError
+from neurodetox.patching.pools import fact_pools, read_edits, read_lines, reference_prompts
 
-
-def _fail(message: str) -> int:
-    print(f"neurodetox patch: error: {message}", file=sys.stderr)
-    return 2
+__all__ = ["cmd_patch", "fact_pools", "parse_args", "reference_prompts", "run_demo", "set_threads"]
 
 
 def set_threads(spec: str = "auto") -> int:
@@ -41,9 +42,12 @@ def set_threads(spec: str = "auto") -> int:
     import torch
 
     if str(spec) != "auto":
-        n = int(spec)
+        try:
+            n = int(spec)
+        except ValueError:
+            raise UserError(f"--threads must be 'auto' or an integer >= 1, got {spec!r}") from None
         if n < 1:
-            raise ValueError(f"--threads must be 'auto' or an integer >= 1, got {spec!r}")
+            raise UserError(f"--threads must be 'auto' or an integer >= 1, got {spec!r}")
     else:
         cpus = os.cpu_count() or 1
         try:
@@ -56,45 +60,6 @@ def set_threads(spec: str = "auto") -> int:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _read_edits(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"edits file not found: {p}")
-    rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise ValueError(
-                f'{p}:{n} is not a JSON object ({e}); each line must be {{"prompt": ..., "target": ...}}'
-            ) from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{p}:{n} must be a JSON object with 'prompt' and 'target', got {type(row).__name__}")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f'{p} holds no edits (one JSON object per line: {{"prompt": ..., "target": ...}})')
-    return rows
-
-
-def _read_lines(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"file not found: {p}")
-    out = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            row = json.loads(line)
-            line = row.get("prompt") or row.get("text") or row.get("statement") or ""
-        if line:
-            out.append(line)
-    return out
 
 
 def _checkpoint_path(name: str) -> Path:
@@ -151,128 +116,6 @@ def _edit_table(report) -> Any:
     return t
 
 
-def _settings_from_args(a) -> Any:
-    from neurodetox.patching.mint import MintSettings
-
-    steps = tuple(float(x) for x in a.alpha_steps.split(",")) if a.alpha_steps else (1.0,)
-    return MintSettings(
-        update=a.update,
-        alpha=a.alpha,
-        alpha_steps=steps,
-        locator=a.locator,
-        candidates=a.candidates,
-        max_patches=a.max_patches,
-        layers=a.layers,
-        fold_norm=not a.no_fold_norm,
-        orthogonalize=a.orthogonalize,
-        signed=not a.unsigned,
-        entropy_guard=not a.no_entropy_guard,
-        guard=a.guard,
-        relocate=a.relocate,
-        relocate_fallback=a.relocate_fallback,
-        prune=a.prune,
-        verify_reference=a.verify_reference,
-        max_reference_flips=a.max_reference_flips,
-        reference_retries=a.reference_retries,
-        protect=a.protect,
-    )
-
-
-def _add_setting_args(p: argparse.ArgumentParser) -> None:
-    from neurodetox.patching.locate import LOCATORS
-    from neurodetox.patching.mint import UPDATE_RULES
-
-    g = p.add_argument_group("MINT settings")
-    g.add_argument("--locator", default="grad_x_act", choices=LOCATORS, help="Neuron locator (default grad_x_act).")
-    g.add_argument(
-        "--update",
-        default="additive",
-        choices=UPDATE_RULES,
-        help="Value-vector update: 'additive' w <- w + α τ (default) or 'interpolate', MINT's "
-        "w <- (w + α τ)/(1 + α), which also scales the neuron's existing output by 1/(1 + α).",
-    )
-    g.add_argument("--alpha", type=float, default=0.1, help="Update step α (default 0.1).")
-    g.add_argument(
-        "--alpha-steps",
-        default="1,2.5,5,10",
-        help="Multipliers of α the planner may use, comma list (default 1,2.5,5,10; '1' = fixed step).",
-    )
-    g.add_argument("--candidates", type=int, default=10, help="Candidate pool size (default 10).")
-    g.add_argument("--max-patches", type=int, default=10, help="Patches per failure before skipping (default 10).")
-    g.add_argument(
-        "--layers",
-        default="last_sixth",
-        help="Layers searched: 'last_sixth' (default, the last L//6 blocks), 'second_half' (methods.md), "
-        "a range '20-29' or a comma list.",
-    )
-    g.add_argument("--no-fold-norm", action="store_true", help="Do not fold the final norm gain into W_U.")
-    g.add_argument("--orthogonalize", action="store_true", help="Project τ off directions used in the same layer.")
-    g.add_argument("--unsigned", action="store_true", help="Paper's unsigned update (ignore activation sign).")
-    g.add_argument("--no-entropy-guard", action="store_true", help="Allow patching last-layer entropy neurons.")
-    g.add_argument(
-        "--guard",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Prefer patches predicted not to flip the reference prompts' next token, falling back to "
-        "gain alone for a failure the guard cannot fix (default on; --no-guard: gain alone).",
-    )
-    g.add_argument(
-        "--relocate",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="Locate neurons again before every patch of a failure (slower). Default off: locate once "
-        "per failure, then plan and patch repeat over that candidate pool.",
-    )
-    g.add_argument(
-        "--relocate-fallback",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Without --relocate: a failure its candidate pool cannot fix is repaired again locating "
-        "before every patch (default on).",
-    )
-    g.add_argument(
-        "--protect",
-        type=float,
-        default=0.0,
-        metavar="LAMBDA",
-        help="Reference protection strength λ: replace each value-vector change by the nearest one that "
-        "keeps the reference prompts' top-token gaps (direct path); 0 = off (default). 1e4 raised "
-        "specificity with 20 edits in one call at some cost in facts fixed.",
-    )
-    g.add_argument("--prune", action="store_true", help="Undo neurons a fixed edit does not need (slower).")
-    g.add_argument(
-        "--verify-reference",
-        action="store_true",
-        help="Reference check: after each fixed edit, count the reference prompts whose next token "
-        "changed; above --max-reference-flips, repair the edit again without its neurons.",
-    )
-    g.add_argument(
-        "--max-reference-flips",
-        type=int,
-        default=0,
-        help="Reference predictions an edit may change without a retry (default 0).",
-    )
-    g.add_argument("--reference-retries", type=int, default=2, help="Extra attempts per edit (default 2).")
-    g.add_argument(
-        "--reference",
-        default="facts+default",
-        help="Prompts that define neurons' background activation (what should not change): "
-        "'facts+default' (default: 96 built-in fact prompts and the generic built-in prompts), "
-        "'facts', 'default', or a file (one prompt per line, or JSONL with 'prompt').",
-    )
-
-
-def _reference_prompts(spec: str, exclude: Sequence[str] = ()) -> Optional[list[str]]:
-    from neurodetox.patching.locate import DEFAULT_REFERENCE_PROMPTS
-
-    if spec == "default":
-        return None
-    if spec in ("facts", "facts+default"):
-        ref, _, _ = _fact_pools("facts", 0, exclude, (), 0, 128, 0)
-        return ref if spec == "facts" else ref[:96] + list(DEFAULT_REFERENCE_PROMPTS)
-    return _read_lines(spec)
-
-
 # ----------------------------------------------------------------------------- subcommands
 
 
@@ -284,16 +127,15 @@ def cmd_find(a) -> int:
     edits: list[dict] = []
     if a.prompt is not None or a.target is not None:
         if not a.prompt or not a.target:
-            return _fail("--prompt and --target go together (both non-empty)")
+            raise UserError("--prompt and --target go together (both non-empty)")
         edits.append({"prompt": a.prompt, "target": a.target})
     if a.edits:
-        edits.extend(_read_edits(a.edits))
+        edits.extend(read_edits(a.edits))
     if not edits:
-        return _fail("nothing to repair: give --prompt TEXT --target TEXT and/or --edits FILE.jsonl")
-    folder = _checkpoint_path(a.model)
+        raise UserError("nothing to repair: give --prompt TEXT --target TEXT and/or --edits FILE.jsonl")
+    folder = _checkpoint_path(a.model_name_or_path)
     info = inspect_checkpoint(folder)
-    settings = _settings_from_args(a)
-    settings.validate()
+    settings = a.settings
     model, tok = load_model(str(folder))
     from neurodetox.core.sites import resolve_sites, value_vector_parameter
 
@@ -308,8 +150,8 @@ def cmd_find(a) -> int:
         edits,
         settings,
         show_progress=not a.quiet,
-        base={"name_or_path": a.model},
-        reference_prompts=_reference_prompts(a.reference, [e["prompt"] for e in edits]),
+        base={"name_or_path": a.model_name_or_path},
+        reference_prompts=reference_prompts(a.reference, [e["prompt"] for e in edits]),
     )
     console = _console()
     console.print(_edit_table(report))
@@ -321,8 +163,8 @@ def cmd_find(a) -> int:
         console.print(f"no failure could be fixed ({s['skipped']} skipped); no patch written")
         return 1
     bind_to_checkpoint(patch, folder)
-    patch.manifest["base"]["name_or_path"] = a.model
-    manifest = patch.save(a.out)
+    patch.manifest["base"]["name_or_path"] = a.model_name_or_path
+    manifest = patch.save(a.output_dir, overwrite=a.overwrite)
     console.print(
         f"fixed {s['fixed']}/{s['needing_fix']} edits with {len(patch.neurons)} neurons "
         f"({patch.num_values} values) in {s['seconds']:.1f}s; cast error {s['cast_error']:.3g}; "
@@ -335,12 +177,12 @@ def _write_cmd(a, revert: bool) -> int:
     from neurodetox.patching.checkpoint import apply_to_checkpoint, revert_checkpoint
     from neurodetox.patching.patchfile import PatchSet
 
-    if bool(a.out) == bool(a.in_place):
-        return _fail("give exactly one of --out DIR (write a patched copy) or --in-place")
+    if bool(a.output_dir) == bool(a.in_place):
+        raise UserError("give exactly one of --output_dir DIR (write a patched copy) or --in_place")
     folder = _checkpoint_path(a.checkpoint)
     patch = PatchSet.load(a.patch)
     fn = revert_checkpoint if revert else apply_to_checkpoint
-    res = fn(folder, patch, out=a.out, overwrite=a.overwrite)
+    res = fn(folder, patch, out=a.output_dir, overwrite=a.overwrite)
     verb = "reverted" if revert else "applied"
     done = [n for n, st in res.tensors.items() if st == ("patched" if revert else "original")]
     if not res.written:
@@ -429,7 +271,7 @@ def cmd_show(a) -> int:
             " ".join(f"{x[0]}:{x[1]}" for x in e.get("neurons", [])) or "-",
         )
     console.print(et)
-    folder = Path(a.model) if a.model else (Path(base["path"]) if base.get("path") else None)
+    folder = Path(a.checkpoint) if a.checkpoint else (Path(base["path"]) if base.get("path") else None)
     W = gain = tok = None
     if folder is not None and folder.exists():
         try:
@@ -455,52 +297,6 @@ def cmd_show(a) -> int:
             nt.add_row(str(p.layer), str(idx), p.name, before, after)
     console.print(nt)
     return 0
-
-
-def _fact_pools(
-    source: str,
-    seed: int,
-    exclude_prompts: Sequence[str],
-    exclude_ids: Sequence[str],
-    n_unrelated: int,
-    n_reference_prompts: int,
-    n_texts: int,
-    shuffle_seed: int = 0,
-):
-    """(reference prompts, unrelated facts, reference texts) from a fact source, disjoint and without the edits.
-
-    Reference prompts and texts are taken from the train split with the
-    relations interleaved (:func:`neurodetox.data.interleave_relations`).
-
-    Unrelated facts are ``{"prompt", "aliases"}`` dicts (the aliases let the
-    evaluation tell a broken known fact from a changed wrong answer).
-    """
-    from neurodetox.data import interleave_relations, load_facts
-
-    ds = load_facts(source, seed=seed)
-    skip_p, skip_id = set(exclude_prompts), {i for i in exclude_ids if i}
-    rows = [
-        r
-        for split in ("train", "tracking", "test")
-        for r in ds[split]
-        if r["prompt"] not in skip_p and r["fact_id"] not in skip_id
-    ]
-    # every relation in turn: the built-in train split is sorted by relation, and reference prompts
-    # of one relation only (all capitals) cannot tell which neurons the other relations use
-    train = interleave_relations([r for r in ds["train"] if r["prompt"] not in skip_p and r["fact_id"] not in skip_id])
-    ref = [r["prompt"] for r in train[:n_reference_prompts]]
-    texts = [r["statement"] for r in train[n_reference_prompts : n_reference_prompts + n_texts]]
-    used = set(ref)
-    rest = [{"prompt": r["prompt"], "aliases": list(r["aliases"])} for r in rows if r["prompt"] not in used]
-    random.Random(shuffle_seed).shuffle(rest)
-    if len(rest) < n_unrelated:  # a small fact file: top up with the reference prompts rather than fall short
-        have = {u["prompt"] for u in rest}
-        rest += [
-            {"prompt": r["prompt"], "aliases": list(r["aliases"])}
-            for r in train[:n_reference_prompts]
-            if r["prompt"] not in have
-        ][: n_unrelated - len(rest)]
-    return ref, rest[:n_unrelated], texts
 
 
 def _eval_table(res: dict, title: str = "MINT patch evaluation") -> Any:
@@ -559,9 +355,9 @@ def cmd_eval(a) -> int:
     model, tok = load_model(str(folder))
     edits = patch.manifest.get("edits", [])
     # skip the first 128 train prompts: `find --reference facts` may have used them to judge neurons
-    _, unrelated, texts = _fact_pools(
-        a.facts,
-        a.facts_seed,
+    _, unrelated, texts = fact_pools(
+        a.data,
+        a.split_seed,
         [e["prompt"] for e in edits],
         [e.get("fact_id") for e in edits],
         a.unrelated,
@@ -569,7 +365,7 @@ def cmd_eval(a) -> int:
         a.reference_texts,
     )
     if a.reference_text:
-        texts = _read_lines(a.reference_text)
+        texts = read_lines(a.reference_text)
     res = evaluate_patch(
         model, tok, patch, None, unrelated, texts, max_new_tokens=a.max_new_tokens, show_progress=not a.quiet
     )
@@ -606,7 +402,6 @@ def run_demo(
 
     from neurodetox.core.io import atomic_write_json
     from neurodetox.core.models import load_model
-    from neurodetox.data import load_facts
     from neurodetox.metrics.factual import is_correct
     from neurodetox.metrics.sampling import greedy_answers
     from neurodetox.patching.checkpoint import (
@@ -618,6 +413,7 @@ def run_demo(
     from neurodetox.patching.edit_metrics import compare, measure_model
     from neurodetox.patching.failures import coerce_edits, encode_edit, find_failures
     from neurodetox.patching.mint import MintSettings, repair
+    from neurodetox.send.run import rebuild_split
 
     t_start = time.perf_counter()
     run_dir = Path(run)
@@ -625,12 +421,15 @@ def run_demo(
     if not (final / "config.json").is_file():
         raise FileNotFoundError(f"no trained model at {final}: run `neurodetox train` first (make demo does)")
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    data = summary.get("data", "facts")
-    seed = int(summary.get("facts_seed", summary.get("data_seed", 0)) or 0)
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"no {summary_path}: patch demo needs the run's summary to rebuild its data split")
+    summary = json.loads(summary_path.read_text())
+    # the exact split the run trained on: a non-default seed or fraction must not put training facts in the test pool
+    ds = rebuild_split(summary)
+    split = summary["split"]
+    data, seed = split["data"], split["split_seed"]
     model, tok = load_model(str(final))
     model.eval()
-    ds = load_facts(data, seed=seed)
     test = list(ds["test"])
     wrong: list[dict] = []
     for start in range(0, len(test), 16):
@@ -656,8 +455,8 @@ def run_demo(
         }
         for r in wrong
     ]
-    ref, unrelated, texts = _fact_pools(
-        data, seed, [r["prompt"] for r in wrong], [r["fact_id"] for r in wrong], n_unrelated, 128, 64
+    ref, unrelated, texts = fact_pools(
+        ds, seed, [r["prompt"] for r in wrong], [r["fact_id"] for r in wrong], n_unrelated, 128, 64
     )
     info = inspect_checkpoint(final)
     settings = MintSettings()
@@ -679,7 +478,7 @@ def run_demo(
         "run": str(run_dir),
         "checkpoint": str(final),
         "facts": data,
-        "facts_seed": seed,
+        "split": split,
         "repair": report.summary(),
     }
     if len(patch):
@@ -740,67 +539,194 @@ def cmd_demo(a) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="neurodetox patch", description="MINT neuron patching (Gu et al., arXiv 2312.05356) of saved checkpoints."
+@dataclass
+class PatchRunArguments:
+    """Run-time options of every ``neurodetox patch`` subcommand."""
+
+    threads: str = field(default="auto", metadata={"help": "torch threads: 'auto' (idle cores) or an integer >= 1."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+
+
+@dataclass
+class FindArguments:
+    """What ``patch find`` repairs and where it writes the patch.
+
+    Attributes:
+        prompt, target: one edit (both non-empty), in addition to ``edits``.
+        edits: JSONL file, one ``{"prompt", "target", ["paraphrases", "aliases", "fact_id"]}`` per line.
+        output_dir: the patch folder to write (``patch.safetensors`` + ``manifest.json``; alias ``--out``).
+        overwrite: replace an existing patch there.
+        reference: reference prompts, see :func:`neurodetox.patching.pools.reference_prompts`.
+    """
+
+    prompt: Optional[str] = field(default=None, metadata={"help": "Prompt text."})
+    target: Optional[str] = field(
+        default=None, metadata={"help": "Desired continuation (a leading space is added when tokenising)."}
     )
-    p.add_argument("--threads", default="auto", help="torch threads: 'auto' (idle cores) or an integer.")
-    p.add_argument("--quiet", action="store_true", help="No progress bars.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    f = sub.add_parser("find", help="Repair wrong continuations and write a patch.")
-    f.add_argument("--model", required=True, help="Checkpoint folder (or the default model name).")
-    f.add_argument("--prompt", help="Prompt text.")
-    f.add_argument("--target", help="Desired continuation (a leading space is added when tokenising).")
-    f.add_argument(
-        "--edits", help='JSONL file: one {"prompt", "target", ["paraphrases", "aliases", "fact_id"]} per line.'
+    edits: Optional[str] = field(
+        default=None,
+        metadata={"help": 'JSONL file: one {"prompt", "target", ["paraphrases", "aliases", "fact_id"]} per line.'},
     )
-    f.add_argument("--out", required=True, help="Patch folder to write (patch.safetensors + manifest.json).")
-    _add_setting_args(f)
-
-    for name, helptext in (
-        ("apply", "Apply a patch to a checkpoint."),
-        ("revert", "Restore a checkpoint's originals."),
-    ):
-        w = sub.add_parser(name, help=helptext)
-        w.add_argument("checkpoint")
-        w.add_argument("patch")
-        w.add_argument("--out", help="Write a patched copy to this folder.")
-        w.add_argument("--in-place", action="store_true", help="Rewrite the checkpoint's touched shards atomically.")
-        w.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
-
-    v = sub.add_parser("verify", help="Say whether a checkpoint is the patch's base, patched, or neither.")
-    v.add_argument("checkpoint")
-    v.add_argument("patch")
-
-    s = sub.add_parser("show", help="Layers, neurons, failures fixed, top tokens before/after.")
-    s.add_argument("patch")
-    s.add_argument("--model", help="Checkpoint for LM-head decoding (default: the manifest's base path).")
-    s.add_argument("--top", type=int, default=6, help="Tokens per neuron (default 6).")
-
-    e = sub.add_parser("eval", help="Success, generalisation, specificity, perplexity drift.")
-    e.add_argument("checkpoint", help="The base checkpoint (or its patched copy).")
-    e.add_argument("patch")
-    e.add_argument("--facts", default="facts", help="Fact source for unrelated prompts (default built-in facts).")
-    e.add_argument("--facts-seed", type=int, default=0)
-    e.add_argument("--unrelated", type=int, default=250, help="Unrelated prompts for specificity (default 250).")
-    e.add_argument("--reference-texts", type=int, default=64, help="Fact statements for perplexity (default 64).")
-    e.add_argument("--reference-text", help="File of reference texts for perplexity instead.")
-    e.add_argument("--max-new-tokens", type=int, default=8)
-    e.add_argument("--json", help="Also write the results here.")
-
-    d = sub.add_parser("demo", help="make demo's patch step on a training run folder.")
-    d.add_argument("--run", default="runs/demo")
-    d.add_argument("--n", type=int, default=5, help="Wrong test facts to fix (default 5).")
-    d.add_argument("--unrelated", type=int, default=250)
-    return p
+    output_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Patch folder to write (patch.safetensors + manifest.json).", "aliases": ["--out"]},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing patch in --output_dir."})
+    reference: str = field(
+        default="facts+default",
+        metadata={
+            "help": "Prompts that define neurons' background activation (what should not change): 'facts+default' "
+            "(96 built-in fact prompts and the generic built-in prompts), 'facts', 'default', or a file (one "
+            "prompt per line, or JSONL with 'prompt')."
+        },
+    )
 
 
+@dataclass
+class WriteArguments:
+    """Where ``patch apply`` / ``patch revert`` write."""
+
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "Write a patched copy to this folder.", "aliases": ["--out"]}
+    )
+    in_place: bool = field(default=False, metadata={"help": "Rewrite the checkpoint's touched shards atomically."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir folder."})
+
+
+@dataclass
+class ShowArguments:
+    """What ``patch show`` decodes."""
+
+    checkpoint: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint for LM-head decoding (default: the manifest's base path).",
+            "aliases": ["--model"],
+        },
+    )
+    top: int = field(default=6, metadata={"help": "Tokens per neuron, >= 1."})
+
+    def __post_init__(self) -> None:
+        check_int("top", self.top, minimum=1)
+
+
+@dataclass
+class PatchEvalArguments:
+    """How ``patch eval`` measures a patch (the fact source is ``--data`` / ``--split_seed``)."""
+
+    unrelated: int = field(default=250, metadata={"help": "Unrelated prompts for specificity, >= 1."})
+    reference_texts: int = field(default=64, metadata={"help": "Fact statements for perplexity, >= 1."})
+    reference_text: Optional[str] = field(
+        default=None, metadata={"help": "File of reference texts for perplexity instead."}
+    )
+    max_new_tokens: int = field(default=8, metadata={"help": "Greedy answer length in tokens, >= 1."})
+    json: Optional[str] = field(default=None, metadata={"help": "Also write the results to this JSON file."})
+
+    def __post_init__(self) -> None:
+        check_int("unrelated", self.unrelated, minimum=1)
+        check_int("reference_texts", self.reference_texts, minimum=1)
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+
+
+@dataclass
+class DemoArguments:
+    """``patch demo``: the ``make demo`` patch step on a training run folder."""
+
+    run: str = field(default="runs/demo", metadata={"help": "Run folder written by `neurodetox train`."})
+    n: int = field(default=5, metadata={"help": "Wrong test facts to fix, >= 1."})
+    unrelated: int = field(default=250, metadata={"help": "Unrelated prompts for specificity, >= 1."})
+
+    def __post_init__(self) -> None:
+        check_int("n", self.n, minimum=1)
+        check_int("unrelated", self.unrelated, minimum=1)
+
+
+SUBCOMMANDS = {
+    "find": "Repair wrong continuations and write a patch.",
+    "apply": "Apply a patch to a checkpoint.",
+    "revert": "Restore a checkpoint's originals.",
+    "verify": "Say whether a checkpoint is the patch's base, patched, or neither.",
+    "show": "Layers, neurons, failures fixed, top tokens before/after.",
+    "eval": "Success, generalisation, specificity, perplexity drift.",
+    "demo": "make demo's patch step on a training run folder.",
+}
+
+
+def make_parser(cmd: str):
+    """The parser of ``neurodetox patch CMD`` (flags from its settings dataclasses; positionals added)."""
+    from neurodetox.core.settings import ModelArguments
+    from neurodetox.data.settings import FactDataArguments
+    from neurodetox.patching.mint import MintSettings
+
+    if cmd not in SUBCOMMANDS:
+        raise UserError(f"unknown subcommand {cmd!r}; valid: {', '.join(SUBCOMMANDS)}")
+    classes = {
+        "find": (ModelArguments, FindArguments, MintSettings, PatchRunArguments),
+        "apply": (WriteArguments, PatchRunArguments),
+        "revert": (WriteArguments, PatchRunArguments),
+        "verify": (PatchRunArguments,),
+        "show": (ShowArguments, PatchRunArguments),
+        "eval": (FactDataArguments, PatchEvalArguments, PatchRunArguments),
+        "demo": (DemoArguments, PatchRunArguments),
+    }[cmd]
+    parser = command_parser(
+        f"neurodetox patch {cmd}",
+        SUBCOMMANDS[cmd] + " MINT neuron patching (Gu et al., arXiv 2312.05356).",
+        classes,
+    )
+    if cmd in ("apply", "revert", "verify", "eval"):
+        parser.add_argument("checkpoint", help="Checkpoint folder (safetensors, single or sharded).")
+    if cmd in ("apply", "revert", "verify", "eval", "show"):
+        parser.add_argument("patch", help="Patch folder (patch.safetensors + manifest.json).")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> SimpleNamespace:
+    """``neurodetox patch CMD ...`` → one namespace with every field of the subcommand's dataclasses.
+
+    ``--threads``/``--quiet`` may also come before ``CMD`` (as in earlier versions). MINT settings
+    are gathered in ``.settings`` (a :class:`~neurodetox.patching.mint.MintSettings`).
+
+    Raises:
+        UserError: no or an unknown subcommand, an unknown flag, or a bad value.
+    """
+    from neurodetox.patching.mint import MintSettings
+
+    argv = list(argv)
+    head: list[str] = []
+    while argv and argv[0].startswith("--"):
+        head.append(argv.pop(0))
+        if head[-1] in ("--threads",) and argv:
+            head.append(argv.pop(0))
+    if not argv:
+        raise UserError(f"give a subcommand: {', '.join(SUBCOMMANDS)} (see `neurodetox patch --help`)")
+    cmd, rest = argv[0], argv[1:]
+    parsed = parse_command(make_parser(cmd), head + rest)
+    ns = SimpleNamespace(cmd=cmd)
+    for part in parsed:
+        if isinstance(part, MintSettings):
+            ns.settings = part
+        else:
+            ns.__dict__.update(vars(part) if not dataclasses.is_dataclass(part) else dataclasses.asdict(part))
+    return ns
+
+
+def _usage() -> str:
+    lines = ["usage: neurodetox patch {" + ",".join(SUBCOMMANDS) + "} ...", ""]
+    lines += [f"  {k:7s} {v}" for k, v in SUBCOMMANDS.items()]
+    lines += ["", "`neurodetox patch CMD --help` lists every flag of CMD (MINT settings under find)."]
+    return "\n".join(lines)
+
+
+@user_errors_exit_2("neurodetox patch")
 def cmd_patch(argv: Sequence[str]) -> int:
-    """Entry point of ``neurodetox patch``; returns the exit status."""
+    """Entry point of ``neurodetox patch``; returns the exit status (0 ok, 1 not all fixed or refused, 2 bad input)."""
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = make_parser()
-    a = parser.parse_args(list(argv))
+    a = parse_args(argv)
     from neurodetox.patching.checkpoint import CheckpointError
     from neurodetox.patching.patchfile import PatchError, PatchMismatchError
 
@@ -816,11 +742,9 @@ def cmd_patch(argv: Sequence[str]) -> int:
             return cmd_show(a)
         if a.cmd == "eval":
             return cmd_eval(a)
-        if a.cmd == "demo":
-            return cmd_demo(a)
+        return cmd_demo(a)
     except PatchMismatchError as e:
         print(f"neurodetox patch: refused: {e}", file=sys.stderr)
         return 1
-    except (PatchError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
-        return _fail(str(e))
-    return _fail(f"unknown subcommand {a.cmd!r}")  # pragma: no cover
+    except (PatchError, CheckpointError, ValueError, ModuleNotFoundError) as e:
+        raise UserError(str(e)) from None
