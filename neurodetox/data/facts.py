@@ -33,6 +33,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import datasets
 
+from neurodetox.core.errors import UserError
+from neurodetox.core.paths import PathExistsError
+
 __all__ = [
     "FACT_FEATURES",
     "RELATIONS",
@@ -252,9 +255,9 @@ def expand_aliases(answer: str, candidates: Iterable[str] = ()) -> list[str]:
 def _validate_fractions(tracking_fraction: float, test_fraction: float) -> None:
     for name, value in (("tracking_fraction", tracking_fraction), ("test_fraction", test_fraction)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+            raise UserError(f"{name} must be a number in [0, 1), got {value!r}")
     if tracking_fraction + test_fraction >= 1:
-        raise ValueError(
+        raise UserError(
             f"tracking_fraction + test_fraction must be < 1 so that train is not empty, "
             f"got {tracking_fraction!r} + {test_fraction!r} = {tracking_fraction + test_fraction!r}"
         )
@@ -377,7 +380,7 @@ def _answer_and_aliases(relation: str, iso: str, country: Mapping[str, Any]) -> 
         extra = [code, *_CURRENCY_CODE_ALIASES.get(code, ()), *_CURRENCY_NAME_ALIASES.get(answer, ())]
         extra += [alt.lower() for alt in (answer, *extra) if alt != code]
         return answer, extra
-    raise ValueError(f"unknown relation {relation!r}")  # pragma: no cover - validated earlier
+    raise UserError(f"unknown relation {relation!r}")  # pragma: no cover - validated earlier
 
 
 def _geonames_records(relations: Sequence[str]) -> list[dict[str, Any]]:
@@ -446,7 +449,7 @@ def build_fact_dataset(
         in each split's ``info.description``.
 
     Raises:
-        ValueError: unknown or no relation; a fraction outside [0, 1) or fractions
+        UserError: unknown or no relation; a fraction outside [0, 1) or fractions
             summing to 1 or more; ``max_facts_per_relation`` not a positive int.
         TypeError: ``seed`` is not an int.
     """
@@ -454,10 +457,10 @@ def build_fact_dataset(
         relations = (relations,)
     relations = tuple(dict.fromkeys(relations))
     if not relations:
-        raise ValueError(f"relations is empty; choose among {list(RELATIONS)}")
+        raise UserError(f"relations is empty; choose among {list(RELATIONS)}")
     unknown = [r for r in relations if r not in RELATION_TEMPLATES]
     if unknown:
-        raise ValueError(f"unknown relation(s) {unknown}; valid relations are {list(RELATIONS)}")
+        raise UserError(f"unknown relation(s) {unknown}; valid relations are {list(RELATIONS)}")
     _validate_seed(seed)
     _validate_fractions(tracking_fraction, test_fraction)
     if max_facts_per_relation is not None and (
@@ -465,7 +468,7 @@ def build_fact_dataset(
         or not isinstance(max_facts_per_relation, int)
         or max_facts_per_relation < 1
     ):
-        raise ValueError(f"max_facts_per_relation must be a positive int or None, got {max_facts_per_relation!r}")
+        raise UserError(f"max_facts_per_relation must be a positive int or None, got {max_facts_per_relation!r}")
 
     splits = _assign_splits(
         _geonames_records(relations), seed, tracking_fraction, test_fraction, max_facts_per_relation
@@ -557,20 +560,22 @@ def write_fact_dataset(
         ``out_dir`` as a ``Path``.
 
     Raises:
-        FileExistsError: ``out_dir`` is a non-empty folder and ``overwrite`` is
+        PathExistsError: (a ``FileExistsError``) ``out_dir`` is a non-empty folder and ``overwrite`` is
             False, or it exists and is not a folder.
-        ValueError: a split name is not usable as a file name.
+        UserError: a split name is not usable as a file name.
     """
     out = Path(out_dir).expanduser().absolute()
     for split in dataset_dict:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", split) or split.startswith("."):
-            raise ValueError(f"split name {split!r} is not usable as a file name")
+            raise UserError(f"split name {split!r} is not usable as a file name")
 
     def check_destination() -> None:
         if out.exists() and not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a folder")
+            raise PathExistsError(f"{out} exists and is not a folder; choose a folder path")
         if _is_nonempty_dir(out) and not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to replace it")
+            raise PathExistsError(
+                f"{out} already exists and is not empty; pass --overwrite (overwrite=True) to replace it"
+            )
 
     check_destination()
     out.parent.mkdir(parents=True, exist_ok=True)

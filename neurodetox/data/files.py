@@ -4,6 +4,7 @@ into the fact schema of :mod:`neurodetox.data.facts`."""
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import warnings
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import datasets
 
+from neurodetox.core.errors import UserError
+from neurodetox.core.paths import PathNotFoundError
 from neurodetox.data.facts import (
     RELATIONS,
     SPLITS,
@@ -57,7 +60,7 @@ def _text_list(value: Any) -> list[str]:
 def _normalize_row(row: Mapping[str, Any], index: int, text_column: str) -> dict[str, Any]:
     statement = _text(row.get(text_column))
     if not statement:
-        raise ValueError(f"row {index}: column {text_column!r} is empty")
+        raise UserError(f"row {index}: column {text_column!r} is empty")
     prompt, answer = _text(row.get("prompt")), _text(row.get("answer"))
     # Derive the missing one of prompt/answer when the statement is "<prompt> <answer>."
     if prompt and not answer and statement.startswith(prompt + " ") and statement.endswith("."):
@@ -86,21 +89,21 @@ def _normalize_rows(
     elif "text" in columns:
         text_column = "text"
     else:
-        raise ValueError(f"{source}: a 'statement' (or 'text') column is required; columns found: {list(columns)}")
+        raise UserError(f"{source}: a 'statement' (or 'text') column is required; columns found: {list(columns)}")
     out = []
     for i, row in enumerate(rows, start=start):
         split = None
         if "split" in columns:
             split = _text(row.get("split")).lower()
             if split not in SPLITS:
-                raise ValueError(f"{source}: row {i} has split {row.get('split')!r}; valid splits are {list(SPLITS)}")
+                raise UserError(f"{source}: row {i} has split {row.get('split')!r}; valid splits are {list(SPLITS)}")
         out.append((_normalize_row(row, i, text_column), split))
     return out
 
 
 def _check_and_build(records: list[dict[str, Any]], splits: dict[str, list[dict[str, Any]]], source: Path):
     if not records:
-        raise ValueError(f"{source}: no rows to load")
+        raise UserError(f"{source}: no rows to load")
     seen: set[str] = set()
     duplicates = []
     for rec in records:
@@ -108,7 +111,7 @@ def _check_and_build(records: list[dict[str, Any]], splits: dict[str, list[dict[
             duplicates.append(rec["fact_id"])
         seen.add(rec["fact_id"])
     if duplicates:
-        raise ValueError(f"{source}: fact_id values must be unique; duplicated: {sorted(set(duplicates))[:10]}")
+        raise UserError(f"{source}: fact_id values must be unique; duplicated: {sorted(set(duplicates))[:10]}")
     # A held-out statement equal to, or the ending of, a train/tracking statement.
     seen = sorted(r["statement"][::-1] for split in ("train", "tracking") for r in splits[split])
     leaked = []
@@ -125,6 +128,59 @@ def _check_and_build(records: list[dict[str, Any]], splits: dict[str, list[dict[
     return _to_dataset_dict(splits)
 
 
+def _file_problem(path: Path, builder: str) -> str | None:
+    """Why ``path`` cannot be read as ``builder`` (empty, not UTF-8, a malformed JSON line), or ``None``."""
+    data = path.read_bytes()
+    if not data.strip():
+        return f"{path} is empty: a fact file needs at least one row with a 'statement' column"
+    if builder == "parquet":
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        return (
+            f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at line {line} (a Latin-1/Windows-1252 file?); "
+            f"re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}"
+        )
+    if builder == "json":
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            try:
+                rows = json.loads(text)
+            except ValueError as e:
+                return f"{path} is not valid JSON ({e})"
+            return f"{path} holds an empty JSON list: no rows to load" if not rows else None
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                if number == 1 and stripped.startswith("{"):
+                    try:
+                        json.loads(text)
+                        return None  # one JSON object spread over several lines
+                    except ValueError:
+                        pass
+                return f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}): {line[:80]!r}"
+            if not isinstance(row, dict):
+                return f"{path}: line {number} is a JSON {type(row).__name__}, expected an object with a 'statement'"
+    return None
+
+
+def _read_file(path: Path, builder: str, cache_dir: str | None) -> datasets.Dataset:
+    """``datasets.load_dataset`` on one file; what it cannot read becomes one :class:`UserError` line."""
+    problem = _file_problem(path, builder)
+    if problem:
+        raise UserError(problem)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration, ImportError) as e:
+        cause = e.__cause__ or e.__context__ or e
+        raise UserError(f"cannot read {path} as {builder}: {type(cause).__name__}: {str(cause)[:200]}") from None
+
+
 def _load_saved_folder(path: Path) -> datasets.DatasetDict:
     dataset_path = path / "dataset" if (path / "dataset" / "dataset_dict.json").is_file() else path
     loaded = datasets.load_from_disk(str(dataset_path))
@@ -132,7 +188,7 @@ def _load_saved_folder(path: Path) -> datasets.DatasetDict:
         loaded = datasets.DatasetDict({"train": loaded})
     unknown = [s for s in loaded if s not in SPLITS]
     if unknown:
-        raise ValueError(f"{path}: unknown split(s) {unknown}; valid splits are {list(SPLITS)}")
+        raise UserError(f"{path}: unknown split(s) {unknown}; valid splits are {list(SPLITS)}")
     splits: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     records = []
     start = 0
@@ -180,8 +236,9 @@ def load_fact_file(
         ``DatasetDict`` with the columns of :data:`~neurodetox.data.FACT_FEATURES`.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: unsupported extension; folder not written by
+        PathNotFoundError: ``path`` does not exist (also a ``FileNotFoundError``).
+        UserError: an empty file; a file that is not UTF-8 (names the byte and line); a malformed
+            JSON line (names the line number); unsupported extension; folder not written by
             ``write_fact_dataset``; no ``statement``/``text`` column; empty
             statement; invalid ``split`` value; duplicate ``fact_id``; no rows; bad
             fractions.
@@ -191,20 +248,20 @@ def load_fact_file(
     _validate_fractions(tracking_fraction, test_fraction)
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"fact file not found: {p}")
+        raise PathNotFoundError(f"fact file not found: {p}")
     if p.is_dir():
         if (p / "dataset" / "dataset_dict.json").is_file() or (p / "dataset_dict.json").is_file():
             return _load_saved_folder(p)
-        raise ValueError(
+        raise UserError(
             f"{p} is a folder but not one written by write_fact_dataset (no dataset/dataset_dict.json inside)"
         )
     builder = SUPPORTED_EXTENSIONS.get(p.suffix.lower())
     if builder is None:
-        raise ValueError(
+        raise UserError(
             f"unsupported fact file extension {p.suffix!r} for {p}; "
             f"supported: {sorted(SUPPORTED_EXTENSIONS)} or a folder from write_fact_dataset"
         )
-    ds = datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=cache_dir)
+    ds = _read_file(p, builder, cache_dir)
     rows = _normalize_rows(ds, ds.column_names, p)
     records = [rec for rec, _ in rows]
     if "split" in ds.column_names:
@@ -258,7 +315,7 @@ def load_facts(
         if value is not None
     ]
     if given:
-        raise ValueError(f"{given} only apply to source='facts', not to the file {str(source)!r}")
+        raise UserError(f"{given} only apply to source='facts', not to the file {str(source)!r}")
     return load_fact_file(
         source,
         seed=seed,

@@ -3,7 +3,11 @@
 ``neurodetox train --config recipes/smollm2-facts-send.yaml`` runs
 :func:`run_training`. The run folder holds the Trainer checkpoints
 (complete or absent), ``final/`` (a loadable HF checkpoint), ``metrics.jsonl``,
-``training_curves.png`` and ``summary.json``.
+``training_curves.png``, ``summary.json``, ``run_config.json`` (the data split and
+optimisation settings a resume is checked against) and the marker file
+``.neurodetox-run`` (what ``--overwrite_output_dir`` looks for before deleting).
+
+Method: Mohammadzadeh et al., "Sensitive Neuron Dropout (SeND)", arXiv 2410.15460.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from neurodetox.core.errors import UserError
 from neurodetox.core.io import atomic_write_json
-from neurodetox.core.models import load_model
+from neurodetox.core.models import load_model, resolve_model_path
+from neurodetox.core.paths import PathNotFoundError, check_writable_destination, is_within
 from neurodetox.data import load_facts
 from neurodetox.data.lm import tokenize_texts
 from neurodetox.metrics.callback import EigenScoreCallback, evaluate_probes_all_ranks
@@ -33,17 +39,194 @@ from neurodetox.send.trainer import SeNDTrainer, last_checkpoint
 logger = logging.getLogger(__name__)
 
 
-def _prepare_output_dir(args: SeNDConfig, run: RunArguments) -> None:
-    out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()):
-        if run.overwrite_output_dir:
-            shutil.rmtree(out)
-        elif not args.resume_from_checkpoint and last_checkpoint(str(out)) is not None:
-            raise FileExistsError(
-                f"run folder {out} already holds checkpoints; pass --resume_from_checkpoint true to continue it "
-                "or --overwrite_output_dir true to start over"
+#: Marker file written into a run folder at the start of every run.
+RUN_MARKER = ".neurodetox-run"
+#: What a resume is compared against.
+RUN_CONFIG = "run_config.json"
+#: Entries that make a folder recognisably a neurodetox run (with ``checkpoint-*`` folders).
+RUN_FILES = (RUN_MARKER, RUN_CONFIG, "summary.json", "metrics.jsonl", "probes_before.json")
+
+#: Optimisation settings (``SeNDConfig`` fields) a resume must not change without ``allow_resume_changes``.
+RESUME_TRAINING_FIELDS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "optim",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+    "send_mode",
+    "send_site",
+    "send_layers",
+    "send_drop_fraction",
+    "send_num_checkpoints",
+    "send_drop_windows",
+    "send_window_steps",
+    "send_rescale",
+    "send_module_path",
+)
+#: Data settings (``DataArguments`` fields) a resume must not change without ``allow_resume_changes``.
+RESUME_DATA_FIELDS = (
+    "data",
+    "relations",
+    "max_facts_per_relation",
+    "split_seed",
+    "tracking_fraction",
+    "test_fraction",
+    "max_length",
+)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is recognisably a neurodetox run (marker, run files or ``checkpoint-*`` folders)."""
+    return any((folder / n).exists() for n in RUN_FILES) or any(folder.glob("checkpoint-*"))
+
+
+def _local_inputs(model_args: ModelArguments, data_args: DataArguments) -> list[tuple[str, Path]]:
+    out = []
+    for label, value in (
+        ("model", model_args.model_name_or_path),
+        ("tokenizer", getattr(model_args, "tokenizer", None)),
+        ("data file", data_args.data),
+    ):
+        if value and value != "facts" and Path(value).expanduser().exists():
+            out.append((label, Path(value).expanduser()))
+    return out
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike,
+    run: RunArguments,
+    inputs: list[tuple[str, Path]] = (),
+    resume: bool = False,
+) -> Path:
+    """Decide what may happen to the run folder; deletes nothing. Call after every other check.
+
+    Rules: with ``overwrite_output_dir`` the folder must not be the working folder or one of its
+    parents, must not hold an input (model, tokenizer or data file), and must be recognisably a
+    neurodetox run (:func:`is_run_folder`) unless ``force_overwrite``. Without it, a folder that
+    holds checkpoints needs ``resume``.
+
+    Returns:
+        The output folder as a :class:`Path`.
+
+    Raises:
+        UserError: any rule broken (one line naming the folder and what to do), or an output
+            folder whose parent is not writable.
+    """
+    out = Path(output_dir).expanduser()
+    check_writable_destination(out, overwrite=True, what="output_dir")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file; give a folder")
+    if nonempty and run.overwrite_output_dir:
+        if is_within(Path.cwd(), out):
+            raise UserError(
+                f"output_dir {out} is the working folder or one of its parents; --overwrite_output_dir would "
+                "delete it: choose a dedicated run folder, e.g. --output_dir runs/NAME"
             )
-    out.mkdir(parents=True, exist_ok=True)
+        for label, path in inputs:
+            if is_within(path, out):
+                raise UserError(
+                    f"output_dir {out} holds the {label} {path}; --overwrite_output_dir would delete it: "
+                    "choose another output folder"
+                )
+        if not is_run_folder(out) and not getattr(run, "force_overwrite", False):
+            raise UserError(
+                f"output_dir {out} is not a neurodetox run folder (no {RUN_MARKER}, summary.json, metrics.jsonl or "
+                "checkpoint-*); refusing to delete it: choose another folder or add --force_overwrite true"
+            )
+    elif nonempty and not resume and last_checkpoint(str(out)) is not None:
+        raise UserError(
+            f"run folder {out} already holds checkpoints; pass --resume_from_checkpoint true to continue it "
+            "or --overwrite_output_dir true to start over"
+        )
+    return out
+
+
+def _prepare_output_dir(out: Path, run: RunArguments) -> None:
+    """Delete (when asked, and already checked by :func:`check_output_dir`), create and mark the run folder."""
+    if out.is_dir() and any(out.iterdir()) and run.overwrite_output_dir:
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_MARKER).write_text("neurodetox run folder\n", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {out}: {e.strerror}") from None
+
+
+def run_config(model_args: ModelArguments, data_args: DataArguments, args: SeNDConfig, peft_config=None) -> dict:
+    """What a run records in ``run_config.json``: data split, model and optimisation settings (JSON types)."""
+    data = {k: getattr(data_args, k) for k in RESUME_DATA_FIELDS if hasattr(data_args, k)}
+    training = {k: getattr(args, k) for k in RESUME_TRAINING_FIELDS if hasattr(args, k)}
+    training = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in training.items()}
+    training["world_size"] = args.world_size
+    return {
+        "model": {"model_name_or_path": model_args.model_name_or_path, "model_dtype": model_args.model_dtype},
+        "data": data,
+        "training": training,
+        "peft": peft_config,
+    }
+
+
+def check_resume_config(recorded: dict, current: dict, allow_changes: bool = False) -> list[str]:
+    """Compare a run's recorded ``run_config.json`` with the settings of a resume.
+
+    Returns:
+        ``"section.field: recorded -> now"`` for every difference (empty: identical).
+
+    Raises:
+        UserError: differences and not ``allow_changes``; the message names each field.
+    """
+    diffs = []
+    for section in ("model", "data", "training", "peft"):
+        old, new = recorded.get(section), current.get(section)
+        if section == "peft" or not isinstance(old, dict) or not isinstance(new, dict):
+            if old != new and section in recorded:
+                diffs.append(f"{section}: {old!r} -> {new!r}")
+            continue
+        for k in sorted(set(old) | set(new)):
+            if k in old and old.get(k) != new.get(k):
+                diffs.append(f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}")
+    if diffs and not allow_changes:
+        raise UserError(
+            f"resume changes the run's recorded settings: {'; '.join(diffs)}. Resume with the recorded values, "
+            "start a new run, or pass --allow_resume_changes true"
+        )
+    return diffs
+
+
+def rebuild_split(summary: dict):
+    """The exact train / tracking / test split of a finished run, from its ``summary.json``.
+
+    Args:
+        summary: the parsed ``summary.json`` of a run (its ``split`` entry, which records
+            :data:`neurodetox.data.settings.SPLIT_FIELDS`).
+
+    Returns:
+        ``datasets.DatasetDict`` with ``train``, ``tracking``, ``test``.
+
+    Raises:
+        UserError: the summary does not record the split (written by an older version), or records
+            invalid values; the message names the missing fields.
+    """
+    from neurodetox.data.settings import SPLIT_FIELDS, FactDataArguments
+
+    split = summary.get("split") if isinstance(summary, dict) else None
+    missing = [k for k in SPLIT_FIELDS if not isinstance(split, dict) or k not in split]
+    if missing:
+        raise UserError(
+            f"the run's summary.json does not record its data split (missing: {', '.join(missing)}); "
+            "it was written by an older neurodetox: give the data and split settings explicitly"
+        )
+    try:
+        return FactDataArguments(**{k: split[k] for k in SPLIT_FIELDS}).load()
+    except TypeError as e:
+        raise UserError(f"the run's summary.json records an invalid data split {split!r}: {e}") from None
 
 
 def planned_steps(args: SeNDConfig, n_train: int) -> int:
@@ -58,13 +241,13 @@ def check_schedule(args: SeNDConfig, n_train: int) -> None:
     """Fail before training if the SeND window does not fit the run; warn if no selection can happen.
 
     Raises:
-        ValueError: ``send_window_steps`` longer than the run.
+        UserError: ``send_window_steps`` longer than the run.
     """
     if args.send_mode == "off":
         return
     steps = planned_steps(args, n_train)
     if args.send_window_steps > steps:
-        raise ValueError(
+        raise UserError(
             f"send_window_steps={args.send_window_steps} is longer than the run ({steps} steps): "
             "no window would ever end; use a smaller window or 0 (one epoch)"
         )
@@ -134,14 +317,14 @@ def deepspeed_config(args: SeNDConfig) -> Optional[dict]:
     (``ACCELERATE_DEEPSPEED_CONFIG_FILE``), else ``None``.
 
     Raises:
-        FileNotFoundError: the named config file is missing.
+        PathNotFoundError: the named config file is missing (a ``UserError`` and ``FileNotFoundError``).
     """
     cfg = args.deepspeed
     if not cfg and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
         cfg = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
     if isinstance(cfg, str):
         if not os.path.isfile(cfg):
-            raise FileNotFoundError(f"DeepSpeed config not found: {cfg}")
+            raise PathNotFoundError(f"DeepSpeed config not found: {cfg}")
         with open(cfg) as f:
             cfg = json.load(f)
     return cfg or None
@@ -151,8 +334,8 @@ def check_deepspeed_config(args: SeNDConfig) -> None:
     """Fail before training when a DeepSpeed config contradicts the Trainer's arguments.
 
     Raises:
-        FileNotFoundError: the config file is missing.
-        ValueError: a batch-size or accumulation value that differs from the
+        PathNotFoundError: the config file is missing.
+        UserError: a batch-size or accumulation value that differs from the
             Trainer's (use ``"auto"``), or a ``train_batch_size`` that is not
             micro-batch × accumulation × world size.
     """
@@ -167,14 +350,14 @@ def check_deepspeed_config(args: SeNDConfig) -> None:
     for ds_key, arg_name, value in checks:
         v = cfg.get(ds_key, "auto")
         if v != "auto" and int(v) != int(value):
-            raise ValueError(
+            raise UserError(
                 f"DeepSpeed config {ds_key}={v} contradicts {arg_name}={value}; "
                 f'set it to "auto" (recommended) or to {value}'
             )
     tbs = cfg.get("train_batch_size", "auto")
     expect = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     if tbs != "auto" and int(tbs) != expect:
-        raise ValueError(
+        raise UserError(
             f"DeepSpeed config train_batch_size={tbs} is not per_device_train_batch_size × "
             f"gradient_accumulation_steps × world size = {args.per_device_train_batch_size} × "
             f'{args.gradient_accumulation_steps} × {world} = {expect}; remove the key or set it to "auto"'
@@ -190,7 +373,7 @@ def wrap_peft(model, peft_config: dict, args: SeNDConfig):
     crashes (``CheckpointError … shape [0]``, platform-notes.md).
 
     Raises:
-        ValueError: an unknown LoRA field (the message lists the valid ones).
+        UserError: an unknown LoRA field (the message lists the valid ones).
     """
     import dataclasses
 
@@ -199,7 +382,7 @@ def wrap_peft(model, peft_config: dict, args: SeNDConfig):
     valid = {f.name for f in dataclasses.fields(LoraConfig)}
     bad = sorted(set(peft_config) - valid)
     if bad:
-        raise ValueError(
+        raise UserError(
             f"unknown peft field(s) {bad} in the recipe; valid LoraConfig fields include "
             f"r, lora_alpha, lora_dropout, target_modules, bias, modules_to_save"
         )
@@ -255,28 +438,62 @@ def run_training(
 ) -> dict:
     """Fine-tune with SeND and write the run folder; returns the summary dict.
 
-    Every input is validated (data, sites, layers, window, tracking set)
-    before the first optimizer step.
+    Every input is validated (model path, data, split sizes, window, DeepSpeed config, output
+    folder, and on resume the recorded settings) before the run folder is touched, so a
+    mistake deletes nothing. ``--overwrite_output_dir`` then deletes only a folder that
+    :func:`check_output_dir` accepts.
+
+    Raises:
+        UserError: any invalid input (one line naming it), including a resume whose data split or
+            optimisation settings differ from ``run_config.json`` (see :func:`check_resume_config`).
     """
     t_start = time.time()
+    resolve_model_path(model_args.model_name_or_path)  # a missing model path fails here, before any deletion
     ds = load_run_data(data_args)
     for split in ("train", "tracking", "test"):
         if split not in ds or len(ds[split]) == 0:
-            raise ValueError(f"the {split!r} split is empty; adjust tracking_fraction/test_fraction or the data")
+            raise UserError(
+                f"the {split!r} split of {data_args.data} is empty; adjust tracking_fraction/test_fraction or the data"
+            )
+    if args.send_mode != "off" and len(ds["tracking"]) < 2:
+        raise UserError(
+            f"the tracking set (split 'tracking' of {data_args.data}) has {len(ds['tracking'])} row; SeND's "
+            "sensitivity and EES need at least 2: raise tracking_fraction or give more facts"
+        )
     check_schedule(args, len(ds["train"]))
     check_deepspeed_config(args)
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "1", "yes"):
+        resume = True
+    if isinstance(resume, str) and resume.lower() in ("false", "0", "no", ""):
+        resume = None
+    out = check_output_dir(args.output_dir, run_args, _local_inputs(model_args, data_args), bool(resume))
+    config = run_config(model_args, data_args, args, peft_config)
+    resume_changes: list[str] = []
+    recorded_file = out / RUN_CONFIG
+    if resume and not run_args.overwrite_output_dir:
+        if recorded_file.is_file():
+            recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
+            resume_changes = check_resume_config(recorded, config, run_args.allow_resume_changes)
+            if resume_changes:
+                logger.warning("resuming with changed settings: %s", "; ".join(resume_changes))
+        else:
+            logger.warning("%s has no %s: the resumed settings cannot be compared", out, RUN_CONFIG)
     with args.main_process_first(desc="prepare the run folder"):
         if args.process_index == 0:
-            _prepare_output_dir(args, run_args)
+            _prepare_output_dir(out, run_args)
+            atomic_write_json(recorded_file, {**config, "resume_changes": resume_changes})
 
-    model, tok = load_model(model_args.model_name_or_path, dtype=model_args.model_dtype)
+    model, tok = load_model(
+        model_args.model_name_or_path, dtype=model_args.model_dtype, tokenizer=getattr(model_args, "tokenizer", None)
+    )
     if peft_config:
         model = wrap_peft(model, peft_config, args)
     train_set = tokenize_texts(tok, ds["train"]["statement"], data_args.max_length)
     tracking_set = tokenize_texts(tok, ds["tracking"]["statement"], data_args.max_length)
     test_prompts, test_aliases = _probes(ds["test"], data_args.max_test_probes)
     if not test_prompts:
-        raise ValueError("the test split has no probe (prompt + answer) rows: nothing to measure")
+        raise UserError("the test split has no probe (prompt + answer) rows: nothing to measure")
     settings = args.eigenscore_settings()
 
     trainer = SeNDTrainer(
@@ -291,9 +508,6 @@ def run_training(
         callbacks=[JsonlMetricsCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
     )
 
-    resume = args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "1", "yes"):
-        resume = True
     before_file = Path(args.output_dir) / "probes_before.json"
     before: dict = {}
     if not run_args.score_test_probes:
@@ -321,6 +535,10 @@ def run_training(
     summary = {
         "model": model_args.model_name_or_path,
         "data": data_args.data,
+        "split": data_args.split_record(),
+        "facts_seed": data_args.split_seed,
+        "run_config": config,
+        "resume_changes": resume_changes,
         "send_mode": args.send_mode,
         "send_site": args.send_site,
         "send_layers": args.send_layers,
