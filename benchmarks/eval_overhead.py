@@ -49,12 +49,12 @@ def main(argv=None) -> int:
     from neurodetox.core.models import load_model
     from neurodetox.data import load_facts
     from neurodetox.metrics import eigenscore
-    from neurodetox.metrics.sampling import _eos_ids, _generation_mode, sample_answers
+    from neurodetox.metrics.sampling import eos_token_ids, generation_mode, sample_answers
 
     model, tok = load_model(a.model)
     ds = load_facts("facts", seed=0)
     prompts = [r["prompt"] for r in ds["test"]][: a.probes]
-    eos = _eos_ids(model, tok)
+    eos = eos_token_ids(model, tok)
     gen_kw = dict(
         do_sample=True,
         num_return_sequences=a.k,
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     )
 
     def bare():
-        with _generation_mode(model, tok):
+        with generation_mode(model, tok):
             torch.manual_seed(a.seed)
             for s in range(0, len(prompts), a.batch_size):
                 enc = tok(prompts[s : s + a.batch_size], return_tensors="pt", padding=True)

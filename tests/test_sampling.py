@@ -380,7 +380,7 @@ def test_feature_clipping_matches_static_clamp_reference(model, tok, monkeypatch
     embedding only through the tokens it makes the model sample)."""
     k = 3
     clip = sampling.FeatureClipper(bank_size=40, percentile=20.0, min_tokens=10, layer=1)
-    with sampling._generation_mode(model, tok):
+    with sampling.generation_mode(model, tok):
         clip.seed(model, tok, PROMPTS * 4, special_ids=[PAD, EOS])
     assert clip.count == 40
     # seeding read the real prompt tokens of block 1 (no padding), in order

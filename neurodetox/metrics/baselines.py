@@ -38,6 +38,10 @@ HALLUCINATION_DIRECTION = {
     "ln_entropy": +1,
     "lexical_similarity": -1,
     "length": +1,
+    "semantic_entropy": +1,
+    "distinct_answers": +1,
+    "sequence_nll": +1,
+    "hidden_probe": +1,
 }
 
 

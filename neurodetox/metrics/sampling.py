@@ -8,6 +8,14 @@ the authors' code) and, for each answer, the hidden state of the **middle
 layer** at the answer's **last generated real token**, plus the greedy answer
 whose correctness is the evaluation label.
 
+The answer boundary. Every answer, greedy and sampled, ends at the first EOS or
+stop token: by default INSIDE's boundary (its code adds the ids of ``"\n"``,
+``","`` and ``"."`` to ``eos_token_id``; here every token whose text starts with
+a line break, and the ``.`` and ``,`` tokens, from
+:func:`neurodetox.metrics.boundary.stop_token_ids`). The answer is the text
+before the stop and "last real token" below means the last token before it;
+``stop="none"`` restores answers that run to EOS or the token cap.
+
 How the embedding is captured. One observer hook (``neurodetox.core.sites``) sits on
 the output of the chosen decoder block while ``model.generate`` runs. At
 decoding step ``s`` the model processes the token generated at step ``s − 1``,
@@ -37,7 +45,7 @@ Options beyond the paper's defaults:
   under the model's raw next-token distribution (temperature 1, no top-k /
   top-p), taken from ``generate(output_logits=True)`` — the logits generate
   computes anyway — with no extra forward pass. Scored tokens are the answer's
-  real tokens plus the EOS that ended it, if any.
+  real tokens plus the EOS or stop token that ended it, if any.
 """
 
 from __future__ import annotations
@@ -51,11 +59,24 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from neurodetox.core.sites import LayerSpec, NeuronSite, base_model, register_site_hook, resolve_sites
+from neurodetox.core.checks import check_int, check_number, model_device
+from neurodetox.core.errors import UserError
+from neurodetox.core.sites import LayerSpec, base_model, register_site_hook, resolve_sites
+from neurodetox.metrics.boundary import stop_token_ids
+from neurodetox.metrics.clipping import FeatureClipper
+from neurodetox.metrics.settings import DEFAULTS, POOLINGS
 
-__all__ = ["SampledAnswers", "FeatureClipper", "sample_answers", "greedy_answers", "POOLINGS"]
-
-POOLINGS = ("last", "mean")
+__all__ = [
+    "GreedyAnswers",
+    "SampledAnswers",
+    "FeatureClipper",
+    "eos_token_ids",
+    "generation_mode",
+    "sample_answers",
+    "greedy_answers",
+    "greedy_generate",
+    "POOLINGS",
+]
 
 
 @dataclass
@@ -84,6 +105,11 @@ class SampledAnswers:
             lists for the samples; else ``[]``.
         greedy_lengths: real tokens per greedy answer (EOS excluded).
         sample_lengths: ``P`` lists of ``K`` real-token counts.
+        greedy_features: with ``feature_layer``: float32 ``[P, 2, d]``, block
+            ``feature_layer``'s output at the last prompt token and at the greedy answer's
+            last real token (the hidden-state probe's input); else ``None``.
+        feature_layer: the block of ``greedy_features`` (``None`` without them).
+        stop_ids: the stop token ids added to EOS (``[]`` with ``stop="none"``).
         _extra: diagnostics, not part of the stable API
             (``{"embedding_paths": [...]}``: ``"hook"``, ``"hook+extra_step"``
             or ``"full_forward"``, how the embeddings were read).
@@ -101,22 +127,15 @@ class SampledAnswers:
     sample_logprobs: list = field(default_factory=list, repr=False)
     greedy_lengths: list = field(default_factory=list, repr=False)
     sample_lengths: list = field(default_factory=list, repr=False)
+    greedy_features: Optional[torch.Tensor] = field(default=None, repr=False)
+    feature_layer: Optional[int] = None
+    stop_ids: list = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _device(model: nn.Module) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _as_list(x) -> list[int]:
@@ -129,8 +148,12 @@ def _as_list(x) -> list[int]:
     return [int(x)]
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
-    """EOS ids generate stops on: the model's generation config, else the tokenizer's."""
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """EOS ids ``generate`` stops on: the model's ``generation_config.eos_token_id``, else the tokenizer's.
+
+    Returns:
+        Sorted, deduplicated ids (empty when neither defines one).
+    """
     gc = getattr(model, "generation_config", None)
     ids = _as_list(getattr(gc, "eos_token_id", None)) if gc is not None else []
     if not ids:
@@ -176,15 +199,16 @@ def _check_lengths(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
             )
 
 
-def _positive_int(name: str, v, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    return v
-
-
 @contextlib.contextmanager
-def _generation_mode(model: nn.Module, tokenizer) -> Iterator[None]:
-    """eval() + no_grad + left padding + a pad token; everything restored after."""
+def generation_mode(model: nn.Module, tokenizer) -> Iterator[None]:
+    """Context for batched generation: ``eval()``, ``torch.no_grad()``, left padding and a pad token.
+
+    The training mode of every submodule and the tokenizer's padding side / pad token are
+    restored on exit. Without a pad token the EOS token pads.
+
+    Raises:
+        ValueError: the tokenizer has neither a pad nor an EOS token.
+    """
     modes = [(m, m.training) for m in model.modules()]
     side = getattr(tokenizer, "padding_side", None)
     set_pad = False
@@ -208,7 +232,7 @@ def _generation_mode(model: nn.Module, tokenizer) -> Iterator[None]:
 
 
 def _real_lengths(gen: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """Number of real generated tokens per row: tokens before the first EOS."""
+    """Number of real generated tokens per row: tokens before the first EOS or stop token."""
     n = gen.shape[1]
     if not eos_ids or n == 0:
         return torch.full((gen.shape[0],), n, dtype=torch.long, device=gen.device)
@@ -219,167 +243,6 @@ def _real_lengths(gen: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
 
 def _decode(tokenizer, gen: torch.Tensor, n_real: torch.Tensor) -> list[str]:
     return [tokenizer.decode(gen[i, : int(n_real[i])].tolist(), skip_special_tokens=True) for i in range(gen.shape[0])]
-
-
-class FeatureClipper:
-    """Test-time feature clipping of INSIDE (Chen et al., ICLR 2024, arXiv 2402.03744, §3.2).
-
-    While the model generates, every feature ``j`` of the output of one decoder
-    block (default: the penultimate block, as in the paper) is clamped to
-    ``[lo_j, hi_j]``, the ``percentile``-th and ``(100 − percentile)``-th
-    percentiles (linear interpolation, as ``numpy.percentile``) of feature ``j``
-    over a memory bank of the most recent ``bank_size`` real-token activations
-    of that block. Paper settings: ``bank_size = 3000``, ``percentile = 0.2``.
-    The authors' released code has no clipping; this follows the paper.
-
-    Per forward call through the block: the thresholds come from the bank as it
-    is *before* the call; every position is clamped; then the call's real-token
-    activations (unclipped; padding and tokens fed after an EOS excluded) are
-    pushed in, oldest out. Clipping starts once the bank holds ``min_tokens``
-    activations; :func:`sample_answers` first seeds the bank with one forward
-    pass over the prompts' real tokens, so clipping is active from the first
-    generated token. Set ``frozen = True`` to stop updates (fixed thresholds).
-
-    Args:
-        bank_size: activations kept (FIFO). Default 3000.
-        percentile: lower percentile in percent, ``0 ≤ p < 50``. Default 0.2.
-        layer: the clipped block, any spec of :func:`neurodetox.core.sites.parse_layers`
-            naming one block. Default ``"penultimate"``.
-        min_tokens: bank fill needed before clamping starts. Default 500
-            (or ``bank_size`` if smaller).
-
-    Raises:
-        ValueError: bad ``bank_size``, ``percentile`` or ``min_tokens``.
-    """
-
-    def __init__(
-        self, bank_size: int = 3000, percentile: float = 0.2, layer: LayerSpec = "penultimate", min_tokens: int = 500
-    ):
-        _positive_int("bank_size", bank_size)
-        _positive_int("min_tokens", min_tokens)
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile < 50:
-            raise ValueError(f"percentile must be a number in [0, 50), got {percentile!r}")
-        self.bank_size, self.percentile, self.layer = int(bank_size), float(percentile), layer
-        self.min_tokens = min(int(min_tokens), self.bank_size)
-        self.bank: Optional[torch.Tensor] = None
-        self.count = 0  # activations held (≤ bank_size)
-        self.pushed = 0  # activations ever pushed
-        self._pos = 0
-        self.frozen = False
-        self.collect = True
-        self.clamp_enabled = True
-        self.clamped_calls = 0
-
-    # -- bank
-    def push(self, acts: torch.Tensor) -> None:
-        """Append ``[N, d]`` activations (FIFO; the newest ``bank_size`` are kept)."""
-        if self.frozen or not self.collect or acts.numel() == 0:
-            return
-        acts = acts.detach().to("cpu", torch.float32).reshape(-1, acts.shape[-1])
-        if self.bank is None:
-            self.bank = torch.zeros(self.bank_size, acts.shape[-1], dtype=torch.float32)
-        if acts.shape[-1] != self.bank.shape[1]:
-            raise ValueError(f"activation width {acts.shape[-1]} differs from the bank's {self.bank.shape[1]}")
-        self.pushed += acts.shape[0]
-        if acts.shape[0] >= self.bank_size:
-            acts = acts[-self.bank_size :]
-        n = acts.shape[0]
-        end = self._pos + n
-        if end <= self.bank_size:
-            self.bank[self._pos : end] = acts
-        else:
-            first = self.bank_size - self._pos
-            self.bank[self._pos :] = acts[:first]
-            self.bank[: n - first] = acts[first:]
-        self._pos = end % self.bank_size
-        self.count = min(self.count + n, self.bank_size)
-
-    def contents(self) -> torch.Tensor:
-        """The activations in the bank, oldest first, ``[count, d]``."""
-        if self.bank is None:
-            return torch.zeros(0, 0)
-        if self.count < self.bank_size:
-            return self.bank[: self.count].clone()
-        return torch.cat([self.bank[self._pos :], self.bank[: self._pos]], dim=0)
-
-    def thresholds(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-feature ``(lo, hi)`` from the bank, or ``None`` before ``min_tokens``."""
-        if self.bank is None or self.count < self.min_tokens:
-            return None
-        data = self.bank[: self.count]
-        q = torch.tensor([self.percentile / 100.0, 1.0 - self.percentile / 100.0], dtype=torch.float32)
-        lo_hi = torch.quantile(data, q, dim=0)
-        return lo_hi[0], lo_hi[1]
-
-    def clamp(self, x: torch.Tensor) -> torch.Tensor:
-        thr = self.thresholds() if self.clamp_enabled else None
-        if thr is None:
-            return x
-        lo, hi = (t.to(x.device, x.dtype) for t in thr)
-        self.clamped_calls += 1
-        return torch.clamp(x, min=lo, max=hi)
-
-    # -- hooks
-    @contextlib.contextmanager
-    def attached(self, model: nn.Module, special_ids: Sequence[int]) -> Iterator[NeuronSite]:
-        """Clamp the block's output and feed the bank while the context is open."""
-        sites = resolve_sites(model, "residual", self.layer)
-        if len(sites) != 1:
-            raise ValueError(
-                f"feature clipping needs exactly one block, got layer={self.layer!r} -> "
-                f"blocks {[s.layer for s in sites]}"
-            )
-        site = sites[0]
-        embed = base_model(model).get_input_embeddings()
-        special = torch.tensor(sorted(set(int(i) for i in special_ids)), dtype=torch.long)
-        state: dict = {"ids": None}
-
-        def ids_hook(module, args):
-            state["ids"] = args[0] if args and isinstance(args[0], torch.Tensor) else None
-
-        def block_fn(hidden: torch.Tensor):
-            ids = state["ids"]
-            out = self.clamp(hidden)
-            if ids is not None and ids.shape == hidden.shape[:2]:
-                real = ~torch.isin(ids, special.to(ids.device))
-                self.push(hidden[real])
-            return out if out is not hidden else None
-
-        h1 = embed.register_forward_pre_hook(ids_hook)
-        h2 = register_site_hook(site, block_fn)
-        try:
-            yield site
-        finally:
-            h1.remove()
-            h2.remove()
-
-    def seed(
-        self, model: nn.Module, tokenizer, prompts: Sequence[str], special_ids: Sequence[int], batch_size: int = 16
-    ) -> None:
-        """Fill the bank by forward passes over ``prompts`` (real tokens only) until full."""
-        if self.frozen:
-            return
-        device = _device(model)
-        clamp = self.clamp_enabled
-        self.clamp_enabled = False
-        try:
-            with self.attached(model, special_ids):
-                for start in range(0, len(prompts), batch_size):
-                    if self.count >= self.bank_size:
-                        break
-                    # left padding with the pad token: padded positions are excluded from the bank
-                    enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(
-                        device
-                    )
-                    pos = (enc["attention_mask"].long().cumsum(1) - 1).clamp_min(0)
-                    model(
-                        input_ids=enc["input_ids"],
-                        attention_mask=enc["attention_mask"],
-                        position_ids=pos,
-                        use_cache=False,
-                    )
-        finally:
-            self.clamp_enabled = clamp
 
 
 def _token_logprobs(logits_steps, gen: torch.Tensor, n_real: torch.Tensor) -> list[list[float]]:
@@ -397,6 +260,32 @@ def _token_logprobs(logits_steps, gen: torch.Tensor, n_real: torch.Tensor) -> li
     return [lp[r, : n_scored[r]].tolist() for r in range(rows)]
 
 
+def _answer_features(model, site, seqs, prompt_mask, t_prompt: int, n_real: torch.Tensor) -> torch.Tensor:
+    """Block ``site``'s output at the last prompt token and the last real answer token, ``[rows, 2, d]``.
+
+    One forward over ``prompt + generation`` (tokens after the stop cannot change earlier
+    positions: the model is causal). An answer with no real token uses the last prompt token twice.
+    """
+    n = seqs.shape[1] - t_prompt
+    mask = torch.cat([prompt_mask, torch.ones(seqs.shape[0], n, dtype=prompt_mask.dtype, device=prompt_mask.device)], 1)
+    pos = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    seen: list = []
+
+    def hook(act: torch.Tensor):
+        seen.append(act.detach().to(torch.float32))
+        return None
+
+    handle = register_site_hook(site, hook, observer=True)
+    try:
+        model(input_ids=seqs, attention_mask=mask, position_ids=pos, use_cache=False)
+    finally:
+        handle.remove()
+    h = seen[-1]
+    rows = torch.arange(h.shape[0], device=h.device)
+    last_answer = t_prompt - 1 + n_real.to(h.device)
+    return torch.stack([h[rows, t_prompt - 1], h[rows, last_answer]], dim=1).cpu()
+
+
 def _greedy_batch(
     model,
     tokenizer,
@@ -405,8 +294,12 @@ def _greedy_batch(
     eos_ids: list[int],
     want_logprobs: bool = False,
     detail: bool = False,
+    feature_site=None,
 ):
-    enc = tokenizer(batch, return_tensors="pt", padding=True).to(_device(model))
+    """Greedy answers of one batch; ``eos_ids`` holds EOS and the stop ids.
+
+    Returns the answers, or with ``detail`` ``(answers, logprobs or None, n_real list, features or None)``."""
+    enc = tokenizer(batch, return_tensors="pt", padding=True).to(model_device(model))
     out = model.generate(
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],
@@ -418,13 +311,17 @@ def _greedy_batch(
         **({"return_dict_in_generate": True, "output_logits": True} if want_logprobs else {}),
     )
     seqs = out.sequences if hasattr(out, "sequences") else out
-    gen = seqs[:, enc["input_ids"].shape[1] :]
+    t_prompt = enc["input_ids"].shape[1]
+    gen = seqs[:, t_prompt:]
     n_real = _real_lengths(gen, eos_ids)
     answers = _decode(tokenizer, gen, n_real)
     if not detail:
         return answers
     lps = _token_logprobs(getattr(out, "logits", None) or (), gen, n_real) if want_logprobs else None
-    return answers, lps, n_real.tolist()
+    feats = None
+    if feature_site is not None:
+        feats = _answer_features(model, feature_site, seqs, enc["attention_mask"], t_prompt, n_real)
+    return answers, lps, n_real.tolist(), feats
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -478,7 +375,7 @@ def _sample_batch(
     """Sample K answers for each prompt of ``batch``.
 
     Returns ``(answers, embeddings [B*K, d], path, logprobs or None, n_real list)``."""
-    device = _device(model)
+    device = model_device(model)
     enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     t_prompt = ids.shape[1]
@@ -608,48 +505,137 @@ def _sample_batch(
 # ----------------------------------------------------------------------------- public API
 
 
-def greedy_answers(
+def _single_site(model, layer: LayerSpec, what: str):
+    sites = resolve_sites(model, "residual", layer)
+    if len(sites) != 1:
+        raise UserError(
+            f"{what} must name exactly one decoder block, got {layer!r} -> blocks {[s.layer for s in sites]}"
+        )
+    return sites[0]
+
+
+@dataclass
+class GreedyAnswers:
+    """Greedy answers with what the detectors read from them.
+
+    Attributes:
+        answers: ``P`` answer strings, cut before the first EOS or stop token.
+        lengths: real tokens per answer (the stop / EOS excluded).
+        logprobs: with ``return_logprobs``: per answer, the natural-log probability of each
+            scored token (its real tokens, then the stop or EOS that ended it, if any); else ``[]``.
+        features: with ``feature_layer``: float32 CPU tensor ``[P, 2, d]``, the output of that
+            block at the last prompt token (``[:, 0]``) and at the answer's last real token
+            (``[:, 1]``; the last prompt token for an empty answer); else ``None``.
+        feature_layer: the 0-based block the features come from (``None`` without features).
+        stop_ids: the stop token ids added to EOS.
+    """
+
+    answers: list[str]
+    lengths: list[int]
+    logprobs: list = field(default_factory=list, repr=False)
+    features: Optional[torch.Tensor] = field(default=None, repr=False)
+    feature_layer: Optional[int] = None
+    stop_ids: list = field(default_factory=list, repr=False)
+
+
+def greedy_generate(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 10,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
     batch_size: int = 16,
-) -> list[str]:
-    """Greedy (``do_sample=False``) answer for each prompt.
+    stop=DEFAULTS.stop,
+    feature_layer: Optional[LayerSpec] = None,
+    return_logprobs: bool = False,
+    show_progress: bool = False,
+) -> GreedyAnswers:
+    """Greedy (``do_sample=False``) answers, cut at INSIDE's answer boundary by default.
 
-    Prompts are left-padded in batches; each answer is cut at the first EOS and
-    decoded with ``skip_special_tokens=True``. The model runs in ``eval()``
-    mode under ``torch.no_grad()``; its training mode and the tokenizer's
-    padding side / pad token are restored afterwards.
+    Prompts are left-padded in batches; generation stops at EOS or at a stop token
+    (:func:`neurodetox.metrics.boundary.stop_token_ids`, added to ``eos_token_id``) and the answer
+    is the text before it, decoded with ``skip_special_tokens=True``. The model runs in
+    ``eval()`` mode under ``torch.no_grad()``; its training mode and the tokenizer's padding
+    side / pad token are restored afterwards.
 
     Args:
         model: a transformers causal LM (PEFT-wrapped allowed).
         tokenizer: its tokenizer; without a pad token the EOS token pads.
         prompts: ``P`` prompt strings.
-        max_new_tokens: most tokens generated per answer. Default 10.
+        max_new_tokens: most tokens generated per answer (default from
+            :class:`~neurodetox.metrics.settings.EigenScoreSettings`).
         batch_size: prompts per ``generate`` call. Default 16.
+        stop: ``"inside"`` (default), ``"none"`` or user stop strings (see
+            :func:`~neurodetox.metrics.settings.parse_stop`).
+        feature_layer: if given, one block whose output is read at the last prompt token and the
+            last answer token (one extra forward per batch) for the hidden-state probe.
+        return_logprobs: also return the scored tokens' log-probs (from the same ``generate``).
+        show_progress: a tqdm bar over batches.
+
+    Returns:
+        :class:`GreedyAnswers`.
+
+    Raises:
+        ValueError: empty ``prompts``; bad ``max_new_tokens`` / ``batch_size``; a prompt longer
+            than the model's context minus ``max_new_tokens``; a stop string that tokenises to
+            nothing (:class:`~neurodetox.core.errors.UserError`); ``feature_layer`` not one block.
+        TypeError: ``prompts`` is a single string or holds non-strings.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = _check_prompts(prompts)
+    check_int("max_new_tokens", max_new_tokens)
+    check_int("batch_size", batch_size)
+    _check_lengths(model, tokenizer, prompts, max_new_tokens)
+    site = _single_site(model, feature_layer, "feature_layer") if feature_layer is not None else None
+    stops = stop_token_ids(tokenizer, stop)
+    end_ids = sorted(set(eos_token_ids(model, tokenizer)) | set(stops))
+    out = GreedyAnswers(answers=[], lengths=[], stop_ids=stops, feature_layer=site.layer if site else None)
+    feats = []
+    with generation_mode(model, tokenizer):
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc="greedy answers", disable=not show_progress):
+            a, lp, n, f = _greedy_batch(
+                model,
+                tokenizer,
+                prompts[start : start + batch_size],
+                max_new_tokens,
+                end_ids,
+                want_logprobs=return_logprobs,
+                detail=True,
+                feature_site=site,
+            )
+            out.answers.extend(a)
+            out.lengths.extend(n)
+            if return_logprobs:
+                out.logprobs.extend(lp)
+            if f is not None:
+                feats.append(f)
+    if feats:
+        out.features = torch.cat(feats, dim=0)
+    return out
+
+
+def greedy_answers(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
+    batch_size: int = 16,
+    stop=DEFAULTS.stop,
+) -> list[str]:
+    """Greedy answer strings of :func:`greedy_generate` (same arguments, same errors).
+
+    Answers end before INSIDE's answer boundary (a line break, ``.`` or ``,``) unless
+    ``stop="none"``.
 
     Returns:
         ``P`` answer strings, in prompt order.
-
-    Raises:
-        ValueError: empty ``prompts``; bad ``max_new_tokens`` / ``batch_size``;
-            a prompt longer than the model's context minus ``max_new_tokens``.
-        TypeError: ``prompts`` is a single string or holds non-strings.
     """
-    prompts = _check_prompts(prompts)
-    _positive_int("max_new_tokens", max_new_tokens)
-    _positive_int("batch_size", batch_size)
-    _check_lengths(model, tokenizer, prompts, max_new_tokens)
-    eos_ids = _eos_ids(model, tokenizer)
-    answers: list[str] = []
-    with _generation_mode(model, tokenizer):
-        for start in range(0, len(prompts), batch_size):
-            answers.extend(
-                _greedy_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, eos_ids)
-            )
-    return answers
+    return greedy_generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop
+    ).answers
 
 
 def sample_answers(
@@ -657,19 +643,21 @@ def sample_answers(
     tokenizer,
     prompts: Sequence[str],
     *,
-    k: int = 10,
-    temperature: float = 0.5,
-    top_p: float = 0.99,
-    top_k: int = 10,
-    max_new_tokens: int = 10,
-    layer: LayerSpec = "middle",
-    batch_size: int = 8,
+    k: int = DEFAULTS.k,
+    temperature: float = DEFAULTS.temperature,
+    top_p: float = DEFAULTS.top_p,
+    top_k: int = DEFAULTS.top_k,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
+    layer: LayerSpec = DEFAULTS.layer,
+    batch_size: int = DEFAULTS.batch_size,
     seed: Optional[int] = None,
     greedy: bool = True,
     show_progress: bool = False,
-    pooling: str = "last",
+    pooling: str = DEFAULTS.pooling,
     feature_clip: Union[bool, FeatureClipper, None] = None,
     return_logprobs: bool = False,
+    stop=DEFAULTS.stop,
+    feature_layer: Optional[LayerSpec] = None,
 ) -> SampledAnswers:
     """Sample ``k`` answers per prompt and embed each one (INSIDE's EigenScore inputs).
 
@@ -687,6 +675,12 @@ def sample_answers(
     ``output_hidden_states``. Defaults follow INSIDE (Chen et al., ICLR 2024,
     arXiv 2402.03744) and its code: ``K = 10``, temperature 0.5, top-p 0.99,
     top-k 10, the middle layer.
+
+    Every answer, greedy and sampled, ends at INSIDE's answer boundary by default
+    (``stop="inside"``: the stop token ids of
+    :func:`neurodetox.metrics.boundary.stop_token_ids` are added to ``eos_token_id``, as
+    INSIDE's code does); the answer is the text before the stop and the embedded token is
+    the last one before it.
 
     The model runs in ``eval()`` mode under ``torch.no_grad()``; the training
     mode of every submodule and the tokenizer's padding side / pad token are
@@ -718,6 +712,11 @@ def sample_answers(
         return_logprobs: also return per-token log-probs of the greedy answer
             and of every sample (for perplexity and length-normalised entropy).
             Default False.
+        stop: the answer boundary: ``"inside"`` (default), ``"none"`` or user stop strings
+            (see :func:`neurodetox.metrics.settings.parse_stop`).
+        feature_layer: with ``greedy``: also read this block's output at the last prompt
+            token and the greedy answer's last token (``SampledAnswers.greedy_features``,
+            the hidden-state probe's input; one extra forward per batch).
 
     Returns:
         :class:`SampledAnswers` with ``embeddings`` float32 ``[P, K, d]`` on CPU.
@@ -736,23 +735,17 @@ def sample_answers(
     """
     prompts = _check_prompts(prompts)
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ValueError(f"k must be an integer >= 2 (EigenScore needs at least two samples), got {k!r}")
-    _positive_int("max_new_tokens", max_new_tokens)
-    _positive_int("batch_size", batch_size)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise UserError(f"k must be an integer >= 2 (EigenScore needs at least two samples), got {k!r}")
+    check_int("max_new_tokens", max_new_tokens)
+    check_int("batch_size", batch_size)
+    check_number("temperature", temperature, minimum=0.0, min_inclusive=False)
+    check_number("top_p", top_p, minimum=0.0, maximum=1.0, min_inclusive=False)
     if top_k is not None:
-        _positive_int("top_k", top_k, minimum=0)
+        check_int("top_k", top_k, minimum=0)
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    sites = resolve_sites(model, "residual", layer)
-    if len(sites) != 1:
-        raise ValueError(
-            f"layer must name exactly one decoder block, got {layer!r} -> blocks {[s.layer for s in sites]}"
-        )
-    site = sites[0]
+        raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    site = _single_site(model, layer, "layer")
+    feat_site = _single_site(model, feature_layer, "feature_layer") if feature_layer is not None and greedy else None
     if feature_clip is True:
         clipper: Optional[FeatureClipper] = FeatureClipper()
     elif feature_clip is None or feature_clip is False:
@@ -766,20 +759,22 @@ def sample_answers(
         if len(clip_sites) != 1:
             raise ValueError(f"the feature-clipping layer must name exactly one block, got {clipper.layer!r}")
     _check_lengths(model, tokenizer, prompts, max_new_tokens)
-    eos_ids = _eos_ids(model, tokenizer)
+    stops = stop_token_ids(tokenizer, stop)
+    eos_ids = sorted(set(eos_token_ids(model, tokenizer)) | set(stops))
 
     from tqdm.auto import tqdm
 
     greedy_out: list[str] = []
     greedy_lp: list = []
     greedy_len: list = []
+    greedy_feats: list = []
     samples: list[list[str]] = []
     sample_lp: list = []
     sample_len: list = []
     embs: list[torch.Tensor] = []
     paths: set[str] = set()
     starts = list(range(0, len(prompts), batch_size))
-    with _generation_mode(model, tokenizer):
+    with generation_mode(model, tokenizer):
         special = sorted(set(eos_ids) | {int(tokenizer.pad_token_id)})
         if clipper is not None and clipper.count < clipper.bank_size:
             clipper.seed(model, tokenizer, prompts, special)
@@ -789,12 +784,21 @@ def sample_answers(
             batch = prompts[start : start + batch_size]
             if greedy:
                 g = _greedy_batch(
-                    model, tokenizer, batch, max_new_tokens, eos_ids, want_logprobs=return_logprobs, detail=True
+                    model,
+                    tokenizer,
+                    batch,
+                    max_new_tokens,
+                    eos_ids,
+                    want_logprobs=return_logprobs,
+                    detail=True,
+                    feature_site=feat_site,
                 )
                 greedy_out.extend(g[0])
                 greedy_len.extend(g[2])
                 if return_logprobs:
                     greedy_lp.extend(g[1])
+                if g[3] is not None:
+                    greedy_feats.append(g[3])
             answers, emb, path, lps, n_real = _sample_batch(
                 model,
                 tokenizer,
@@ -838,4 +842,7 @@ def sample_answers(
         sample_logprobs=sample_lp,
         greedy_lengths=greedy_len,
         sample_lengths=sample_len,
+        greedy_features=torch.cat(greedy_feats, dim=0) if greedy_feats else None,
+        feature_layer=feat_site.layer if feat_site is not None else None,
+        stop_ids=stops,
     )
