@@ -178,6 +178,8 @@ def _read_file(path: Path, builder: str, cache_dir: str | None) -> datasets.Data
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
     except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration, ImportError) as e:
         cause = e.__cause__ or e.__context__ or e
+        if "corresponds to no data" in str(e):
+            raise UserError(f"{path} has no rows to load (only a header or blank lines)") from None
         raise UserError(f"cannot read {path} as {builder}: {type(cause).__name__}: {str(cause)[:200]}") from None
 
 

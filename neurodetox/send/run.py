@@ -12,6 +12,7 @@ Method: Mohammadzadeh et al., "Sensitive Neuron Dropout (SeND)", arXiv 2410.1546
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -163,6 +164,7 @@ def run_config(model_args: ModelArguments, data_args: DataArguments, args: SeNDC
     """What a run records in ``run_config.json``: data split, model and optimisation settings (JSON types)."""
     data = {k: getattr(data_args, k) for k in RESUME_DATA_FIELDS if hasattr(data_args, k)}
     training = {k: getattr(args, k) for k in RESUME_TRAINING_FIELDS if hasattr(args, k)}
+    training = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in training.items()}
     training = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in training.items()}
     training["world_size"] = args.world_size
     return {
@@ -504,6 +506,8 @@ def run_training(
         tracking_dataset=tracking_set,
         probe_prompts=test_prompts,
         probe_aliases=test_aliases,
+        tracking_probe_prompts=_probes(ds["tracking"])[0],
+        tracking_probe_aliases=_probes(ds["tracking"])[1],
         processing_class=tok,
         callbacks=[JsonlMetricsCallback(os.path.join(args.output_dir, "metrics.jsonl"))],
     )
