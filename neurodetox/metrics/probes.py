@@ -80,20 +80,25 @@ SCORE_NAMES = UNSUPERVISED_SCORES + ("hidden_probe",)
 
 @dataclass
 class ProbeResult:
-    """Outcome of :func:`evaluate_probes`.
+    """Outcome of :func:`evaluate_probes` (and of one evaluation of the trainer's callback).
 
     Attributes:
         factual_accuracy: fraction of greedy answers that contain the gold answer or an alias.
         eigenscore: mean EigenScore over prompts (nats).
-        records: per prompt ``{prompt, greedy, correct, eigenscore, samples}``.
+        records: per prompt ``{prompt, greedy, correct, eigenscore, samples, ...}``.
+        detectors: the callback's other metrics (``<detector>``, ``<detector>_auroc``,
+            ``<detector>_auroc_low`` / ``_high``, ``detectors_seconds``); empty from
+            :func:`evaluate_probes`.
     """
 
     factual_accuracy: float
     eigenscore: float
     records: list = field(default_factory=list)
+    detectors: dict = field(default_factory=dict)
 
     def metrics(self) -> dict:
-        return {"factual_accuracy": self.factual_accuracy, "eigenscore": self.eigenscore}
+        """``{"factual_accuracy", "eigenscore", **detectors}``."""
+        return {"factual_accuracy": self.factual_accuracy, "eigenscore": self.eigenscore, **self.detectors}
 
 
 def _check_probes(prompts, aliases) -> None:

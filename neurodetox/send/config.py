@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from transformers import TrainingArguments
 
+from neurodetox.core.errors import UserError
 from neurodetox.core.sites import SITE_KINDS
-from neurodetox.send.sensitivity import SEND_MODES
+from neurodetox.metrics.settings import EigenScoreSettings
+from neurodetox.send.sensitivity import PROCEDURES, SCORES, SEND_MODES
+
+#: The EigenScoreSettings fields SeNDConfig exposes as ``eigenscore_<name>`` (``seed`` is the run's seed;
+#: EES and feature clipping do not run during training).
+_TRAINING_SETTINGS = (
+    "k",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "layer",
+    "alpha",
+    "batch_size",
+    "pooling",
+    "stop",
+    "prompt_format",
+    "probe_layer",
+    "probe_position",
+    "probe_min_labelled",
+)
+_SETTINGS_FIELDS = {f.name: f for f in fields(EigenScoreSettings)}
+
+
+def _from_settings(name: str):
+    """A dataclass field with the default and help of ``EigenScoreSettings.<name>`` (declared once there)."""
+    f = _SETTINGS_FIELDS[name]
+    return field(default=f.default, metadata={"help": "Detectors during training: " + f.metadata["help"]})
 
 
 @dataclass
@@ -17,8 +45,10 @@ class SeNDConfig(TrainingArguments):
 
     Defaults of the ``send_*`` fields are the paper's (Mohammadzadeh et al.,
     arXiv 2410.15460): K = 0.2, C = 3, T = 3, site = residual output of the
-    penultimate block. ``eigenscore_*`` defaults are INSIDE's (Chen et al.,
-    arXiv 2402.03744). ``learning_rate`` defaults to the paper's 1e-4.
+    penultimate block. ``eigenscore_*`` fields are those of
+    :class:`neurodetox.metrics.settings.EigenScoreSettings` (INSIDE's defaults, Chen et al.,
+    arXiv 2402.03744; the answer boundary, prompt format and hidden-state probe), with their
+    defaults and range checks declared there. ``learning_rate`` defaults to the paper's 1e-4.
 
     Raises:
         ValueError: (at construction) any field outside its valid range; the
@@ -94,6 +124,38 @@ class SeNDConfig(TrainingArguments):
         },
     )
 
+    send_procedure: str = field(
+        default="paper",
+        metadata={
+            "help": "'paper': the paper's Algorithm 2 (variability across checkpoints, a mask in every training "
+            "forward). 'released': what the authors' released code runs (variability across tracking items of the "
+            "checkpoint-averaged embeddings; the selected residual indices' FFN weights of the same block zeroed in "
+            "place once per window, regrowable; the first send_freeze_blocks blocks frozen). See docs/methods.md §1."
+        },
+    )
+    send_score: str = field(
+        default="raw",
+        metadata={
+            "help": "Sensitivity scaling: 'raw' (the paper's V_i = Var·Δ, cubic in an index's scale, so it ranks "
+            "massive-activation dimensions first), 'normalized' (V_i / r_i³, r_i² = mean squared activation on the "
+            "tracking set) or 'standardized' (V_i of activations standardised per index). Paper procedure only."
+        },
+    )
+    send_massive_factor: float = field(
+        default=0.0,
+        metadata={
+            "help": "Exclude massive-activation dimensions from selection (send and random modes): indices whose mean "
+            "|activation| on the tracking set exceeds this factor × the median over indices. 0 = off; else > 1."
+        },
+    )
+    send_freeze_blocks: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Freeze the first N decoder blocks while SeND is on. Default: 0 for send_procedure=paper, "
+            "min(24, L) for send_procedure=released (as the released code does)."
+        },
+    )
+
     activation_stats_site: str = field(
         default="mlp",
         metadata={"help": "Site of the per-neuron activation statistics: 'mlp', 'residual' or 'none' (off)."},
@@ -102,36 +164,35 @@ class SeNDConfig(TrainingArguments):
         default="all", metadata={"help": "Layers of the activation statistics (same syntax as send_layers)."}
     )
 
-    eigenscore_k: int = field(
-        default=10, metadata={"help": "EigenScore: sampled answers per probe prompt (≥ 2). INSIDE: 10."}
-    )
-    eigenscore_temperature: float = field(
-        default=0.5, metadata={"help": "EigenScore sampling temperature (INSIDE: 0.5)."}
-    )
-    eigenscore_top_p: float = field(
-        default=0.99, metadata={"help": "EigenScore nucleus sampling top-p (INSIDE: 0.99)."}
-    )
-    eigenscore_top_k: int = field(
-        default=10, metadata={"help": "EigenScore top-k sampling (INSIDE code: 10; paper: 5)."}
-    )
-    eigenscore_max_new_tokens: int = field(
-        default=10, metadata={"help": "EigenScore: maximum answer length in tokens."}
-    )
-    eigenscore_layer: str = field(
-        default="middle",
-        metadata={"help": "EigenScore embedding layer: 'middle' (INSIDE: hidden_states[L//2]) or a block index."},
-    )
-    eigenscore_alpha: float = field(
-        default=1e-3, metadata={"help": "EigenScore regulariser α in (1/K) Σ ln(λ_k + α); must be > 0. INSIDE: 1e-3."}
-    )
+    eigenscore_k: int = _from_settings("k")
+    eigenscore_temperature: float = _from_settings("temperature")
+    eigenscore_top_p: float = _from_settings("top_p")
+    eigenscore_top_k: int = _from_settings("top_k")
+    eigenscore_max_new_tokens: int = _from_settings("max_new_tokens")
+    eigenscore_layer: str = _from_settings("layer")
+    eigenscore_alpha: float = _from_settings("alpha")
+    eigenscore_batch_size: int = _from_settings("batch_size")
+    eigenscore_pooling: str = _from_settings("pooling")
+    eigenscore_stop: str = _from_settings("stop")
+    eigenscore_prompt_format: str = _from_settings("prompt_format")
+    eigenscore_probe_layer: str = _from_settings("probe_layer")
+    eigenscore_probe_position: str = _from_settings("probe_position")
+    eigenscore_probe_min_labelled: int = _from_settings("probe_min_labelled")
     eigenscore_num_prompts: int = field(
         default=32,
         metadata={
             "help": "Probe prompts scored at each evaluation during training (0 = EigenScore off during training)."
         },
     )
-    eigenscore_batch_size: int = field(
-        default=8, metadata={"help": "Probe prompts per batched generate (each expands to K sampled rows)."}
+    eigenscore_hidden_probe: bool = field(
+        default=True,
+        metadata={
+            "help": "Refit the hidden-state probe on the tracking probes at each evaluation and score the "
+            "evaluation probes with it (needs the trainer's tracking probes)."
+        },
+    )
+    eigenscore_bootstrap: int = field(
+        default=200, metadata={"help": "Bootstrap resamples of each detector's AUROC interval at each evaluation."}
     )
 
     def __post_init__(self):
@@ -145,35 +206,62 @@ class SeNDConfig(TrainingArguments):
             (self.send_window_steps >= 0, "send_window_steps", self.send_window_steps, "≥ 0 (0 = one epoch)"),
             (self.send_tracking_batch_size >= 1, "send_tracking_batch_size", self.send_tracking_batch_size, "≥ 1"),
             (
+                self.send_procedure in PROCEDURES,
+                "send_procedure",
+                self.send_procedure,
+                f"one of {', '.join(PROCEDURES)}",
+            ),
+            (self.send_score in SCORES, "send_score", self.send_score, f"one of {', '.join(SCORES)}"),
+            (
+                self.send_massive_factor == 0 or self.send_massive_factor > 1,
+                "send_massive_factor",
+                self.send_massive_factor,
+                "0 (off) or > 1",
+            ),
+            (
+                self.send_freeze_blocks is None or self.send_freeze_blocks >= 0,
+                "send_freeze_blocks",
+                self.send_freeze_blocks,
+                "≥ 0 (or unset)",
+            ),
+            (
+                self.send_procedure != "released" or self.send_site == "residual",
+                "send_site",
+                self.send_site,
+                "'residual' with send_procedure=released (the released code tracks the residual stream)",
+            ),
+            (
+                self.send_procedure != "released" or self.send_score == "raw",
+                "send_score",
+                self.send_score,
+                "'raw' with send_procedure=released (the released code has its own sensitivity)",
+            ),
+            (
                 self.activation_stats_site in SITE_KINDS + ("none",),
                 "activation_stats_site",
                 self.activation_stats_site,
                 f"one of {', '.join(SITE_KINDS + ('none',))}",
             ),
-            (self.eigenscore_k >= 2, "eigenscore_k", self.eigenscore_k, "≥ 2"),
-            (self.eigenscore_alpha > 0, "eigenscore_alpha", self.eigenscore_alpha, "> 0"),
-            (self.eigenscore_temperature > 0, "eigenscore_temperature", self.eigenscore_temperature, "> 0"),
-            (0 < self.eigenscore_top_p <= 1, "eigenscore_top_p", self.eigenscore_top_p, "in (0, 1]"),
-            (self.eigenscore_max_new_tokens >= 1, "eigenscore_max_new_tokens", self.eigenscore_max_new_tokens, "≥ 1"),
             (self.eigenscore_num_prompts >= 0, "eigenscore_num_prompts", self.eigenscore_num_prompts, "≥ 0"),
-            (self.eigenscore_batch_size >= 1, "eigenscore_batch_size", self.eigenscore_batch_size, "≥ 1"),
+            (self.eigenscore_bootstrap >= 1, "eigenscore_bootstrap", self.eigenscore_bootstrap, "≥ 1"),
         ]
         for ok, name, value, valid in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r} is invalid: must be {valid}")
+        try:
+            self.eigenscore_settings()  # the range checks of EigenScoreSettings, declared once there
+        except UserError as e:
+            name = str(e).split()[0]
+            value = getattr(self, f"eigenscore_{name}", None)
+            raise UserError(f"eigenscore_{name}={value!r} is invalid: {e}") from None
 
-    def eigenscore_settings(self):
-        """The ``eigenscore_*`` fields as :class:`neurodetox.metrics.probes.EigenScoreSettings`."""
-        from neurodetox.metrics.probes import EigenScoreSettings
+    def eigenscore_settings(self) -> EigenScoreSettings:
+        """The ``eigenscore_*`` fields (and ``seed``) as :class:`neurodetox.metrics.settings.EigenScoreSettings`.
 
+        Raises:
+            UserError: a field out of range (named without its ``eigenscore_`` prefix).
+        """
         return EigenScoreSettings(
-            k=self.eigenscore_k,
-            temperature=self.eigenscore_temperature,
-            top_p=self.eigenscore_top_p,
-            top_k=self.eigenscore_top_k,
-            max_new_tokens=self.eigenscore_max_new_tokens,
-            layer=self.eigenscore_layer,
-            alpha=self.eigenscore_alpha,
-            batch_size=self.eigenscore_batch_size,
             seed=self.seed,
+            **{name: getattr(self, f"eigenscore_{name}") for name in _TRAINING_SETTINGS},
         )

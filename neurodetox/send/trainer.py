@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from typing import Optional, Sequence
 
 from transformers import Trainer
@@ -51,7 +52,8 @@ class SeNDTrainer(Trainer):
     * :class:`~neurodetox.send.callbacks.SensitiveNeuronDropoutCallback` (unless
       ``send_mode == "off"``), fed by ``tracking_dataset``,
     * :class:`~neurodetox.metrics.callback.EigenScoreCallback` on the first
-      ``eigenscore_num_prompts`` probes, if probes are given.
+      ``eigenscore_num_prompts`` probes, if probes are given: every detector's mean score
+      and AUROC (with a bootstrap interval) at each evaluation, logged through ``log``.
 
     Beyond ``Trainer`` it (1) writes each checkpoint into a staging folder
     and renames it into place once complete, with every callback's state
@@ -64,7 +66,10 @@ class SeNDTrainer(Trainer):
 
     Args:
         tracking_dataset: tokenised held-out tracking items for SeND.
-        probe_prompts, probe_aliases: fact probes for EigenScore/accuracy.
+        probe_prompts, probe_aliases: fact probes for the detectors and accuracy at each evaluation.
+        tracking_probe_prompts, tracking_probe_aliases: labelled probes disjoint from those
+            (the tracking facts' prompts): the hidden-state probe is refit on them at each
+            evaluation (``eigenscore_hidden_probe``).
         All other arguments are ``Trainer``'s.
 
     Raises:
@@ -80,6 +85,8 @@ class SeNDTrainer(Trainer):
         tracking_dataset=None,
         probe_prompts: Optional[Sequence[str]] = None,
         probe_aliases: Optional[Sequence[Sequence[str]]] = None,
+        tracking_probe_prompts: Optional[Sequence[str]] = None,
+        tracking_probe_aliases: Optional[Sequence[Sequence[str]]] = None,
         **kwargs,
     ):
         tok = kwargs.get("processing_class")
@@ -87,9 +94,12 @@ class SeNDTrainer(Trainer):
             kwargs["data_collator"] = CausalLMCollator(tok)
         super().__init__(model=model, args=args, **kwargs)
         if isinstance(args, SeNDConfig):
-            self._add_configured_callbacks(args, tracking_dataset, probe_prompts, probe_aliases, tok)
+            tracking_probes = (tracking_probe_prompts, tracking_probe_aliases) if tracking_probe_prompts else None
+            self._add_configured_callbacks(args, tracking_dataset, probe_prompts, probe_aliases, tok, tracking_probes)
 
-    def _add_configured_callbacks(self, args, tracking_dataset, probe_prompts, probe_aliases, tok):
+    def _add_configured_callbacks(
+        self, args, tracking_dataset, probe_prompts, probe_aliases, tok, tracking_probes=None
+    ):
         if args.activation_stats_site != "none":
             cb = ActivationStatsCallback(args.activation_stats_site, args.activation_stats_layers, None)
             from neurodetox.core.sites import resolve_sites
@@ -120,7 +130,12 @@ class SeNDTrainer(Trainer):
                 stop_loss=args.send_stop_loss,
                 stop_ees=args.send_stop_ees,
                 ees_alpha=args.eigenscore_alpha,
+                score=args.send_score,
+                massive_factor=args.send_massive_factor,
+                procedure=args.send_procedure,
+                freeze_blocks=args.send_freeze_blocks,
             )
+            cb.prepare_model(self.model)  # released procedure: FFN width checked, blocks frozen, before the optimizer
             from neurodetox.core.sites import assert_sites_reached, resolve_sites
 
             sites = resolve_sites(self.model, args.send_site, args.send_layers, args.send_module_path)
@@ -132,8 +147,24 @@ class SeNDTrainer(Trainer):
             self.add_callback(cb)
         if probe_prompts and args.eigenscore_num_prompts > 0:
             n = args.eigenscore_num_prompts
+            need = args.eigenscore_probe_min_labelled
+            if tracking_probes and args.eigenscore_hidden_probe and len(tracking_probes[0]) < need:
+                warnings.warn(
+                    f"hidden-state probe off during training: it needs at least {need} labelled tracking probes "
+                    f"(eigenscore_probe_min_labelled) and has {len(tracking_probes[0])}",
+                    stacklevel=3,
+                )
+                tracking_probes = None
             self.add_callback(
-                EigenScoreCallback(tok, list(probe_prompts)[:n], list(probe_aliases)[:n], args.eigenscore_settings())
+                EigenScoreCallback(
+                    tok,
+                    list(probe_prompts)[:n],
+                    list(probe_aliases)[:n],
+                    args.eigenscore_settings(),
+                    train_prompts=tracking_probes[0] if tracking_probes and args.eigenscore_hidden_probe else None,
+                    train_aliases=tracking_probes[1] if tracking_probes and args.eigenscore_hidden_probe else None,
+                    n_boot=args.eigenscore_bootstrap,
+                )
             )
 
     def callback(self, cls):
