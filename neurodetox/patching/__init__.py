@@ -1,17 +1,20 @@
 """MINT neuron patching: find, ship, prove and undo the smallest fix of a wrong fact.
 
 Gu, Aleti, Chen, Zhang, "Neuron Patching: Semantic-based Neuron-level Language
-Model Repair for Code Generation", arXiv 2312.05356 (``shared/docs/methods.md``
+Model Repair for Code Generation", arXiv 2312.05356 (``docs/methods.md``
 §4–5). Data flows one way through the modules:
 
 ``failures`` (edits, teacher-forced failures on token ids) →
 ``direction`` (semantic delta via a cached Cholesky of ``G = W_Uᵀ W_U``) →
-``locate`` (gradient × activation, contrastive, activation-only locators) →
-``analysis`` (LM-head decoding, entropy-neuron guard) →
-``patchfile`` (:class:`PatchSet`: safetensors + JSON manifest, apply/revert in
-memory) → ``mint`` (:func:`repair`) → ``checkpoint`` (apply/verify/revert on
-HF checkpoint folders, atomically) → ``evaluate`` (success, generalisation,
-specificity, perplexity drift) → ``cli`` (``neurodetox patch ...``).
+``locate`` (gradient × activation, contrastive, activation-only locators;
+reference statistics) → ``neurons`` (LM-head decoding, entropy-neuron guard) →
+``protect`` (optional reference protection) → ``mint`` (the repair loop, a
+package: settings, plan, replay, repairer; :func:`repair`) → ``patchfile``
+(:class:`PatchSet`: safetensors + JSON manifest, apply/revert in memory) →
+``checkpoint`` (apply/verify/revert on HF checkpoint folders, atomically) →
+``edit_metrics`` (success, generalisation, specificity, perplexity drift);
+``pools`` builds the prompt sets; the command line is
+:mod:`neurodetox.cli.patch` (``neurodetox patch ...``).
 
 Typical use::
 

@@ -1,4 +1,4 @@
-"""The semantic-delta direction of MINT (step 1 of ``shared/docs/methods.md`` §4).
+"""The semantic-delta direction of MINT (step 1 of ``docs/methods.md`` §4).
 
 Gu et al., "Neuron Patching: Semantic-based Neuron-level Language Model Repair
 for Code Generation" (arXiv 2312.05356): for a failure where the model predicts
@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from neurodetox.core.errors import UserError
 from neurodetox.core.sites import base_model
 
 __all__ = ["SemanticSpace", "semantic_space", "final_norm", "final_norm_gain", "range_normalise"]
@@ -170,11 +171,11 @@ def semantic_space(model: nn.Module, fold_norm: bool = False) -> SemanticSpace:
     the final norm's weight changes (storage or in-place version counter).
 
     Raises:
-        ValueError: the model has no output embeddings.
+        UserError: the model has no output embeddings.
     """
     head = base_model(model).get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
+        raise UserError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
     W = head.weight
     gain = final_norm_gain(model) if fold_norm else None
     norm = final_norm(model)

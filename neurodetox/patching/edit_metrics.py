@@ -2,7 +2,7 @@
 
 The measures of Gu et al., "Neuron Patching: Semantic-based Neuron-level
 Language Model Repair for Code Generation" (arXiv 2312.05356) and their code,
-adapted to fact probes (``shared/docs/methods.md`` §4):
+adapted to fact probes (``docs/methods.md`` §4):
 
 ``success``
     the edit's target is produced under teacher forcing (every target token is
@@ -39,6 +39,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from neurodetox.core.errors import UserError
 from neurodetox.core.logits import tail_logits
 from neurodetox.metrics.factual import is_correct, normalize_answer
 from neurodetox.metrics.sampling import greedy_answers
@@ -68,11 +69,11 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: in
     from its second token on).
 
     Raises:
-        ValueError: no texts.
+        UserError: no texts.
     """
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError("perplexity needs at least one non-empty reference text")
+        raise UserError("perplexity needs at least one non-empty reference text")
     device = next(model.parameters()).device
     side = getattr(tokenizer, "padding_side", "right")
     was = model.training

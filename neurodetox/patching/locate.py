@@ -1,7 +1,7 @@
 """Locators: which FFN neurons to patch for one failure (MINT step 2).
 
 Gu et al., "Neuron Patching: Semantic-based Neuron-level Language Model Repair
-for Code Generation" (arXiv 2312.05356) and ``shared/docs/methods.md`` §4.
+for Code Generation" (arXiv 2312.05356) and ``docs/methods.md`` §4.
 Neuron ``j`` of layer ``l`` is the ``j``-th input feature ``a_j`` of the FFN
 output projection (site ``mlp``); its value vector ``w_j`` is column ``j`` of
 that projection's weight. Locators score the neurons of the given sites
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from neurodetox.core.checks import check_int, model_device
+from neurodetox.core.errors import UserError
 from neurodetox.core.logits import tail_logits
 from neurodetox.core.sites import NeuronSite, register_site_hook, value_vector_parameter
 from neurodetox.patching.direction import SemanticSpace, final_norm
@@ -216,11 +217,11 @@ def reference_stats(
     padding excluded from the RMS).
 
     Raises:
-        ValueError: no non-empty prompts.
+        UserError: no non-empty prompts.
     """
     prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
     if not prompts:
-        raise ValueError("reference prompts: need at least one non-empty prompt")
+        raise UserError("reference prompts: need at least one non-empty prompt")
     device = next(model.parameters()).device
     width = sites[0].width if sites else 0
     sums = torch.zeros(len(sites), width, dtype=torch.float64)
@@ -338,10 +339,11 @@ def neuron_scores(
         float32 logits ``[V]`` at the failure position.
 
     Raises:
-        ValueError: unknown ``method``; ``contrastive`` without ``space``.
+        UserError: unknown ``method`` (a ``ValueError``).
+        ValueError: ``contrastive`` without ``space``.
     """
     if method not in LOCATORS:
-        raise ValueError(f"unknown locator {method!r}; valid locators are {', '.join(LOCATORS)}")
+        raise UserError(f"unknown locator {method!r}; valid locators are {', '.join(LOCATORS)}")
     if method == "contrastive" and space is None:
         raise ValueError("the contrastive locator needs the semantic space (space=semantic_space(model))")
     device = model_device(model)
@@ -418,10 +420,10 @@ def locate(
         (ties broken by layer, then index).
 
     Raises:
-        ValueError: ``top_k < 1``, no sites, or see :func:`neuron_scores`.
+        UserError: ``top_k < 1``, no sites, or see :func:`neuron_scores`.
     """
     if not sites:
-        raise ValueError("no neuron sites to search: check the layers setting")
+        raise UserError("no neuron sites to search: check the layers setting")
     scores, last, _ = neuron_scores(model, sites, input_ids, target_id, argmax_id, method, space)
     return top_candidates(scores, last, sites, top_k, exclude)
 
@@ -440,7 +442,7 @@ def top_candidates(
     broken by layer, then index.
 
     Raises:
-        ValueError: ``top_k < 1``.
+        UserError: ``top_k`` not an integer ``>= 1``.
     """
     check_int("top_k", top_k, minimum=1)
     last = activations

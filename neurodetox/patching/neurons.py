@@ -1,4 +1,4 @@
-"""Neuron analysis for locating and guarding patches (``shared/docs/methods.md`` §5).
+"""Neuron analysis for locating and guarding patches (``docs/methods.md`` §5).
 
 * **LM-head decoding** (Davies et al., arXiv 2501.02688): label an FFN neuron by
   the tokens its value vector ``w_j`` promotes, the top entries of
@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from neurodetox.core.errors import UserError
 from neurodetox.core.sites import resolve_sites, value_vector_parameter
 from neurodetox.patching.direction import final_norm_gain, semantic_space
 
@@ -29,11 +30,11 @@ def value_vector(model: nn.Module, layer: int, index: int) -> torch.Tensor:
     """The value vector ``w_j`` (float32 ``[d]``) of FFN neuron ``index`` of block ``layer``.
 
     Raises:
-        ValueError: ``index`` outside ``[0, d_ff)``.
+        UserError: ``index`` outside ``[0, d_ff)``.
     """
     site = resolve_sites(model, "mlp", [layer])[0]
     if not 0 <= index < site.width:
-        raise ValueError(f"neuron index {index} is out of range for layer {layer}: valid 0..{site.width - 1}")
+        raise UserError(f"neuron index {index} is out of range for layer {layer}: valid 0..{site.width - 1}")
     weight, axis = value_vector_parameter(site)
     return weight.detach().select(axis, index).float().cpu()
 

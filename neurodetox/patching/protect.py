@@ -41,6 +41,7 @@ from typing import Optional
 
 import torch
 
+from neurodetox.core.checks import check_int, check_number
 from neurodetox.patching.direction import SemanticSpace
 from neurodetox.patching.locate import Candidate, ReferenceStats
 
@@ -62,7 +63,7 @@ class ReferenceProtection:
             (default 3: its 2nd to 4th tokens).
 
     Raises:
-        ValueError: ``strength`` ≤ 0 or ``competitors`` < 1.
+        UserError: ``strength`` ≤ 0 or ``competitors`` < 1.
     """
 
     def __init__(
@@ -74,10 +75,8 @@ class ReferenceProtection:
         strength: float,
         competitors: int = 3,
     ):
-        if not strength > 0:
-            raise ValueError(f"protection strength must be > 0, got {strength!r}")
-        if competitors < 1:
-            raise ValueError(f"competitors must be >= 1, got {competitors!r}")
+        check_number("protection strength", strength, minimum=0.0, min_inclusive=False)
+        check_int("competitors", competitors, minimum=1)
         self.ref = ref
         self.strength = float(strength)
         k = min(int(competitors), ref.last_logits.shape[-1] - 1)

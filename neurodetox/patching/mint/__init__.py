@@ -1,4 +1,4 @@
-"""MINT: the plan / patch loop (``shared/docs/methods.md`` §4, steps 3–4).
+"""MINT: the plan / patch loop (``docs/methods.md`` §4, steps 3–4).
 
 Gu, Aleti, Chen, Zhang, "Neuron Patching: Semantic-based Neuron-level Language
 Model Repair for Code Generation", arXiv 2312.05356. For each edit (a prompt and

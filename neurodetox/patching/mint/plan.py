@@ -1,4 +1,4 @@
-"""MINT's plan step: every candidate patch measured in one batched forward (``shared/docs/methods.md`` §4, step 3).
+"""MINT's plan step: every candidate patch measured in one batched forward (``docs/methods.md`` §4, step 3).
 
 Gu, Aleti, Chen, Zhang, "Neuron Patching: Semantic-based Neuron-level Language
 Model Repair for Code Generation", arXiv 2312.05356. Patching neuron ``j`` of a
