@@ -1,27 +1,69 @@
-"""Atomic file writes: a killed process leaves the old file or the new one, never half of one."""
+"""Atomic file writes: a killed process leaves the old file or the new one, never half of one.
+
+The temporary file sits beside the target, named ``.neurodetox-tmp.<name>.*`` (see
+:data:`neurodetox.core.paths.TEMP_PREFIX`), so what a killed process left is recognisable and
+:func:`neurodetox.core.paths.clean_stale_temps` removes it. The new file gets the old file's
+mode (or the usual ``0666 & ~umask`` for a new one), not ``mkstemp``'s ``0600``. A read-only or
+full disk raises :class:`~neurodetox.core.errors.UserError` naming the path.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Union
 
+from neurodetox.core.errors import UserError
+from neurodetox.core.paths import TEMP_PREFIX
+
 PathLike = Union[str, os.PathLike]
+
+#: errno values that mean "the user's disk or permissions", reported as a UserError.
+DISK_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def disk_error(path: PathLike, e: OSError) -> UserError:
+    """The one-line :class:`UserError` for a read-only, forbidden or full destination."""
+    return UserError(f"cannot write {path}: {e.strerror or e} (read-only folder, no permission or disk full)")
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    Raises:
+        UserError: the folder cannot be created or written (read-only, no permission, disk full).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(path, e) from None
+        raise
     os.close(fd)
     try:
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(path, e) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

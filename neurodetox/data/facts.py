@@ -34,7 +34,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import datasets
 
 from neurodetox.core.errors import UserError
-from neurodetox.core.paths import PathExistsError
+from neurodetox.core.paths import (
+    TEMP_PREFIX,
+    PathExistsError,
+    check_writable_destination,
+    clean_stale_temps,
+    is_within,
+)
 
 __all__ = [
     "FACT_FEATURES",
@@ -576,10 +582,14 @@ def write_fact_dataset(
             raise PathExistsError(
                 f"{out} already exists and is not empty; pass --overwrite (overwrite=True) to replace it"
             )
+        if _is_nonempty_dir(out) and is_within(Path.cwd(), out):
+            raise UserError(f"{out} is the working folder or one of its parents; refusing to replace it")
 
     check_destination()
+    check_writable_destination(out, overwrite=True, what="output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_temps(out.parent, min_age_s=3600)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{out.name}.", dir=out.parent))
     try:
         datasets.DatasetDict(dict(dataset_dict)).save_to_disk(str(tmp / "dataset"))
         for split, ds in dataset_dict.items():
@@ -590,7 +600,7 @@ def write_fact_dataset(
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         check_destination()
         if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            backup = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{out.name}.old-", dir=out.parent))
             os.replace(out, backup)
             try:
                 os.replace(tmp, out)

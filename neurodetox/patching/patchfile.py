@@ -36,7 +36,7 @@ from torch import nn
 
 from neurodetox.core.errors import UserError
 from neurodetox.core.io import atomic_save_safetensors, atomic_write_json
-from neurodetox.core.paths import PathExistsError, PathNotFoundError, check_writable_destination
+from neurodetox.core.paths import PathExistsError, PathNotFoundError, check_writable_destination, clean_stale_temps
 
 __all__ = [
     "FORMAT",
@@ -388,6 +388,7 @@ class PatchSet:
             UserError: the destination's folder is not writable.
         """
         payload, manifest_path = check_patch_destination(path, overwrite)
+        clean_stale_temps(payload.parent, min_age_s=3600)  # what a killed save left (older than an hour)
         tensors = {}
         for p in self.params:
             tensors[f"{p.name}::indices"] = p.indices
