@@ -368,3 +368,43 @@ def test_killed_apply_leaves_only_recognisable_temps(tmp_path, clean, monkeypatc
     monkeypatch.undo()
     apply_to_checkpoint(clean, patch)
     verify_checkpoint(clean, patch, "patched")
+
+
+def test_sigkill_during_in_place_apply_then_next_apply_recovers(tmp_path, clean):
+    """A real SIGKILL while the shard copy is being written: the checkpoint is byte-identical, the stale
+    temp and lock file are recognisable, and the next apply (no waiting: the kernel dropped the lock)
+    removes them and finishes."""
+    import signal
+    import subprocess
+    import sys
+
+    patch = _patch(clean)
+    patch.save(tmp_path / "p")
+    before = folder_sha256(clean)
+    script = (
+        "import sys, time\n"
+        "from neurodetox.patching import checkpoint as ck\n"
+        "from neurodetox.patching.patchfile import PatchSet\n"
+        "real = ck._write_shard\n"
+        "def slow(src, tmp, updates):\n"
+        "    real(src, tmp, updates)\n"
+        "    print('written', flush=True)\n"
+        "    time.sleep(60)\n"
+        "ck._write_shard = slow\n"
+        f"ck.apply_to_checkpoint({str(clean)!r}, PatchSet.load({str(tmp_path / 'p')!r}))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written"
+        left = [p.name for p in clean.iterdir() if p.name.startswith(TEMP_PREFIX)]
+        assert len(left) == 1 and (clean / LOCK_NAME).exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    after_kill = {k: v for k, v in folder_sha256(clean).items() if not k.startswith((TEMP_PREFIX, LOCK_NAME))}
+    assert after_kill == before
+    t0 = time.monotonic()
+    apply_to_checkpoint(clean, PatchSet.load(tmp_path / "p"), lock_timeout=5)
+    assert time.monotonic() - t0 < 5
+    verify_checkpoint(clean, patch, "patched")
+    assert not [p for p in clean.iterdir() if p.name.startswith(TEMP_PREFIX) or p.name == LOCK_NAME]
