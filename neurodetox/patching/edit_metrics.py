@@ -9,8 +9,14 @@ adapted to fact probes (``docs/methods.md`` §4):
     the argmax): the failure is fixed. ``success_greedy`` also checks the
     greedy answer with :func:`neurodetox.metrics.factual.is_correct`.
 ``generalisation``
-    fraction of the edited facts' paraphrase prompts whose greedy answer is
-    correct after the patch (reported with the value before it).
+    fraction of the edited facts' **unseen** phrasings (``eval_paraphrases``,
+    which the repair never uses) whose greedy answer is correct after the
+    patch (reported with the value before it; ``nan`` when no edit has one).
+    The ``paraphrases`` the repair may use are scored apart
+    (``seen_paraphrases_correct``; ``success_all_phrasings``: the prompt and
+    every such paraphrase answered right by greedy decoding). "The Mirage of
+    Model Editing" (arXiv 2502.11177): measure with free generation and with
+    phrasings the repair never saw.
 ``specificity``
     fraction of unrelated prompts whose predicted answer is unchanged: the
     greedy continuation's first line up to the first sentence or clause end
@@ -134,7 +140,8 @@ def measure_model(
 
     Returns:
         dict with ``teacher_forced`` (per edit: all target tokens are the
-        argmax), ``edit_answers``, ``paraphrase_answers`` (per edit, a list),
+        argmax), ``edit_answers``, ``paraphrase_answers`` (per edit, a list,
+        of its ``eval_paraphrases``), ``seen_paraphrase_answers`` (of its ``paraphrases``),
         ``unrelated_answers``, ``unrelated_next`` (next-token argmax ids) and
         ``perplexity`` (``nan`` without reference texts).
     """
@@ -154,16 +161,12 @@ def measure_model(
         else []
     )
     bar.update()
-    para_flat = [p for e in edits for p in e.paraphrases]
-    para = (
-        greedy_answers(model, tokenizer, para_flat, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        if para_flat
-        else []
+    para_answers = _answers_per_edit(
+        model, tokenizer, [e.eval_paraphrases for e in edits], max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    para_answers, k = [], 0
-    for e in edits:
-        para_answers.append(para[k : k + len(e.paraphrases)])
-        k += len(e.paraphrases)
+    seen_answers = _answers_per_edit(
+        model, tokenizer, [e.paraphrases for e in edits], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     bar.update()
     unrelated = unrelated_prompts(unrelated)
     un = (
@@ -180,10 +183,22 @@ def measure_model(
         "teacher_forced": tf,
         "edit_answers": edit_answers,
         "paraphrase_answers": para_answers,
+        "seen_paraphrase_answers": seen_answers,
         "unrelated_answers": un,
         "unrelated_next": un_next,
         "perplexity": ppl,
     }
+
+
+def _answers_per_edit(model, tokenizer, prompts: Sequence[Sequence[str]], **kw) -> list[list[str]]:
+    """Greedy answers to each edit's list of prompts, in one batched pass."""
+    flat = [p for ps in prompts for p in ps]
+    answers = greedy_answers(model, tokenizer, flat, **kw) if flat else []
+    out, k = [], 0
+    for ps in prompts:
+        out.append(answers[k : k + len(ps)])
+        k += len(ps)
+    return out
 
 
 def unrelated_prompts(unrelated: Sequence[Any]) -> list[str]:
@@ -220,10 +235,16 @@ def compare(
                 "greedy_correct": is_correct(after["edit_answers"][i], ok),
                 "paraphrases_correct_before": [is_correct(a, ok) for a in before["paraphrase_answers"][i]],
                 "paraphrases_correct_after": [is_correct(a, ok) for a in after["paraphrase_answers"][i]],
+                "seen_paraphrases_correct_after": [
+                    is_correct(a, ok) for a in (after.get("seen_paraphrase_answers") or [[]] * len(edits))[i]
+                ],
             }
         )
+    for r in per_edit:
+        r["all_phrasings_greedy_correct"] = r["greedy_correct"] and all(r["seen_paraphrases_correct_after"])
     para_before = [f for r in per_edit for f in r["paraphrases_correct_before"]]
     para_after = [f for r in per_edit for f in r["paraphrases_correct_after"]]
+    seen_after = [f for r in per_edit for f in r["seen_paraphrases_correct_after"]]
     same = [answer_span(a) == answer_span(b) for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
     exact = [a == b for a, b in zip(before["unrelated_answers"], after["unrelated_answers"])]
     same_next = [a == b for a, b in zip(before["unrelated_next"], after["unrelated_next"])]
@@ -260,6 +281,9 @@ def compare(
         "generalisation_before": _frac(para_before),
         "generalisation": _frac(para_after),
         "paraphrases": len(para_after),
+        "seen_paraphrases_correct": _frac(seen_after),
+        "seen_paraphrases": len(seen_after),
+        "success_all_phrasings": _frac([r["all_phrasings_greedy_correct"] for r in per_edit]),
         "specificity": _frac(same),
         "specificity_next_token": _frac(same_next),
         "specificity_exact": _frac(exact),

@@ -19,9 +19,19 @@ import torch
 from torch import nn
 
 from neurodetox.core.checks import model_device
+from neurodetox.core.errors import UserError
 from neurodetox.core.logits import tail_logits
 
-__all__ = ["Edit", "Failure", "encode_edit", "teacher_forced_argmax", "find_failures", "still_failing", "coerce_edits"]
+__all__ = [
+    "Edit",
+    "Failure",
+    "check_phrasings",
+    "encode_edit",
+    "teacher_forced_argmax",
+    "find_failures",
+    "still_failing",
+    "coerce_edits",
+]
 
 
 @dataclass
@@ -34,10 +44,21 @@ class Edit:
             space is added when tokenising unless it already starts with
             whitespace.
         fact_id: optional identifier (e.g. ``"capital_of:BF"``).
-        paraphrases: other prompts of the same fact, used to measure
-            generalisation (never used for repair).
+        paraphrases: other prompts of the same fact that the repair may use:
+            MINT (``MintSettings.use_paraphrases``) and the rank-one editor
+            fix them together with ``prompt``, and an edit counts as fixed
+            only when every one of them is (``docs/methods.md`` §8).
+        eval_paraphrases: phrasings the repair never sees; generalisation is
+            reported on these only (:mod:`~neurodetox.patching.edit_metrics`).
         aliases: accepted answers for greedy correctness; ``[target]`` if empty.
+        subject: the entity the fact is about, a substring of ``prompt`` (and
+            of each paraphrase), needed by the subject-position editor
+            (:mod:`~neurodetox.patching.rome`); optional for MINT.
+        source: where the edit came from, e.g. ``"edits.jsonl:3"`` (set by
+            :func:`neurodetox.patching.pools.read_edits`; used in error messages).
         prompt_ids, target_ids: filled by :func:`encode_edit`.
+        variants: the prompt and each paraphrase as encoded edits (filled by
+            :func:`encode_edit`; not saved).
     """
 
     prompt: str
@@ -47,6 +68,15 @@ class Edit:
     aliases: list[str] = field(default_factory=list)
     prompt_ids: list[int] = field(default_factory=list)
     target_ids: list[int] = field(default_factory=list)
+    eval_paraphrases: list[str] = field(default_factory=list)
+    subject: Optional[str] = None
+    source: Optional[str] = None
+    variants: list[Edit] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def where(self) -> str:
+        """``source`` or ``"edit <fact_id or prompt>"``, for messages."""
+        return self.source or f"edit {self.fact_id or repr(self.prompt)}"
 
     @property
     def answers(self) -> list[str]:
@@ -59,6 +89,8 @@ class Edit:
             "prompt": self.prompt,
             "target": self.target,
             "paraphrases": list(self.paraphrases),
+            "eval_paraphrases": list(self.eval_paraphrases),
+            "subject": self.subject,
             "aliases": list(self.aliases),
             "prompt_ids": list(self.prompt_ids),
             "target_ids": list(self.target_ids),
@@ -76,6 +108,7 @@ class Failure:
             whose logits should predict ``target_id``: ``len(prompt_ids) + step - 1``.
         target_id: the desired token ``t``.
         argmax_id: the token ``a`` the model predicted instead.
+        phrasing: which phrasing failed: 0 the prompt, ``k >= 1`` paraphrase ``k - 1``.
     """
 
     edit: int
@@ -83,16 +116,56 @@ class Failure:
     position: int
     target_id: int
     argmax_id: int
+    phrasing: int = 0
 
 
-def _as_str_list(value: Any, what: str, index: int) -> list[str]:
+def _as_str_list(value: Any, what: str, where: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
     if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"edit {index}: {what} must be a string or a list of strings, got {value!r}")
+        raise UserError(f"{where}: {what} must be a string or a list of strings, got {value!r}")
     return list(value)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def check_phrasings(edit: Edit) -> None:
+    """Refuse phrasings that cannot test or teach anything.
+
+    Raises:
+        UserError: naming ``edit.where`` (the edits file and line when read
+            from one), for a paraphrase identical to the prompt (whitespace and
+            case ignored), a paraphrase that already ends with the target (it
+            answers itself), an empty paraphrase, or an evaluation paraphrase
+            that is the prompt or one of the repair's paraphrases (not unseen).
+    """
+    prompt, target = _norm(edit.prompt), _norm(edit.target)
+    seen = {prompt}
+    for kind, items in (("paraphrase", edit.paraphrases), ("eval_paraphrase", edit.eval_paraphrases)):
+        for k, p in enumerate(items, 1):
+            q = _norm(p)
+            if not q:
+                raise UserError(f"{edit.where}: {kind} {k} is empty; give a prompt that asks for {edit.target!r}")
+            if q == prompt:
+                raise UserError(
+                    f"{edit.where}: {kind} {k} {p!r} is the prompt itself; a paraphrase must be another phrasing"
+                )
+            if target and (q == target or q.endswith(" " + target)):
+                raise UserError(
+                    f"{edit.where}: {kind} {k} {p!r} already ends with the target {edit.target!r}; "
+                    "a paraphrase must stop where the answer should come"
+                )
+            if kind == "eval_paraphrase" and q in seen:
+                raise UserError(
+                    f"{edit.where}: eval_paraphrase {k} {p!r} is also the prompt or a repair paraphrase; "
+                    "evaluation phrasings must be unseen by the repair"
+                )
+            if kind == "paraphrase":
+                seen.add(q)
 
 
 def coerce_edits(edits: Sequence[Any]) -> list[Edit]:
@@ -100,45 +173,69 @@ def coerce_edits(edits: Sequence[Any]) -> list[Edit]:
 
     A dict needs ``prompt`` and ``target`` (``answer`` is accepted for
     ``target``, which is what the fact schema calls it); optional
-    ``fact_id``, ``paraphrases``, ``aliases``.
+    ``fact_id``, ``paraphrases``, ``eval_paraphrases``, ``aliases``,
+    ``subject`` and ``source`` (where it was read, for messages).
+    Every edit's phrasings are checked with :func:`check_phrasings`.
 
     Raises:
         ValueError: an empty list, a missing/empty prompt or target (the message
             names the edit index and the keys it has).
+        UserError: a bad phrasing (:func:`check_phrasings`), or two edits with
+            the same prompt and different targets (naming both).
     """
     if isinstance(edits, (Edit, Mapping)):
         edits = [edits]
     out: list[Edit] = []
     for i, e in enumerate(edits):
         if isinstance(e, Edit):
+            check_phrasings(e)
             out.append(e)
             continue
         if not isinstance(e, Mapping):
             raise ValueError(f"edit {i} must be a dict with 'prompt' and 'target', got {type(e).__name__}")
+        where = e.get("source") or f"edit {i}"
         prompt = e.get("prompt")
         target = e.get("target", e.get("answer"))
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"edit {i} has no non-empty 'prompt' (keys: {sorted(e)})")
+            raise ValueError(f"{where} has no non-empty 'prompt' (keys: {sorted(e)})")
         if not isinstance(target, str) or not target.strip():
-            raise ValueError(f"edit {i} has no non-empty 'target' (or 'answer') (keys: {sorted(e)})")
-        out.append(
-            Edit(
-                prompt=prompt,
-                target=target,
-                fact_id=e.get("fact_id"),
-                paraphrases=_as_str_list(e.get("paraphrases"), "paraphrases", i),
-                aliases=_as_str_list(e.get("aliases"), "aliases", i),
-                prompt_ids=list(e.get("prompt_ids") or []),
-                target_ids=list(e.get("target_ids") or []),
-            )
+            raise ValueError(f"{where} has no non-empty 'target' (or 'answer') (keys: {sorted(e)})")
+        subject = e.get("subject")
+        if subject is not None and not isinstance(subject, str):
+            raise UserError(f"{where}: subject must be a string, got {subject!r}")
+        edit = Edit(
+            prompt=prompt,
+            target=target,
+            fact_id=e.get("fact_id"),
+            paraphrases=_as_str_list(e.get("paraphrases"), "paraphrases", where),
+            aliases=_as_str_list(e.get("aliases"), "aliases", where),
+            prompt_ids=list(e.get("prompt_ids") or []),
+            target_ids=list(e.get("target_ids") or []),
+            eval_paraphrases=_as_str_list(e.get("eval_paraphrases"), "eval_paraphrases", where),
+            subject=subject,
+            source=e.get("source") or None,
         )
+        check_phrasings(edit)
+        out.append(edit)
     if not out:
         raise ValueError("no edits given: pass at least one {'prompt': ..., 'target': ...}")
+    first: dict[str, tuple[int, Edit]] = {}
+    for i, e in enumerate(out):
+        key = _norm(e.prompt)
+        if key in first and _norm(first[key][1].target) != _norm(e.target):
+            j, other = first[key]
+            raise UserError(
+                f"{e.source or f'edit {i}'}: prompt {e.prompt!r} is also the prompt of "
+                f"{other.source or f'edit {j}'} with another target ({other.target!r} vs {e.target!r}); "
+                "one prompt can have one target"
+            )
+        first.setdefault(key, (i, e))
     return out
 
 
 def encode_edit(tokenizer, edit: Edit) -> Edit:
-    """Fill ``edit.prompt_ids`` and ``edit.target_ids`` (once; kept if already set).
+    """Fill ``edit.prompt_ids`` and ``edit.target_ids`` (once; kept if already set) and
+    ``edit.variants`` (the edit itself, then one encoded edit per paraphrase).
 
     The prompt is tokenised as the model sees it at generation time
     (special tokens included). The target ids are the continuation of
@@ -149,11 +246,23 @@ def encode_edit(tokenizer, edit: Edit) -> Edit:
     Raises:
         ValueError: the target tokenises to no ids.
     """
-    if edit.prompt_ids and edit.target_ids:
-        return edit
-    target = edit.target if edit.target[:1].isspace() else " " + edit.target
-    p_ids = list(tokenizer(edit.prompt)["input_ids"])
-    full = list(tokenizer(edit.prompt + target)["input_ids"])
+    if not (edit.prompt_ids and edit.target_ids):
+        edit.prompt_ids, edit.target_ids = _encode(tokenizer, edit.prompt, edit.target)
+    if len(edit.variants) != 1 + len(edit.paraphrases):
+        edit.variants = [edit] + [
+            Edit(p, edit.target, edit.fact_id, subject=edit.subject, source=edit.source, aliases=list(edit.aliases))
+            for p in edit.paraphrases
+        ]
+        for v in edit.variants[1:]:
+            v.prompt_ids, v.target_ids = _encode(tokenizer, v.prompt, v.target)
+            v.variants = [v]
+    return edit
+
+
+def _encode(tokenizer, prompt: str, target_text: str) -> tuple[list[int], list[int]]:
+    target = target_text if target_text[:1].isspace() else " " + target_text
+    p_ids = list(tokenizer(prompt)["input_ids"])
+    full = list(tokenizer(prompt + target)["input_ids"])
     eos = getattr(tokenizer, "eos_token_id", None)
     if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
         cont = full[len(p_ids) :]
@@ -163,9 +272,8 @@ def encode_edit(tokenizer, edit: Edit) -> Edit:
     else:
         cont = list(tokenizer(target, add_special_tokens=False)["input_ids"])
     if not cont:
-        raise ValueError(f"target {edit.target!r} of prompt {edit.prompt!r} tokenises to no ids")
-    edit.prompt_ids, edit.target_ids = p_ids, cont
-    return edit
+        raise ValueError(f"target {target_text!r} of prompt {prompt!r} tokenises to no ids")
+    return p_ids, cont
 
 
 @torch.no_grad()

@@ -21,6 +21,8 @@ __all__ = ["fact_pools", "read_edits", "read_lines", "reference_prompts"]
 def read_edits(path: str) -> list[dict]:
     """The edits of a JSONL file, one ``{"prompt", "target", ...}`` object per line.
 
+    Each row gets ``"source": "FILE:LINE"`` (unless it has one), so errors about an edit name its line.
+
     Raises:
         FileNotFoundError: no such file.
         UserError: a line that is not a JSON object (naming ``file:line``), or no edit at all.
@@ -40,6 +42,7 @@ def read_edits(path: str) -> list[dict]:
             ) from None
         if not isinstance(row, dict):
             raise UserError(f"{p}:{n} must be a JSON object with 'prompt' and 'target', got {type(row).__name__}")
+        row.setdefault("source", f"{p}:{n}")
         rows.append(row)
     if not rows:
         raise UserError(f'{p} holds no edits (one JSON object per line: {{"prompt": ..., "target": ...}})')
@@ -130,3 +133,124 @@ def reference_prompts(spec: str, exclude: Sequence[str] = ()) -> Optional[list[s
         ref, _, _ = fact_pools("facts", 0, exclude, (), 0, 128, 0)
         return ref if spec == "facts" else ref[:96] + list(DEFAULT_REFERENCE_PROMPTS)
     return read_lines(spec)
+
+
+#: Starts of the model's own general text (reference prompts that no fact source supplies).
+GENERAL_STARTS: tuple[str, ...] = (
+    "The",
+    "In the morning",
+    "Therefore",
+    "Because",
+    "I think",
+    "You can",
+    "It was",
+    "Many people",
+    "The new",
+    "After the",
+    "One of the most",
+    "Scientists",
+)
+
+#: Prompts of other relations, filled with subjects the model names itself.
+OTHER_RELATIONS: tuple[str, ...] = (
+    "{} is known for",
+    "The name {} means",
+    "A famous person from {} is",
+    "The weather in {} is",
+    "Most people in {} speak",
+    "The history of {} began",
+)
+
+
+def _subject_template(edit) -> Optional[str]:
+    """The edit's prompt with its subject replaced by ``{}`` (``None`` without a subject found in it)."""
+    subject = getattr(edit, "subject", None)
+    if not subject or subject not in edit.prompt:
+        return None
+    return edit.prompt.replace("{", "{{").replace("}", "}}").replace(subject, "{}", 1)
+
+
+def _list_items(text: str) -> list[str]:
+    items = []
+    for part in text.replace("\n", ",").replace(";", ",").replace(" and ", ",").split(","):
+        part = part.strip().strip(".").strip()
+        if 2 <= len(part) <= 40 and part[:1].isupper() and len(part.split()) <= 4:
+            items.append(part)
+    return items
+
+
+def edit_reference_prompts(
+    model,
+    tokenizer,
+    edits: Sequence,
+    n_same: int = 48,
+    n_other: int = 24,
+    n_general: int = 24,
+    max_new_tokens: int = 20,
+) -> list[str]:
+    """Reference prompts built from the model and the edits themselves (issue 18, "specificity that carries").
+
+    Three kinds, none taken from a fact source, so they carry to facts that no
+    default was tuned on:
+
+    * **same relation, other subjects**: each edit's prompt with its subject
+      (``Edit.subject``, when it occurs in the prompt) replaced by other
+      subjects of the same kind, which the model names itself: it continues
+      comma-separated lists of the edits' subjects (greedy), and items that
+      are not edit subjects are kept;
+    * **other relations**: :data:`OTHER_RELATIONS` filled with those subjects;
+    * **general text**: the model's greedy continuations of :data:`GENERAL_STARTS`,
+      cut at several lengths.
+
+    Edit prompts and paraphrases are never returned. Deterministic (greedy).
+
+    Args:
+        model, tokenizer: the model to be repaired and its tokenizer.
+        edits: :class:`~neurodetox.patching.failures.Edit` objects or dicts (``prompt``, optional ``subject``).
+        n_same, n_other, n_general: most prompts of each kind (integers ``>= 0``).
+        max_new_tokens: length of each greedy continuation.
+
+    Returns:
+        up to ``n_same + n_other + n_general`` distinct prompts.
+    """
+    from neurodetox.metrics.sampling import greedy_generate
+    from neurodetox.patching.failures import coerce_edits
+
+    edits = coerce_edits(edits)
+    banned = {e.prompt for e in edits} | {p for e in edits for p in e.paraphrases + e.eval_paraphrases}
+    subjects = [e.subject for e in edits if e.subject]
+    templates = list(dict.fromkeys(t for t in (_subject_template(e) for e in edits) if t))
+    others: list[str] = []
+    if subjects:
+        lists = []
+        for k in range(0, min(4 * 4, len(subjects)), 4):
+            rot = subjects[k:] + subjects[:k]
+            lists.append(", ".join(rot[:4]) + ",")
+        out = greedy_generate(model, tokenizer, lists, max_new_tokens=max_new_tokens, stop="none")
+        known = {s.casefold() for s in subjects}
+        for text in out.answers:
+            for item in _list_items(text):
+                if item.casefold() not in known and item not in others:
+                    others.append(item)
+    same = [t.format(s) for s in others for t in templates]
+    other = [r.format(s) for s in others for r in OTHER_RELATIONS]
+    # interleave so that a cut keeps every template and relation
+    same = [p for k in range(len(others)) for p in same[k * len(templates) : (k + 1) * len(templates)]]
+    general: list[str] = []
+    if n_general:
+        gen = greedy_generate(model, tokenizer, list(GENERAL_STARTS), max_new_tokens=max_new_tokens, stop="none")
+        for start, text in zip(GENERAL_STARTS, gen.answers):
+            words = (start + " " + text.strip()).split()
+            for cut in (4, 7, 10):
+                if len(words) > cut:
+                    general.append(" ".join(words[:cut]))
+    picked: list[str] = []
+    for pool, n in ((same, n_same), (_spread(other, len(OTHER_RELATIONS)), n_other), (general, n_general)):
+        kept = [p for p in dict.fromkeys(pool) if p not in banned and p not in picked]
+        picked += kept[:n]
+    return picked
+
+
+def _spread(prompts: list[str], stride: int) -> list[str]:
+    """Reorder ``prompts`` (grouped by subject, ``stride`` per subject) so consecutive ones differ in relation."""
+    return [prompts[i] for r in range(stride) for i in range(r, len(prompts), stride)]

@@ -30,7 +30,7 @@ from neurodetox.patching.neurons import entropy_neurons
 from neurodetox.patching.patchfile import PatchSet
 from neurodetox.patching.protect import ReferenceProtection
 
-__all__ = ["Repairer", "repair"]
+__all__ = ["Repairer", "combine_gaps", "repair"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +93,57 @@ class Repairer:
                 tokenizer, [p for p in (reference_prompts or DEFAULT_REFERENCE_PROMPTS) if p.strip()]
             )
 
+    def variants(self, edit: Edit) -> list[Edit]:
+        """The phrasings repaired together: the prompt, then its paraphrases (``use_paraphrases``)."""
+        return list(edit.variants or [edit]) if self.s.use_paraphrases else [edit]
+
     def failures(self, edit: Edit, i: int) -> list[Failure]:
-        """:func:`find_failures` of ``edit`` under the current weights (the unpatched blocks replayed)."""
-        with self.prefix.replay(list(edit.prompt_ids) + list(edit.target_ids)[:-1]):
-            return find_failures(self.model, edit, i)
+        """:func:`find_failures` of every phrasing of ``edit`` under the current weights (the
+        unpatched blocks replayed), the prompt's first; ``Failure.phrasing`` says which."""
+        out: list[Failure] = []
+        for k, v in enumerate(self.variants(edit)):
+            with self.prefix.replay(list(v.prompt_ids) + list(v.target_ids)[:-1]):
+                found = find_failures(self.model, v, i)
+            for f in found:
+                f.phrasing = k
+            out += found
+        return out
 
     def still_failing(self, edits: Sequence[Edit], batch_size: int = 32) -> list[bool]:
-        """:func:`still_failing` under the current weights (the unpatched blocks replayed)."""
-        out: list[bool] = []
-        for start in range(0, len(edits), batch_size):
-            chunk = list(edits[start : start + batch_size])
+        """:func:`still_failing` of every phrasing under the current weights (the unpatched blocks
+        replayed): one flag per edit, true when any of its phrasings fails."""
+        flat = [(n, v) for n, e in enumerate(edits) for v in self.variants(e)]
+        out = [False] * len(edits)
+        for start in range(0, len(flat), batch_size):
+            chunk = [v for _, v in flat[start : start + batch_size]]
             with self.prefix.replay_batch([list(e.prompt_ids) + list(e.target_ids)[:-1] for e in chunk]):
-                out += still_failing(self.model, chunk, batch_size=batch_size)
+                flags = still_failing(self.model, chunk, batch_size=batch_size)
+            for (n, _), flag in zip(flat[start : start + batch_size], flags):
+                out[n] = out[n] or flag
         return out
+
+    def group(self, edit: Edit, f: Failure) -> list[list[int]]:
+        """Teacher-forced ids, up to the failure's step, of every phrasing that must produce the same
+        target token there: the failing phrasing first, then the others (fixed or not), so the plan
+        prefers a patch that fixes them together and does not break one that is already right."""
+        vs = self.variants(edit)
+        first = vs[f.phrasing]
+        out = [list(first.prompt_ids) + list(first.target_ids[: f.step])]
+        for k, v in enumerate(vs):
+            if k != f.phrasing and len(v.target_ids) > f.step and v.target_ids[f.step] == f.target_id:
+                out.append(list(v.prompt_ids) + list(v.target_ids[: f.step]))
+        return out
+
+    def plan_group(self, group: list[list[int]], t: int, cands, deltas) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`plan` on every phrasing of ``group``; per candidate the worst gap (and its argmax)."""
+        outs = [plan(self.model, self.sites_by_layer, ids, t, cands, deltas, prefix=self.prefix) for ids in group]
+        return combine_gaps([o[0] for o in outs], [o[1] for o in outs])
+
+    def measure_group(self, group: list[list[int]], t: int) -> tuple[float, int]:
+        """:func:`measure` of every phrasing of ``group``: the worst gap and its argmax."""
+        gs, args = zip(*(measure(self.model, ids, t) for ids in group))
+        g, a = combine_gaps([torch.tensor([x]) for x in gs], [torch.tensor([x]) for x in args])
+        return float(g[0]), int(a[0])
 
     def reference_predictions(self) -> torch.Tensor:
         """Next-token argmax of every reference prompt under the current weights, ``[N]`` long."""
@@ -269,7 +307,8 @@ class Repairer:
     def _repair_failure(self, edit: Edit, f: Failure, guard: bool, relocate: bool) -> FailureResult:
         s = self.s
         t0 = time.perf_counter()
-        ids = list(edit.prompt_ids) + list(edit.target_ids[: f.step])
+        group = self.group(edit, f)
+        ids = group[0]
         t = f.target_id
         res = FailureResult(
             step=f.step,
@@ -278,6 +317,7 @@ class Repairer:
             argmax_id=f.argmax_id,
             target_token=_decode(self.tok, t),
             argmax_token=_decode(self.tok, f.argmax_id),
+            phrasing=f.phrasing,
         )
         snap = self.tracker.snapshot()
         alphas = sorted({float(s.alpha) * float(m) for m in s.alpha_steps})
@@ -289,7 +329,7 @@ class Repairer:
         self._head_cache = {}
         for it in range(s.max_patches + 1):
             if it == s.max_patches:  # out of patches: measure the last one
-                gap, arg = measure(self.model, ids, t)
+                gap, arg = self.measure_group(group, t)
                 break
             if pool is not None and not relocate:
                 # plan and patch again over the first pool (methods.md §4: "repeat 3–4"); gap, arg
@@ -301,6 +341,18 @@ class Repairer:
                 with self.prefix.replay(ids, grad=True):
                     scores, acts, logits = neuron_scores(self.model, self.sites, ids, t, a, s.locator, self.space)
                 g0, a0 = gaps_from_logits(logits[None], t)
+                gaps_all, args_all = [g0], [a0]
+                if len(group) > 1:
+                    # paraphrase-aware locate: every phrasing's scores, each scaled to its largest, summed
+                    scores = scores / (scores.abs().max() + 1e-12)
+                    for other in group[1:]:
+                        with self.prefix.replay(other, grad=True):
+                            sc, _, lg = neuron_scores(self.model, self.sites, other, t, a, s.locator, self.space)
+                        scores = scores + sc / (sc.abs().max() + 1e-12)
+                        g1, a1 = gaps_from_logits(lg[None], t)
+                        gaps_all.append(g1)
+                        args_all.append(a1)
+                g0, a0 = combine_gaps(gaps_all, args_all)
                 gap, arg = float(g0[0]), int(a0[0])
                 if it == 0:
                     res.gap_before = gap
@@ -324,9 +376,7 @@ class Repairer:
             flips = self._flips(rows, guard)
             fewest = int(flips.min())
             rows = [r for r, fl in zip(rows, flips.tolist()) if fl == fewest]
-            gaps, args = plan(
-                self.model, self.sites_by_layer, ids, t, [r[0] for r in rows], [r[4] for r in rows], prefix=self.prefix
-            )
+            gaps, args = self.plan_group(group, t, [r[0] for r in rows], [r[4] for r in rows])
             best = min(range(len(rows)), key=lambda i: (float(gaps[i]), i))
 
             chosen = (rows[best], float(gaps[best]), int(args[best]))
@@ -336,15 +386,7 @@ class Repairer:
                 small = self._proposals([rows[best][0]], t, a, alphas[:-1])
                 small = [r for r, fl in zip(small, self._flips(small, guard).tolist()) if fl <= fewest]
                 if small:
-                    g2, a2 = plan(
-                        self.model,
-                        self.sites_by_layer,
-                        ids,
-                        t,
-                        [r[0] for r in small],
-                        [r[4] for r in small],
-                        prefix=self.prefix,
-                    )
+                    g2, a2 = self.plan_group(group, t, [r[0] for r in small], [r[4] for r in small])
                     for r, g, ar in zip(small, g2.tolist(), a2.tolist()):
                         if self._ok(g, ar, t):
                             chosen = (r, g, ar)
@@ -462,7 +504,10 @@ class Repairer:
             msg = (
                 ""
                 if previous is not None
-                else (f"nothing to fix: the model already predicts {edit.target!r} after {edit.prompt!r}")
+                else (
+                    f"nothing to fix: the model already predicts {edit.target!r} after {edit.prompt!r}"
+                    + (" and its paraphrases" if len(self.variants(edit)) > 1 else "")
+                )
             )
             return previous if previous is not None else EditResult(i, edit, status, message=msg)
         snap = self.tracker.snapshot()
@@ -499,6 +544,24 @@ class Repairer:
         return result
 
 
+def combine_gaps(gaps: Sequence[torch.Tensor], args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the worst (largest) gap ``p_best_other − p_t`` over phrasings and that phrasing's argmax.
+
+    Args:
+        gaps, args: one ``[R]`` tensor per phrasing (same rows).
+
+    Returns:
+        ``(gaps [R], argmax [R])``: a row counts as fixed (argmax ``t``, gap ``<= −margin``) only
+        when every phrasing is.
+    """
+    if len(gaps) == 1:
+        return gaps[0], args[0]
+    G, A = torch.stack(list(gaps)), torch.stack(list(args))
+    worst = G.argmax(dim=0)
+    rows = torch.arange(G.shape[1])
+    return G[worst, rows], A[worst, rows]
+
+
 def repair(
     model: nn.Module,
     tokenizer,
@@ -520,7 +583,10 @@ def repair(
             :func:`~neurodetox.patching.failures.encode_edit`).
         edits: :class:`~neurodetox.patching.failures.Edit` objects or dicts with
             ``prompt`` and ``target`` (or ``answer``), optional ``fact_id``,
-            ``paraphrases``, ``aliases``. Repaired in sequence.
+            ``paraphrases`` (repaired together with the prompt when
+            ``settings.use_paraphrases``: an edit is fixed only when every
+            phrasing is), ``eval_paraphrases`` (never used here), ``aliases``.
+            Repaired in sequence.
         settings: :class:`MintSettings` (defaults if ``None``).
         show_progress: a tqdm bar over edits.
         base: base-checkpoint identity for the manifest (default: from the
@@ -538,7 +604,8 @@ def repair(
 
     Raises:
         UserError: bad settings (names the field and what is valid).
-        ValueError: bad edits (names the edit).
+        ValueError: bad edits (names the edit); a :class:`~neurodetox.core.errors.UserError`
+            for a bad phrasing or one prompt with two targets (names the edits file's line).
     """
     from tqdm.auto import tqdm
 

@@ -41,6 +41,7 @@ class FailureResult:
     gap_after: float = 0.0
     seconds: float = 0.0
     guarded: bool = False  # planned with the reference guard (False: no guard, or its fallback)
+    phrasing: int = 0  # which phrasing failed: 0 the prompt, k >= 1 paraphrase k-1
 
     @property
     def neurons(self) -> list[tuple[int, int]]:

@@ -164,6 +164,13 @@ class MintSettings:
             competitors (direct path only). ``0`` (default) turns it off.
         protect_competitors: competitors protected per reference prompt, an
             integer ``>= 1``. Default 3.
+        use_paraphrases: repair each edit's ``paraphrases`` together with its
+            prompt (``docs/methods.md`` §8, ours): failures of every phrasing
+            are repaired, the locator sums the phrasings' scores (each scaled
+            to its largest), the plan ranks candidates by the worst gap over
+            the phrasings that need the same token, and an edit counts as
+            fixed only when every phrasing is. Default True (no effect on an
+            edit without paraphrases).
 
     Raises:
         UserError: a field outside its valid values (at construction and in :meth:`validate`).
@@ -250,6 +257,10 @@ class MintSettings:
     )
     protect_competitors: int = field(
         default=3, metadata=_help("Competitors protected per reference prompt, >= 1 (default 3).")
+    )
+    use_paraphrases: bool = field(
+        default=True,
+        metadata=_help("Repair each edit's paraphrases with its prompt; fixed only when all are (default true)."),
     )
 
     def __post_init__(self) -> None:
