@@ -26,12 +26,24 @@ from neurodetox.core.distributed import (
     unshard,
     zero3_enabled,
 )
+from neurodetox.core.errors import UserError
 from neurodetox.core.io import atomic_save_safetensors, atomic_write_json
 from neurodetox.core.pooling import AttentionMaskTracker, sentence_embedding
 from neurodetox.core.sites import LayerSpec, register_site_hook, resolve_sites
 from neurodetox.send.callbacks.base import CheckpointedCallback
-from neurodetox.send.masks import NeuronDropout
-from neurodetox.send.sensitivity import SEND_MODES, random_fraction, sensitivity_scores, top_fraction
+from neurodetox.send.masks import MLPWeightDrop, NeuronDropout, freeze_blocks
+from neurodetox.send.sensitivity import (
+    PROCEDURES,
+    SCORES,
+    SEND_MODES,
+    check_candidates,
+    massive_indices,
+    mean_abs_activation,
+    random_fraction,
+    released_sensitivity,
+    sensitivity_scores,
+    top_fraction,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +70,22 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
     uniformly random neurons: the paper's control), ``"off"`` (nothing is
     recorded or dropped: plain fine-tuning).
 
+    Variants (``docs/methods.md`` §1; none is in the paper):
+
+    * ``score``: ``"raw"`` (the paper's ``V_i``) or a scale-free ``"normalized"`` /
+      ``"standardized"`` ``V_i`` (:func:`~neurodetox.send.sensitivity.sensitivity_scores`).
+    * ``massive_factor``: exclude from selection (in both ``send`` and ``random`` modes) the
+      indices whose mean ``|activation|`` over the tracking set, at the newest recording, is
+      above ``massive_factor ×`` the median over indices
+      (:func:`~neurodetox.send.sensitivity.massive_indices`); ``0`` = no exclusion.
+    * ``procedure="released"``: what the authors' released code runs: sensitivity across
+      tracking items of the checkpoint-averaged embeddings
+      (:func:`~neurodetox.send.sensitivity.released_sensitivity`), and instead of a mask, the
+      selected residual indices' FFN weights of the same block are zeroed in place once per
+      window while the selection is active (:class:`~neurodetox.send.masks.MLPWeightDrop`),
+      so the optimizer can regrow them; the first ``freeze_blocks`` blocks are frozen
+      (default ``min(24, L)``, as that code does). Needs ``site="residual"``.
+
     Everything needed to resume exactly (recorded embeddings, selections,
     current mask, windows left) is saved with each checkpoint, so a resumed
     run selects the same neurons as an uninterrupted one.
@@ -83,12 +111,20 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         batch_size: tracking forward batch size; default 16.
         seed: seeds the ``random`` mode's draws (per window).
         module_path: explicit module path for unknown architectures.
+        score: one of :data:`~neurodetox.send.sensitivity.SCORES`; default ``"raw"``.
+        massive_factor: massive-dimension exclusion factor (``> 1``), or 0 (default: off).
+        procedure: ``"paper"`` (default) or ``"released"``.
+        freeze_blocks: blocks frozen from the bottom; ``None`` (default) = 0 for the paper
+            procedure, ``min(24, L)`` for the released one.
 
     Attributes:
         selections: list of ``{"step", "window", "neurons": {site_key: [indices]}}``.
 
     Raises:
-        ValueError: bad mode, fraction, C, T, window or empty tracking set.
+        ValueError: bad mode, fraction, C, T, window, score, procedure or empty tracking set.
+        UserError: (at :meth:`prepare_model` / training start) the released procedure on a model
+            whose FFN does not cover the residual indices; a massive-dimension exclusion that
+            leaves fewer indices than the drop fraction needs.
     """
 
     state_name = "neurodetox_send_state"
@@ -113,8 +149,24 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         stop_loss: Optional[float] = None,
         stop_ees: Optional[float] = None,
         ees_alpha: float = 1e-3,
+        score: str = "raw",
+        massive_factor: float = 0.0,
+        procedure: str = "paper",
+        freeze_blocks: Optional[int] = None,
     ):
         super().__init__()
+        if score not in SCORES:
+            raise UserError(f"send score {score!r} is not one of {', '.join(SCORES)}")
+        if procedure not in PROCEDURES:
+            raise UserError(f"send procedure {procedure!r} is not one of {', '.join(PROCEDURES)}")
+        if procedure == "released" and site != "residual":
+            raise UserError(
+                f"send_procedure=released tracks the residual stream (as the released code does); got send_site={site!r}"
+            )
+        if massive_factor and not massive_factor > 1:
+            raise UserError(f"send_massive_factor must be 0 (off) or > 1, got {massive_factor}")
+        if freeze_blocks is not None and freeze_blocks < 0:
+            raise UserError(f"send_freeze_blocks must be ≥ 0, got {freeze_blocks}")
         if mode not in SEND_MODES:
             raise ValueError(f"send mode {mode!r} is not one of {', '.join(SEND_MODES)}")
         if not 0.0 < drop_fraction < 1.0:
@@ -137,6 +189,11 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         self.show_progress = show_progress
         self.stop_loss, self.stop_ees, self.ees_alpha = stop_loss, stop_ees, ees_alpha
         self.ees_history: list[dict] = []  # {"step", "ees", "error"} at every recording
+        self.score, self.massive_factor, self.procedure = score, float(massive_factor), procedure
+        self.freeze_blocks = freeze_blocks
+        self.frozen_blocks = 0
+        self._weight_drop: Optional[MLPWeightDrop] = None
+        self._attached = False
         # state
         self.history: deque = deque(maxlen=num_checkpoints)  # of {site_key: [N, n] float32}
         self.history_steps: deque = deque(maxlen=num_checkpoints)
@@ -149,20 +206,46 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         self._model = None
 
     # -- setup ---------------------------------------------------------------
+    def prepare_model(self, model) -> None:
+        """Check the model fits the procedure and apply its one-off changes (idempotent).
+
+        For ``procedure="released"``: build the FFN weight drop (fails on a model whose FFN
+        is narrower than the residual indices need) and freeze the first blocks. Call before
+        the optimizer is built (:class:`~neurodetox.send.SeNDTrainer` does, at construction);
+        :meth:`attach` calls it too.
+
+        Raises:
+            UserError: the released procedure's FFN-width requirement is not met.
+        """
+        if self.mode == "off" or self.procedure != "released" or self._weight_drop is not None:
+            return
+        sites = resolve_sites(model, self.site, self.layers, self.module_path)
+        self._weight_drop = MLPWeightDrop(model, sites)
+        from neurodetox.core.sites import num_layers
+
+        count = min(24, num_layers(model)) if self.freeze_blocks is None else self.freeze_blocks
+        self.frozen_blocks = freeze_blocks(model, count)
+        if self.frozen_blocks:
+            logger.info("SeND (released procedure): froze the first %d decoder blocks", self.frozen_blocks)
+
     def attach(self, model) -> None:
         """Resolve sites and install the mask hooks (idempotent)."""
-        if self.mode == "off" or self._dropout is not None:
+        if self.mode == "off" or self._attached:
             return
         self._model = model
         self._sites = resolve_sites(model, self.site, self.layers, self.module_path)
-        self._dropout = NeuronDropout(self._sites, rescale=self.rescale)
-        if self.current:
-            self._dropout.set(self.current)
+        self.prepare_model(model)
+        if self.procedure == "paper":
+            self._dropout = NeuronDropout(self._sites, rescale=self.rescale)
+            if self.current:
+                self._dropout.set(self.current)
+        self._attached = True
 
     def detach(self) -> None:
         if self._dropout is not None:
             self._dropout.remove()
             self._dropout = None
+        self._attached = False
 
     # -- recording -------------------------------------------------------------
     @torch.no_grad()
@@ -238,16 +321,46 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         return {k: torch.stack(unshard([list(g[k]) for g in gathered], n)) for k in local}
 
     # -- selection -------------------------------------------------------------
-    def _select(self) -> dict[str, list[int]]:
+    def massive(self, embeddings: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+        """Indices excluded as massive per site, from one recording ``{site_key: [N, n]}``.
+
+        Raises:
+            UserError: the exclusion leaves fewer indices than the drop fraction needs.
+        """
+        if not self.massive_factor:
+            return {}
+        out = {}
+        for key, e in embeddings.items():
+            idx = massive_indices(mean_abs_activation(e), self.massive_factor)
+            check_candidates(e.shape[1], self.drop_fraction, len(idx), where=f"site {key}")
+            out[key] = idx.tolist()
+        return out
+
+    def _select(self) -> tuple[dict[str, list[int]], dict[str, list[int]], dict[str, list[float]]]:
         chosen = {}
+        newest = self.history[-1]
+        massive = self.massive(newest)
+        mean_abs = {k: [float(f"{x:.4g}") for x in mean_abs_activation(e).tolist()] for k, e in newest.items()}
         for s in self._sites:
+            exclude = massive.get(s.key)
             if self.mode == "send":
                 hist = torch.stack([h[s.key] for h in self.history])
-                chosen[s.key] = top_fraction(sensitivity_scores(hist), self.drop_fraction).tolist()
+                scores = (
+                    released_sensitivity(hist) if self.procedure == "released" else sensitivity_scores(hist, self.score)
+                )
+                chosen[s.key] = top_fraction(scores, self.drop_fraction, exclude).tolist()
             else:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.windows_done * 7919 + s.layer)
-                chosen[s.key] = random_fraction(s.width, self.drop_fraction, g).tolist()
-        return chosen
+                chosen[s.key] = random_fraction(s.width, self.drop_fraction, g, exclude).tolist()
+        return chosen, massive, mean_abs
+
+    def _apply_current(self) -> None:
+        """Put the current selection into force: masks (paper) or one in-place FFN zeroing (released)."""
+        if self._dropout is not None:
+            self._dropout.set(self.current)
+        if self._weight_drop is not None and self.current:
+            zeroed = self._weight_drop.apply(self.current)
+            logger.info("SeND (released procedure): zeroed FFN neurons %s", {k: len(v) for k, v in zeroed.items()})
 
     def _record(self, model, step: int) -> None:
         emb = self.record_embeddings(model)
@@ -286,16 +399,27 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         if self.windows_left > 0:
             self.windows_left -= 1
         if self.windows_left == 0 and len(self.history) >= self.num_checkpoints:
-            self.current = broadcast_object(self._select())  # identical by construction; rank 0 decides
-            self._dropout.set(self.current)
+            chosen, massive, mean_abs = broadcast_object(self._select())  # identical by construction; rank 0 decides
+            self.current = chosen
+            self._apply_current()
             self.windows_left = self.drop_windows
-            self.selections.append({"step": step, "window": self.windows_done, "neurons": self.current})
+            self.selections.append(
+                {
+                    "step": step,
+                    "window": self.windows_done,
+                    "neurons": self.current,
+                    "massive": massive,
+                    "mean_abs": mean_abs,
+                }
+            )
             logger.info(
                 "SeND (%s) at step %d: dropping %s", self.mode, step, {k: len(v) for k, v in self.current.items()}
             )
         elif self.windows_left == 0 and self.current:
             self.current = {}
-            self._dropout.clear()
+            self._apply_current()
+        elif self.current and self.procedure == "released":
+            self._apply_current()  # the released code zeroes again at the start of every window of the selection
 
     # -- Trainer events ----------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -303,6 +427,7 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         resumed = self._maybe_resume()
         if self.mode != "off" and not resumed and not self.history:
             self._record(model, state.global_step)
+            self.massive(self.history[-1])  # a too-greedy exclusion fails here, before the first step
         if self.window_steps and state.max_steps and self.window_steps > state.max_steps:
             raise ValueError(
                 f"send_window_steps={self.window_steps} is longer than the run ({state.max_steps} steps): "
@@ -348,6 +473,10 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
             "num_checkpoints": self.num_checkpoints,
             "drop_windows": self.drop_windows,
             "window_steps": self.window_steps,
+            "procedure": self.procedure,
+            "score": self.score,
+            "massive_factor": self.massive_factor,
+            "frozen_blocks": self.frozen_blocks,
             "history_steps": list(self.history_steps),
             "windows_done": self.windows_done,
             "windows_left": self.windows_left,
@@ -362,8 +491,9 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
     def load_state(self, directory: str) -> None:
         d = Path(directory)
         meta = json.loads((d / f"{self.state_name}.json").read_text())
-        for k in ("mode", "site", "drop_fraction", "num_checkpoints"):
-            if meta[k] != getattr(self, k):
+        defaults = {"procedure": "paper", "score": "raw", "massive_factor": 0.0}
+        for k in ("mode", "site", "drop_fraction", "num_checkpoints", *defaults):
+            if meta.get(k, defaults.get(k)) != getattr(self, k):
                 raise ValueError(
                     f"cannot resume from {d}: it was saved with {k}={meta[k]!r}, this run has {k}={getattr(self, k)!r}"
                 )
@@ -382,4 +512,4 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         self.current, self.selections = meta["current"], meta["selections"]
         self.ees_history = meta.get("ees_history", [])
         if self._dropout is not None:
-            self._dropout.set(self.current)
+            self._dropout.set(self.current)  # (released: the zeroed weights are in the checkpoint already)
