@@ -137,24 +137,3 @@ def test_cli_update_rule_reaches_the_manifest(tmp_path, capsys):
         == 2
     )
     assert "invalid choice: 'shrink'" in capsys.readouterr().err
-
-
-def test_reference_prompts_cover_every_relation():
-    """The built-in train split is sorted by relation; the reference prompts
-    and texts are interleaved so each relation is represented."""
-    import collections
-
-    from neurodetox.cli.patch import fact_pools, reference_prompts
-    from neurodetox.data import interleave_relations, load_facts
-
-    rows = [{"relation": r, "i": i} for i, r in enumerate("aaaabbc")]
-    assert [r["i"] for r in interleave_relations(rows)] == [0, 4, 6, 1, 5, 2, 3]
-    assert interleave_relations([]) == []
-    ds = load_facts("facts", seed=0)
-    relation = {r["prompt"]: r["relation"] for r in ds["train"]}
-    ref, unrelated, texts = fact_pools("facts", 0, [], [], 50, 128, 12)
-    counts = collections.Counter(relation[p] for p in ref)
-    assert len(counts) == 3 and min(counts.values()) >= 42, counts
-    assert not set(ref) & {u["prompt"] for u in unrelated}
-    assert reference_prompts("facts") == ref
-    assert len({relation[p] for p in reference_prompts("facts+default")[:96]}) == 3
