@@ -144,7 +144,8 @@ class ReferenceStats:
         token, times the final norm's scale there, then ``W_U (g ⊙ ·)``. For a
         last-layer neuron this leaves out only the norm scale's own change (the
         component of the patch along the residual stream; a few per cent of
-        the logit change in ``tests/test_patching.py``).
+        the logit change in
+        ``tests/test_patching_locate.py::test_guard_predicted_logits_match_a_real_last_layer_patch``).
 
         Args:
             unembedding: ``W_U``, ``[V, d]``.
