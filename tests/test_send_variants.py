@@ -216,3 +216,28 @@ def test_state_records_the_variant_and_resume_refuses_another(tmp_path):
     other = _trainer(tmp_path / "a", send_score="raw", max_steps=12)
     with pytest.raises(ValueError, match="score='standardized'"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+
+
+def test_add_send_passes_the_variant_settings_to_any_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from neurodetox.data.lm import CausalLMCollator
+    from neurodetox.send.integration import SeNDArguments, add_send
+
+    tok = make_tokenizer()
+    model = make_tiny_llama(len(tok), seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize_texts(tok, TEXTS),
+        data_collator=CausalLMCollator(tok),
+        processing_class=tok,
+    )
+    send_args = SeNDArguments(
+        send_procedure="released", send_freeze_blocks=1, send_massive_factor=5.0, activation_stats_site="none"
+    )
+    add_send(trainer, send_args, tracking_dataset=TEXTS[:6])
+    cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SensitiveNeuronDropoutCallback))
+    assert (cb.procedure, cb.massive_factor, cb.frozen_blocks) == ("released", 5.0, 1)
+    assert not any(p.requires_grad for p in model.model.layers[0].parameters())

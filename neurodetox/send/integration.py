@@ -327,7 +327,12 @@ class SeNDMixin:
                 stop_loss=send_args.send_stop_loss,
                 stop_ees=send_args.send_stop_ees,
                 ees_alpha=send_args.eigenscore_alpha,
+                score=send_args.send_score,
+                massive_factor=send_args.send_massive_factor,
+                procedure=send_args.send_procedure,
+                freeze_blocks=send_args.send_freeze_blocks,
             )
+            send.prepare_model(self.model)  # released procedure: FFN width checked, blocks frozen
             sites = resolve_sites(self.model, send.site, send.layers, send.module_path)
             if not any(hasattr(p, "ds_id") for p in self.model.parameters()):
                 example = collator([tracking[0]])
