@@ -189,6 +189,8 @@ def test_check_resume_config_names_fields_and_can_be_allowed(tiny_model_dir, tmp
     m, d, _, a, peft = _args(tiny_model_dir, tmp_path / "r")
     old = run_config(m, d, a, peft)
     assert check_resume_config(old, json.loads(json.dumps(old))) == []
+    m3, d3, _, a3, _ = _args(tiny_model_dir, tmp_path / "r", "--max_steps", "60")
+    assert check_resume_config(old, run_config(m3, d3, a3, peft)) == []  # training longer is what resume is for
     m2, d2, _, a2, _ = _args(tiny_model_dir, tmp_path / "r", "--learning_rate", "0.5", "--test_fraction", "0.2")
     new = run_config(m2, d2, a2, peft)
     with pytest.raises(UserError, match=r"data.test_fraction: 0.1 -> 0.2.*training.learning_rate: 0.0001 -> 0.5"):

@@ -48,6 +48,7 @@ RUN_CONFIG = "run_config.json"
 RUN_FILES = (RUN_MARKER, RUN_CONFIG, "summary.json", "metrics.jsonl", "probes_before.json")
 
 #: Optimisation settings (``SeNDConfig`` fields) a resume must not change without ``allow_resume_changes``.
+#: The run length (``max_steps``, ``num_train_epochs``) is not among them: resuming to train longer is allowed.
 RESUME_TRAINING_FIELDS = (
     "learning_rate",
     "per_device_train_batch_size",
@@ -57,8 +58,6 @@ RESUME_TRAINING_FIELDS = (
     "warmup_ratio",
     "weight_decay",
     "optim",
-    "num_train_epochs",
-    "max_steps",
     "seed",
     "send_mode",
     "send_site",
@@ -69,6 +68,10 @@ RESUME_TRAINING_FIELDS = (
     "send_window_steps",
     "send_rescale",
     "send_module_path",
+    "send_procedure",
+    "send_score",
+    "send_massive_factor",
+    "send_freeze_blocks",
 )
 #: Data settings (``DataArguments`` fields) a resume must not change without ``allow_resume_changes``.
 RESUME_DATA_FIELDS = (
@@ -79,6 +82,8 @@ RESUME_DATA_FIELDS = (
     "tracking_fraction",
     "test_fraction",
     "max_length",
+    "known_facts_file",
+    "known_categories",
 )
 
 
@@ -462,6 +467,13 @@ def run_training(
             f"the tracking set (split 'tracking' of {data_args.data}) has {len(ds['tracking'])} row; SeND's "
             "sensitivity and EES need at least 2: raise tracking_fraction or give more facts"
         )
+    if getattr(data_args, "known_facts_file", None):  # train on the facts the base model knows (Gekhman et al.)
+        from neurodetox.data.triage import filter_known
+
+        ds["train"] = filter_known(
+            ds["train"], data_args.known_facts_file, data_args.known_categories, data_args.split_record()
+        )
+        logger.info("training on %d known facts (%s)", len(ds["train"]), data_args.known_facts_file)
     check_schedule(args, len(ds["train"]))
     check_deepspeed_config(args)
     resume = args.resume_from_checkpoint
