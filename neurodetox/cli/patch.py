@@ -701,7 +701,7 @@ def parse_args(argv: Sequence[str]) -> SimpleNamespace:
     if not argv:
         raise UserError(f"give a subcommand: {', '.join(SUBCOMMANDS)} (see `neurodetox patch --help`)")
     cmd, rest = argv[0], argv[1:]
-    parsed = parse_command(make_parser(cmd), head + rest)
+    parsed = parse_command(make_parser(cmd), rest + head)  # a bare --quiet must not take a positional as its value
     ns = SimpleNamespace(cmd=cmd)
     for part in parsed:
         if isinstance(part, MintSettings):
