@@ -2,6 +2,7 @@
 
 neurodetox train --config recipes/smollm2-facts-send.yaml [--field value ...]
 neurodetox data facts --output_dir DIR [--split_seed N] [--relations ...]
+neurodetox data triage --out FILE.json [--model M] [--split_seed N] [--k 10] ...
 neurodetox eval --model PATH --data facts|FILE
 neurodetox patch find|apply|revert|show|eval ...
 neurodetox experiment [--recipe R.yaml] [--seeds 0,1,2] [--variants drop0.3,mlp] [--quick]
@@ -77,10 +78,14 @@ def cmd_data(argv: Sequence[str]) -> int:
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: neurodetox data facts --output_dir DIR [--split_seed N] [--relations ...]\n")
+        print("usage: neurodetox data triage --out FILE.json [--model M] [data and sampling flags]\n")
         print("  facts   write the GeoNames fact dataset (train/tracking/test) to a folder")
+        print("  triage  label each training fact HighlyKnown/MaybeKnown/WeaklyKnown/Unknown for a model")
         return 0 if argv else 2
+    if argv[0] == "triage":
+        return cmd_data_triage(argv[1:])
     if argv[0] != "facts":
-        raise UserError(f"unknown dataset {argv[0]!r}; valid: facts")
+        raise UserError(f"unknown data command {argv[0]!r}; valid: facts, triage")
     parser = command_parser(
         "neurodetox data facts",
         "Write the GeoNames fact dataset (train/tracking/test jsonl per split + a datasets folder).",
@@ -104,6 +109,29 @@ def cmd_data(argv: Sequence[str]) -> int:
     except FileExistsError as e:
         raise UserError(f"{e} (pass --overwrite to replace it)") from None
     print(f"wrote {', '.join(f'{k}: {len(v)}' for k, v in ds.items())} facts to {out.output_dir}")
+    return 0
+
+
+def cmd_data_triage(argv: Sequence[str]) -> int:
+    """``neurodetox data triage``: SliCK categories of a split's facts (:mod:`neurodetox.data.triage`)."""
+    from neurodetox.core.settings import ModelArguments
+    from neurodetox.data.settings import FactDataArguments
+    from neurodetox.data.triage import TriageOutputArguments, TriageSettings, run_triage
+
+    parser = command_parser(
+        "neurodetox data triage",
+        "Label each fact of a split HighlyKnown / MaybeKnown / WeaklyKnown / Unknown for a model, from its greedy "
+        "and sampled answers (Gekhman et al., arXiv 2405.05904), and write a JSON file that a recipe's "
+        "known_facts_file trains on.",
+        (ModelArguments, FactDataArguments, TriageSettings, TriageOutputArguments),
+    )
+    model_args, data_args, settings, out = parse_command(parser, argv)
+    _setup_logging()
+    content = run_triage(model_args, data_args, settings, out)
+    counts = content["counts"]
+    total = sum(counts.values())
+    print(", ".join(f"{c}: {n}" for c, n in counts.items()) + f" (of {total} {out.split} facts)")
+    print(f"wrote {out.output}")
     return 0
 
 

@@ -37,11 +37,25 @@ class DataArguments(FactDataArguments):
     Attributes:
         max_length: maximum tokens per training statement (≥ 1).
         max_test_probes: cap on test-split probes scored before and after training (``None``: all).
+        known_facts_file: a ``neurodetox data triage`` file; train only on the facts it labels with
+            ``known_categories`` (``None``: all facts). See :mod:`neurodetox.data.triage`.
+        known_categories: comma list of SliCK categories kept (default: the three known ones).
     """
 
     max_length: int = field(default=48, metadata={"help": "Maximum tokens per training statement."})
     max_test_probes: Optional[int] = field(
         default=None, metadata={"help": "Cap on test-split probes scored before and after training (default: all)."}
+    )
+    known_facts_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A `neurodetox data triage` file of this run's facts: train only on the training facts it labels "
+            "with known_categories (Gekhman et al., arXiv 2405.05904). Default: train on all."
+        },
+    )
+    known_categories: str = field(
+        default="HighlyKnown,MaybeKnown,WeaklyKnown",
+        metadata={"help": "With known_facts_file: the SliCK categories trained on (comma list)."},
     )
 
     def __post_init__(self) -> None:
@@ -49,6 +63,9 @@ class DataArguments(FactDataArguments):
         check_int("max_length", self.max_length, minimum=1)
         if self.max_test_probes is not None:
             check_int("max_test_probes", self.max_test_probes, minimum=1)
+        from neurodetox.data.triage import parse_categories
+
+        parse_categories(self.known_categories)
 
 
 @dataclass
