@@ -85,7 +85,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from neurodetox.metrics.eigenscore import _check as _check_embeddings
+from neurodetox.metrics.chebyshev import chebyshev_log_coefficients, chebyshev_log_tail, degree_for, jackson_damping
+from neurodetox.metrics.eigenscore import check_embeddings
 
 __all__ = [
     "EESResult",
@@ -144,99 +145,6 @@ class EESResult:
         return float(self.value)
 
 
-# ----------------------------------------------------------------------------- Chebyshev series of ln
-
-
-def _rho(a: float, b: float) -> float:
-    """Bernstein-ellipse parameter of ln on [a, b]: the singularity λ = 0 sits at
-    x₀ = −(a + b)/(b − a); ρ = |x₀| + sqrt(x₀² − 1) = (sqrt b + sqrt a)/(sqrt b − sqrt a)."""
-    sa, sb = math.sqrt(a), math.sqrt(b)
-    return (sb + sa) / (sb - sa)
-
-
-def chebyshev_log_coefficients(a: float, b: float, degree: int) -> np.ndarray:
-    """Chebyshev coefficients ``c_0..c_degree`` of ``ln λ`` on ``λ ∈ [a, b]``.
-
-    ``ln(((b − a) x + a + b)/2) = Σ_m c_m T_m(x)`` for ``x ∈ [−1, 1]``, from the
-    closed form ``c_0 = ln((b − a) ρ / 4)``, ``c_m = −2 (−1)^m ρ^{−m} / m``,
-    ``ρ = (√b + √a)/(√b − √a)`` (the generating function
-    ``ln(1 − 2 t x + t²) = −2 Σ t^m T_m(x)/m`` at ``t = −1/ρ``).
-
-    Args:
-        a, b: ``0 < a < b``.
-        degree: highest degree ``M ≥ 0``.
-
-    Returns:
-        float64 array ``[degree + 1]``.
-
-    Raises:
-        ValueError: bad bounds or degree.
-    """
-    if not (0 < a < b) or not math.isfinite(b):
-        raise ValueError(f"need finite bounds 0 < a < b, got a={a!r}, b={b!r}")
-    if degree < 0:
-        raise ValueError(f"degree must be >= 0, got {degree}")
-    rho = _rho(a, b)
-    m = np.arange(1, degree + 1, dtype=np.float64)
-    c = np.empty(degree + 1)
-    c[0] = math.log((b - a) * rho / 4.0)
-    # (-1)^m rho^-m computed as exp(-m ln rho) to avoid overflow of rho^m
-    c[1:] = -2.0 * np.where(m % 2 == 0, 1.0, -1.0) * np.exp(-m * math.log(rho)) / m
-    return c
-
-
-def chebyshev_log_tail(a: float, b: float, degree: int) -> float:
-    """Worst error on ``[a, b]`` of the degree-``degree`` truncated series of ``ln``.
-
-    Exactly ``τ(M) = 2 Σ_{m>M} ρ^{−m}/m`` (every term has the same sign at
-    ``λ = a``, where the sup is attained).
-    """
-    rho = _rho(a, b)
-    lr = math.log(rho)
-    # Sum the tail directly: terms decay like exp(-m ln rho)/m.
-    total = 0.0
-    start = degree + 1
-    chunk = 4096
-    while True:
-        m = np.arange(start, start + chunk, dtype=np.float64)
-        terms = 2.0 * np.exp(-m * lr) / m
-        total += float(terms.sum())
-        if terms[-1] < 1e-17 * max(total, 1e-300) or terms[-1] < 1e-300:
-            break
-        if m[-1] * lr > 50:  # remaining terms < e^-50
-            break
-        start += chunk
-        chunk *= 2
-    return total
-
-
-def _degree_for(a: float, b: float, tol_uniform: float, max_degree: int) -> int:
-    """Smallest even M with τ(M) ≤ tol_uniform (capped at max_degree)."""
-    lo, hi = 2, 2
-    while hi < max_degree and chebyshev_log_tail(a, b, hi) > tol_uniform:
-        lo, hi = hi, min(2 * hi, max_degree)
-    if chebyshev_log_tail(a, b, hi) > tol_uniform:
-        return max_degree + (max_degree % 2)
-    while hi - lo > 2:
-        mid = (lo + hi) // 2
-        mid += mid % 2
-        if mid >= hi:
-            break
-        if chebyshev_log_tail(a, b, mid) <= tol_uniform:
-            hi = mid
-        else:
-            lo = mid
-    return hi + (hi % 2)
-
-
-def _jackson(degree: int) -> np.ndarray:
-    """Jackson damping factors g_0..g_M (Weiße et al., Rev. Mod. Phys. 78, 275 (2006))."""
-    n = degree + 1
-    m = np.arange(n, dtype=np.float64)
-    q = math.pi / (n + 1)
-    return ((n - m + 1) * np.cos(q * m) + np.sin(q * m) / math.tan(q)) / (n + 1)
-
-
 # ----------------------------------------------------------------------------- exact routes
 
 
@@ -259,7 +167,7 @@ def exact_log_det_mean(embeddings: ArrayLike, alpha: float = 1e-3, route: str = 
     Returns:
         The value in nats (float).
     """
-    z = _check_embeddings(embeddings, alpha)
+    z = check_embeddings(embeddings, alpha)
     if z.ndim != 2:
         raise ValueError(f"exact_log_det_mean takes one [n, d] matrix, got shape {tuple(z.shape)}")
     return _exact(_center(z), float(alpha), route)[0]
@@ -526,7 +434,7 @@ def _run_probes(op, m, m_eff, a, b, half, coef, probes, tol_stoch, max_probes, g
         target = min(max(need, count + _PROBE_BLOCK), max_probes)
 
 
-def _kpm_logdet(
+def kpm_logdet(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     m: int,
     lower: float,
@@ -616,14 +524,14 @@ def _kpm_logdet(
     while True:
         op.c = a
         if moments is None:
-            degree = _degree_for(a, b, tol_trunc / m_eff, max_moments)
+            degree = degree_for(a, b, tol_trunc / m_eff, max_moments)
         else:
             degree = int(moments) + int(moments) % 2
         half = degree // 2
         coef = chebyshev_log_coefficients(a, b, degree)
         bias = chebyshev_log_tail(a, b, degree)
         if damping == "jackson":
-            g = _jackson(degree)
+            g = jackson_damping(degree)
             bias += float(np.sum(np.abs(coef) * (1.0 - g)))
             coef = coef * g
         # --- probes
@@ -723,7 +631,7 @@ def log_det_mean(
         raise ValueError(f"n must be a positive integer, got {n!r}")
     _check_alpha(lower, "lower")
     _check_kpm_args(tol, moments, probes, damping, deflate)
-    s, err, det = _kpm_logdet(
+    s, err, det = kpm_logdet(
         matvec,
         n,
         float(lower),
@@ -791,7 +699,7 @@ def _one(zc: torch.Tensor, alpha: float, method: str, kw: dict) -> tuple[float, 
 
         basis = None
     tol = kw.pop("tol", _DEFAULT_TOL)
-    s, err, det = _kpm_logdet(matvec, m, alpha, tol_sum=tol * n, exact_basis=basis, **kw)
+    s, err, det = kpm_logdet(matvec, m, alpha, tol_sum=tol * n, exact_basis=basis, **kw)
     s += (n - m) * math.log(alpha)
     det["reduced_from"] = n
     return s / n, err / n, "kpm", det
@@ -847,7 +755,7 @@ def efficient_eigenscore(
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     _check_alpha(alpha)
     _check_kpm_args(tol, moments, probes, damping, deflate)
-    z = _check_embeddings(embeddings, alpha)
+    z = check_embeddings(embeddings, alpha)
     kw = dict(
         tol=tol,
         moments=moments,

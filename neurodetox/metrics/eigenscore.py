@@ -27,7 +27,7 @@ from typing import Union
 import numpy as np
 import torch
 
-__all__ = ["eigenscore", "answer_covariance"]
+__all__ = ["eigenscore", "answer_covariance", "check_embeddings"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -43,7 +43,12 @@ def _as_tensor(embeddings: ArrayLike) -> torch.Tensor:
         ) from None
 
 
-def _check(embeddings: ArrayLike, alpha: float | None) -> torch.Tensor:
+def check_embeddings(embeddings: ArrayLike, alpha: float | None) -> torch.Tensor:
+    """Embeddings ``[K, d]`` or ``[P, K, d]`` as a float64 tensor, checked (and ``alpha > 0`` unless ``None``).
+
+    Raises:
+        ValueError: another shape, fewer than two samples, non-finite values, or a bad ``alpha``.
+    """
     z = _as_tensor(embeddings)
     if z.ndim not in (2, 3):
         raise ValueError(
@@ -93,7 +98,7 @@ def answer_covariance(embeddings: ArrayLike) -> torch.Tensor:
         ValueError: wrong number of dimensions, ``K < 2``, ``d < 2``, or
             non-finite values.
     """
-    z = _check(embeddings, None)
+    z = check_embeddings(embeddings, None)
     d = z.shape[-1]
     zc = z - z.mean(dim=-1, keepdim=True)
     return zc @ zc.transpose(-1, -2) / (d - 1)
