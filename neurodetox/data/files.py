@@ -17,12 +17,12 @@ from neurodetox.core.paths import PathNotFoundError
 from neurodetox.data.facts import (
     RELATIONS,
     SPLITS,
-    _assign_splits,
-    _to_dataset_dict,
-    _validate_fractions,
-    _validate_seed,
+    assign_splits,
     build_fact_dataset,
     expand_aliases,
+    to_dataset_dict,
+    validate_fractions,
+    validate_seed,
 )
 
 __all__ = ["SUPPORTED_EXTENSIONS", "load_fact_file", "load_facts"]
@@ -125,7 +125,7 @@ def _check_and_build(records: list[dict[str, Any]], splits: dict[str, list[dict[
             f"{source}: {len(leaked)} test statement(s) also appear in train/tracking, e.g. {leaked[0]!r}",
             stacklevel=3,
         )
-    return _to_dataset_dict(splits)
+    return to_dataset_dict(splits)
 
 
 def _file_problem(path: Path, builder: str) -> str | None:
@@ -246,8 +246,8 @@ def load_fact_file(
             fractions.
         TypeError: ``seed`` is not an int.
     """
-    _validate_seed(seed)
-    _validate_fractions(tracking_fraction, test_fraction)
+    validate_seed(seed)
+    validate_fractions(tracking_fraction, test_fraction)
     p = Path(path).expanduser()
     if not p.exists():
         raise PathNotFoundError(f"fact file not found: {p}")
@@ -271,7 +271,7 @@ def load_fact_file(
         for rec, split in rows:
             splits[split].append(rec)
     else:
-        splits = _assign_splits(records, seed, tracking_fraction, test_fraction)
+        splits = assign_splits(records, seed, tracking_fraction, test_fraction)
     return _check_and_build(records, splits, p)
 
 
