@@ -7,6 +7,8 @@ tokenizer's chat template.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tokenizer
@@ -16,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from neurodetox.core.errors import UserError
-from neurodetox.data.lm import tokenize_texts
+from neurodetox.data.lm import CausalLMCollator, tokenize_texts
 from neurodetox.metrics.callback import EigenScoreCallback
 from neurodetox.metrics.settings import EigenScoreSettings
 from neurodetox.send import SeNDConfig, SeNDTrainer
@@ -49,6 +51,12 @@ TRACKING = [
     "the capital of japan is tokyo",
     "japan is located in asia",
 ]
+#: transformers 5 renamed gradient_checkpointing (the old name warns); older versions only know the old one.
+CKPT = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
 SEND = dict(
     send_window_steps=2,
     send_num_checkpoints=2,
@@ -68,7 +76,7 @@ TRAIN = dict(
     use_cpu=True,
     disable_tqdm=True,
     bf16=False,
-    gradient_checkpointing=False,
+    **{CKPT: False},
 )
 
 
@@ -179,7 +187,7 @@ def test_sft_chat_completion_only(tmp_path):
     )
     assert trainer.data_collator is collator  # the host's collator is kept
     # SFTConfig's own defaults survive (no dataclass inheritance restoring Trainer's)
-    assert cfg.gradient_checkpointing is True and trainer.args is cfg
+    assert getattr(cfg, CKPT) is True and cfg.logging_steps == 2 and trainer.args is cfg
 
     seen = []
 
@@ -271,8 +279,6 @@ def test_send_arguments_checks():
     with pytest.raises(UserError, match="send_site"):
         SeNDArguments(send_site="attention")
     # same fields and defaults as SeNDConfig's
-    import dataclasses
-
     ours = {f.name: f.default for f in dataclasses.fields(SeNDArguments)}
     theirs = {f.name: f.default for f in dataclasses.fields(SeNDConfig) if f.name in ours}
     assert ours == theirs and "send_mode" in ours and "learning_rate" not in ours
@@ -307,3 +313,32 @@ def test_tokenize_tracking_formats():
         tokenize_tracking(tok, [{"question": "x"}])
     with pytest.raises(UserError, match="empty"):
         tokenize_tracking(tok, [])
+
+
+@pytest.mark.parametrize("host", ["Trainer", "SFTTrainer"])
+def test_eigenscore_callback_fails_loudly_without_evaluation_hook(tmp_path, host):
+    """Passed to a trainer that never calls it, the callback stops training at on_train_begin, naming add_send."""
+    tok = _chat_tokenizer()
+    cb = EigenScoreCallback(tok, ["the capital of france is"], [["paris"]], EigenScoreSettings(k=2))
+    common = dict(output_dir=str(tmp_path / host), max_steps=1, report_to=[], use_cpu=True)
+    if host == "Trainer":
+        trainer = Trainer(
+            model=make_tiny_llama(len(tok)),
+            args=TrainingArguments(**common),
+            train_dataset=tokenize_texts(tok, ["the capital of france is paris"] * 4, 16),
+            data_collator=CausalLMCollator(tok),
+            callbacks=[cb],
+        )
+    else:
+        trainer = SFTTrainer(
+            model=make_tiny_llama(len(tok)),
+            args=SFTConfig(**common, bf16=False),
+            train_dataset=Dataset.from_list(_chat_rows(FACTS[:4])),
+            processing_class=tok,
+            callbacks=[cb],
+        )
+    with pytest.raises(UserError, match="add_send"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    # the same callback runs once the trainer gets the evaluation hook
+    assert isinstance(add_send(trainer, SeNDArguments(send_mode="off", activation_stats_site="none")), SeNDMixin)

@@ -132,9 +132,26 @@ class EigenScoreCallback(TrainerCallback):
             undefined, logged as NaN), or where the tracking probes have too few of one outcome
             to fit the hidden-state probe (skipped at that evaluation).
 
+    Only a trainer's evaluation loop runs it (:class:`neurodetox.send.SeNDTrainer`, or any
+    Trainer through :func:`neurodetox.send.integration.add_send` / ``SeNDMixin``), which sets
+    :attr:`evaluated_by`; in any other trainer it raises ``UserError`` at ``on_train_begin``
+    rather than silently logging nothing.
+
     Attributes:
         history: list of ``(global_step, ProbeResult)``.
+        evaluated_by: name of the trainer class that calls :meth:`compute_metrics` at each
+            evaluation; ``None`` until such a trainer starts training.
     """
+
+    evaluated_by: Optional[str] = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.evaluated_by is None:
+            raise UserError(
+                "EigenScoreCallback computes nothing in this trainer (only an evaluation loop that calls it does): "
+                "use neurodetox.send.SeNDTrainer, or add_send(trainer, SeNDArguments(), probe_prompts=..., "
+                "probe_aliases=...) from neurodetox.send.integration, or class MyTrainer(SeNDMixin, YourTrainer)"
+            )
 
     def __init__(
         self,

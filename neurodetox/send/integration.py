@@ -289,10 +289,9 @@ class SeNDMixin:
             raise UserError("SeND is already attached to this trainer; call add_send / attach_send once")
         if not isinstance(send_args, SeNDConfig):
             send_args.__post_init__()  # fields may have been changed in place since construction
-        tok = self.processing_class
-        if tok is None:
-            raise UserError("SeND needs the trainer's tokenizer: pass processing_class= to the trainer")
-        tok = getattr(tok, "tokenizer", tok)  # a multimodal processor wraps the tokenizer
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor wraps it
+        if tok is None and (send_args.send_mode != "off" or probe_prompts or test_prompts):
+            raise UserError("SeND tracking and the probes need the trainer's tokenizer: pass processing_class=")
         seed = self.args.seed
         stats = send = None
         if send_args.activation_stats_site != "none":

@@ -182,6 +182,8 @@ class SeNDTrainer(Trainer):
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, CheckpointedCallback):
                 cb.resume_from(resume_from_checkpoint or None)
+            if isinstance(cb, EigenScoreCallback):
+                cb.evaluated_by = type(self).__name__  # evaluation_loop runs it
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # -- atomic checkpoints ----------------------------------------------------------
