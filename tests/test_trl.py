@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama, make_tokenizer
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -342,3 +342,46 @@ def test_eigenscore_callback_fails_loudly_without_evaluation_hook(tmp_path, host
     assert trainer.state.global_step == 0
     # the same callback runs once the trainer gets the evaluation hook
     assert isinstance(add_send(trainer, SeNDArguments(send_mode="off", activation_stats_site="none")), SeNDMixin)
+
+
+def test_resume_restores_send_state(tmp_path):
+    """SFTTrainer + add_send killed after a checkpoint and resumed selects what the uninterrupted run selects."""
+    tok = make_tokenizer()
+    train = Dataset.from_list(tokenize_texts(tok, [f"{p} {a}" for p, a in FACTS], 32))
+    common = {**TRAIN, "save_strategy": "steps", "save_steps": 4}
+
+    def run(out, max_steps, resume=None):
+        trainer = SFTTrainer(
+            model=make_tiny_llama(len(tok), seed=11),
+            args=SFTConfig(output_dir=str(out), **{**common, "max_steps": max_steps}),
+            train_dataset=train,
+            processing_class=tok,
+        )
+        add_send(trainer, SeNDArguments(**SEND, **_no_probes()), tracking_dataset=TRACKING)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.callback(SensitiveNeuronDropoutCallback)
+
+    full = run(tmp_path / "full", 8)
+    # a first run stopped at step 4 (its checkpoint holds the SeND state), then resumed to step 8
+    first = SFTTrainer(
+        model=make_tiny_llama(len(tok), seed=11),
+        args=SFTConfig(output_dir=str(tmp_path / "part"), **common),
+        train_dataset=train,
+        processing_class=tok,
+    )
+    add_send(first, SeNDArguments(**SEND, **_no_probes()), tracking_dataset=TRACKING)
+    first.callback_handler.add_callback(_StopAt(4))
+    first.train()
+    assert (tmp_path / "part" / "checkpoint-4" / "neurodetox_send_state.json").is_file()
+    resumed = run(tmp_path / "part", 8, resume=True)
+    assert [s["neurons"] for s in resumed.selections] == [s["neurons"] for s in full.selections]
+    assert [s["step"] for s in resumed.selections] == [2, 4, 6]
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
