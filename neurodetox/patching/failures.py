@@ -27,6 +27,7 @@ __all__ = [
     "Failure",
     "check_phrasings",
     "encode_edit",
+    "encode_pair",
     "teacher_forced_argmax",
     "find_failures",
     "still_failing",
@@ -247,19 +248,24 @@ def encode_edit(tokenizer, edit: Edit) -> Edit:
         ValueError: the target tokenises to no ids.
     """
     if not (edit.prompt_ids and edit.target_ids):
-        edit.prompt_ids, edit.target_ids = _encode(tokenizer, edit.prompt, edit.target)
+        edit.prompt_ids, edit.target_ids = encode_pair(tokenizer, edit.prompt, edit.target)
     if len(edit.variants) != 1 + len(edit.paraphrases):
         edit.variants = [edit] + [
             Edit(p, edit.target, edit.fact_id, subject=edit.subject, source=edit.source, aliases=list(edit.aliases))
             for p in edit.paraphrases
         ]
         for v in edit.variants[1:]:
-            v.prompt_ids, v.target_ids = _encode(tokenizer, v.prompt, v.target)
+            v.prompt_ids, v.target_ids = encode_pair(tokenizer, v.prompt, v.target)
             v.variants = [v]
     return edit
 
 
-def _encode(tokenizer, prompt: str, target_text: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, prompt: str, target_text: str) -> tuple[list[int], list[int]]:
+    """``(prompt ids, target continuation ids)`` as :func:`encode_edit` tokenises them.
+
+    Raises:
+        ValueError: the target tokenises to no ids.
+    """
     target = target_text if target_text[:1].isspace() else " " + target_text
     p_ids = list(tokenizer(prompt)["input_ids"])
     full = list(tokenizer(prompt + target)["input_ids"])

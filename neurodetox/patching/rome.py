@@ -1,0 +1,695 @@
+"""Rank-one key→value edits at the subject's last token (ROME; MEMIT-style batches).
+
+Meng, Bau, Andonian, Belinkov, "Locating and Editing Factual Associations in
+GPT", arXiv 2202.05262 (ROME); Meng, Sen Sharma, Andonian, Belinkov, Bau,
+"Mass-Editing Memory in a Transformer", arXiv 2210.07229 (MEMIT);
+``docs/methods.md`` §8. The FFN output projection ``W`` (``[d, d_ff]``) of one
+mid-layer block is read as a key→value memory: the key ``k`` is the FFN's
+hidden activation (the projection's input, ``[d_ff]``) at the subject's last
+token, the value ``W k`` its output (``[d]``). For each edit:
+
+1. **key** ``k*``: the mean key over the edit's phrasings (the prompt, its
+   ``paraphrases`` when ``use_paraphrases``, each behind the optional
+   model-generated context prefixes);
+2. **value** ``v* = W k + δ``: ``δ`` (``[d]``) is added to the projection's
+   output at the subject's last token of every phrasing and optimised with
+   Adam to make the target the continuation of every phrasing (mean token NLL),
+   plus ``kl_factor`` × KL of the next-token distribution after
+   ``"{subject} is a"`` to its unedited value (keeps the subject's other
+   properties) and ``weight_decay · ‖δ‖ / ‖W k‖²``; ``‖δ‖`` is clamped to
+   ``clamp_norm_factor · ‖W k‖``. All edits of a batch are optimised at once:
+   each has its own ``δ`` and loss, so the batch is the same as one
+   optimisation per edit (Adam is element-wise);
+3. **update** (closed form, :func:`rank_update`): the smallest change of ``W``
+   in the metric of the key second moment ``C = E[k kᵀ]`` that maps every
+   ``k*_i`` to ``v*_i``: ``ΔW = R (KᵀC⁻¹K + λI)⁻¹ (C⁻¹K)ᵀ`` with ``K = [k*_i]``
+   (``[d_ff, n]``), ``R = [v*_i − W k*_i] = [δ_i]``. ``λ = 0`` (default) meets
+   the constraints exactly; for one edit it is ROME's
+   ``ΔW = (v* − W k*) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*)``. ``λ > 0`` is MEMIT's
+   least-squares form ``ΔW = R Kᵀ (λC + KKᵀ)⁻¹``.
+
+``C`` (``covariance="model_text"``, default) is estimated from the model's own
+sampled text (no corpus download; the papers use 100,000 Wikipedia samples),
+with a ridge of ``covariance_ridge × mean diagonal``; ``"identity"`` uses
+``C = I`` as EasyEdit's Llama settings do (``mom2_adjustment: false``).
+
+Edits whose phrasings are not all fixed by the update are optimised again on
+the updated weights (``rounds``), with the keys of the fixed edits held to
+their current values (``R = 0`` columns). ``mode="sequential"`` edits one fact
+at a time in that way (ROME's protocol); ``"batch"`` (default) all at once.
+
+The result is a :class:`~neurodetox.patching.patchfile.PatchSet` in the same
+reversible, hash-checked format as MINT's: the touched projection's changed
+columns with their originals (float32, so revert is bit-exact in any dtype).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional, Sequence, Union, get_args
+
+import torch
+from torch import nn
+
+from neurodetox.core.checks import DTYPES, check_int, check_number, model_device, resolve_dtype
+from neurodetox.core.errors import UserError
+from neurodetox.core.sites import base_model, resolve_sites, value_vector_parameter
+from neurodetox.patching.failures import Edit, coerce_edits, encode_edit, encode_pair, still_failing
+from neurodetox.patching.mint.reference import fingerprint
+from neurodetox.patching.mint.results import EditResult, RepairReport
+from neurodetox.patching.patchfile import ParamPatch, PatchSet
+
+__all__ = [
+    "COVARIANCES",
+    "MODES",
+    "RomeSettings",
+    "edit_rank_one",
+    "key_covariance",
+    "rank_update",
+    "subject_last_index",
+]
+
+Covariance = Literal["model_text", "identity"]
+COVARIANCES: tuple[str, ...] = get_args(Covariance)
+Mode = Literal["batch", "sequential"]
+MODES: tuple[str, ...] = get_args(Mode)
+
+#: Starts of the model's own text for the key covariance (ROME samples Wikipedia; we sample the model).
+TEXT_STARTS: tuple[str, ...] = (
+    "The",
+    "In",
+    "Therefore",
+    "Because",
+    "I",
+    "You",
+    "It",
+    "Many",
+    "When",
+    "After",
+    "Scientists",
+    "Today",
+    "A",
+    "This",
+    "One",
+    "We",
+)
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class RomeSettings:
+    """Settings of :func:`edit_rank_one` (ROME, arXiv 2202.05262; MEMIT, arXiv 2210.07229).
+
+    Attributes:
+        layer: the block whose FFN output projection is edited, an integer
+            (negative counts from the end). Default 4 (of SmolLM2-135M's 30;
+            EasyEdit edits block 5 of Llama-2-7B's 32).
+        mode: ``"batch"`` (default): every edit's value is optimised at once
+            on the same weights and one update writes them all (MEMIT's
+            batch, in one layer); ``"sequential"``: one edit after another,
+            each on the weights the previous ones left (ROME's protocol).
+        v_steps: Adam steps of the value optimisation, ``>= 1``. Default 25 (EasyEdit).
+        v_lr: its learning rate, ``> 0``. Default 0.5 (EasyEdit).
+        weight_decay: ``‖δ‖ / ‖W k‖²`` weight, ``>= 0``. Default 1e-3 (EasyEdit).
+        clamp_norm_factor: ``‖δ‖ <= factor · ‖W k‖``, ``> 0``. Default 4 (EasyEdit).
+        kl_factor: weight of the KL term on ``"{subject} is a"``, ``>= 0``. Default 0.0625 (EasyEdit).
+        stop_loss: an edit's optimisation stops once its loss is below this, ``>= 0``. Default 0.05 (EasyEdit).
+        context_templates: model-generated prefixes each phrasing is also
+            optimised (and its key averaged) behind, ``>= 0``. Default 0
+            (ours; ROME uses 20, which costs 21× the forwards; the edits'
+            paraphrases play their part here).
+        covariance: ``"model_text"`` (default; ``C`` from the model's own sampled
+            text) or ``"identity"`` (``C = I``).
+        covariance_samples: sampled texts for ``C``, ``>= 1``. Default 64.
+        covariance_tokens: tokens per sampled text, ``>= 1``. Default 48.
+        covariance_ridge: ridge added to ``C``, relative to its mean diagonal, ``> 0``. Default 0.01.
+        lam: ``λ`` of :func:`rank_update`: 0 (default) exact constraints (ROME);
+            ``> 0`` MEMIT's least squares with ``λ C``.
+        rounds: update rounds for edits the previous update left unfixed, ``>= 1``. Default 3.
+        use_paraphrases: optimise every edit's ``paraphrases`` with its prompt
+            and count it fixed only when all are. Default True.
+        storage_dtype: dtype the new weights are rounded to (a name of
+            :data:`neurodetox.core.checks.DTYPES`) or ``None`` (the weight's own).
+        seed: seed of the sampled covariance text. Default 0.
+
+    Raises:
+        UserError: a field outside its valid values (at construction and in :meth:`validate`).
+    """
+
+    layer: int = field(default=4, metadata=_help("Block whose FFN output projection is edited (default 4)."))
+    mode: Mode = field(
+        default="batch", metadata=_help("'batch' (all edits in one update, default) or 'sequential' (one by one).")
+    )
+    v_steps: int = field(default=25, metadata=_help("Adam steps of the value optimisation, >= 1 (default 25)."))
+    v_lr: float = field(default=0.5, metadata=_help("Learning rate of the value optimisation, > 0 (default 0.5)."))
+    weight_decay: float = field(default=1e-3, metadata=_help("Weight of ||δ||/||Wk||², >= 0 (default 1e-3)."))
+    clamp_norm_factor: float = field(default=4.0, metadata=_help("Clamp ||δ|| to factor·||Wk||, > 0 (default 4)."))
+    kl_factor: float = field(default=0.0625, metadata=_help("Weight of the KL term, >= 0 (default 0.0625)."))
+    stop_loss: float = field(default=0.05, metadata=_help("Stop an edit's optimisation below this loss (0.05)."))
+    context_templates: int = field(
+        default=0, metadata=_help("Model-generated prefixes each phrasing is also optimised behind, >= 0 (0).")
+    )
+    covariance: Covariance = field(
+        default="model_text", metadata=_help("Key covariance C: 'model_text' (default) or 'identity'.")
+    )
+    covariance_samples: int = field(default=64, metadata=_help("Sampled texts for C, >= 1 (default 64)."))
+    covariance_tokens: int = field(default=48, metadata=_help("Tokens per sampled text for C, >= 1 (default 48)."))
+    covariance_ridge: float = field(
+        default=0.01, metadata=_help("Ridge added to C, relative to its mean diagonal, > 0 (default 0.01).")
+    )
+    lam: float = field(default=0.0, metadata=_help("λ: 0 exact constraints (ROME, default); > 0 MEMIT least squares."))
+    rounds: int = field(default=3, metadata=_help("Update rounds for edits left unfixed, >= 1 (default 3)."))
+    use_paraphrases: bool = field(
+        default=True, metadata=_help("Optimise each edit's paraphrases with its prompt (default true).")
+    )
+    storage_dtype: Optional[str] = field(
+        default=None, metadata=_help("Round the new weights to this dtype (default: the weight's own).")
+    )
+    seed: int = field(default=0, metadata=_help("Seed of the sampled covariance text (default 0)."))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field.
+
+        Raises:
+            UserError: naming the bad field and what is valid.
+        """
+        check_int("layer", self.layer, minimum=None)
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode {self.mode!r}; valid modes are {', '.join(MODES)}")
+        if self.covariance not in COVARIANCES:
+            raise UserError(f"unknown covariance {self.covariance!r}; valid: {', '.join(COVARIANCES)}")
+        for name in ("v_steps", "covariance_samples", "covariance_tokens", "rounds"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("context_templates", self.context_templates, minimum=0)
+        check_int("seed", self.seed, minimum=None)
+        for name in ("v_lr", "clamp_norm_factor", "covariance_ridge"):
+            check_number(name, getattr(self, name), minimum=0.0, min_inclusive=False)
+        for name in ("weight_decay", "kl_factor", "stop_loss", "lam"):
+            check_number(name, getattr(self, name), minimum=0.0)
+        if self.storage_dtype is not None:
+            if isinstance(self.storage_dtype, torch.dtype):
+                self.storage_dtype = str(self.storage_dtype).removeprefix("torch.")
+            if str(self.storage_dtype).lower().removeprefix("torch.") not in DTYPES:
+                raise UserError(f"unknown storage_dtype {self.storage_dtype!r}; valid: {', '.join(DTYPES)} or None")
+
+    @property
+    def storage(self) -> Optional[torch.dtype]:
+        return None if self.storage_dtype is None else resolve_dtype(self.storage_dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- closed form
+
+
+def rank_update(
+    W: torch.Tensor, K: torch.Tensor, R: torch.Tensor, C: Optional[torch.Tensor] = None, lam: float = 0.0
+) -> torch.Tensor:
+    """The smallest change of ``W`` in the ``C`` metric that moves ``W K`` by ``R``: ``ΔW = R (KᵀC⁻¹K + λI)⁻¹ (C⁻¹K)ᵀ``.
+
+    With ``λ = 0`` it solves ``min ‖ΔW C^{1/2}‖_F`` subject to ``ΔW K = R``,
+    i.e. ROME's ``min ‖(W+ΔW) K₀ − W K₀‖`` s.t. ``(W+ΔW) k* = v*`` for
+    ``C = K₀K₀ᵀ`` (arXiv 2202.05262, eq. 2; one column of ``K`` gives
+    ``R (C⁻¹k)ᵀ / (kᵀC⁻¹k)``). With ``λ > 0`` it is MEMIT's
+    ``R Kᵀ (λC + KKᵀ)⁻¹`` (arXiv 2210.07229, eq. 14).
+
+    Args:
+        W: ``[d, m]`` (only its shape and dtype are read).
+        K: keys ``[m, n]``.
+        R: residuals ``[d, n]``.
+        C: ``[m, m]`` symmetric positive definite, or ``None`` for the identity.
+        lam: ``λ >= 0``.
+
+    Returns:
+        ``ΔW`` ``[d, m]`` float32.
+
+    Raises:
+        UserError: shapes that do not fit.
+    """
+    d, m = W.shape
+    if K.dim() != 2 or K.shape[0] != m or R.shape != (d, K.shape[1]):
+        raise UserError(f"rank_update: W {tuple(W.shape)}, K {tuple(K.shape)} and R {tuple(R.shape)} do not fit")
+    K64, R64 = K.double(), R.double()
+    A = K64 if C is None else torch.linalg.solve(C.double(), K64)  # C⁻¹K [m, n]
+    M = K64.T @ A + lam * torch.eye(K.shape[1], dtype=torch.float64)
+    return (R64 @ torch.linalg.solve(M, A.T)).float()
+
+
+# ----------------------------------------------------------------------------- subject position
+
+
+def subject_last_index(tokenizer, text: str, subject: str, where: str = "edit") -> int:
+    """Index (into ``tokenizer(text)["input_ids"]``) of the last token of the first occurrence of ``subject``.
+
+    Raises:
+        UserError: ``subject`` is empty or does not occur in ``text`` (case-sensitive,
+            then case-insensitive), naming ``where``.
+    """
+    if not subject or not subject.strip():
+        raise UserError(f"{where}: the rome method needs a non-empty 'subject' that occurs in the prompt")
+    start = text.find(subject)
+    if start < 0:
+        start = text.casefold().find(subject.casefold())
+    if start < 0:
+        raise UserError(f"{where}: subject {subject!r} is not in {text!r}; give the subject as it is written there")
+    end = start + len(subject)
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        offsets = None
+    if offsets:
+        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if hits:
+            return hits[-1]
+    return len(tokenizer(text[:end])["input_ids"]) - 1
+
+
+# ----------------------------------------------------------------------------- key covariance
+
+_COV_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _site(model: nn.Module, layer: int):
+    sites = resolve_sites(model, "mlp", [layer])
+    if not sites:
+        raise UserError(f"layer {layer} has no FFN output projection in this model")
+    return sites[0]
+
+
+def _keys_hook(store: list):
+    def hook(module, args, output):
+        store.append(args[0].detach())
+
+    return hook
+
+
+@torch.no_grad()
+def key_covariance(model: nn.Module, tokenizer, layer: int, settings: RomeSettings) -> torch.Tensor:
+    """``C = E[k kᵀ] + ridge`` (``[d_ff, d_ff]`` float64) of the FFN keys of ``layer`` over the model's sampled text.
+
+    ``covariance_samples`` texts of ``covariance_tokens`` tokens are sampled
+    (temperature 1, seeded) from :data:`TEXT_STARTS`; every real token's key is
+    used. Cached per model weights, layer and settings.
+    """
+    site = _site(model, layer)
+    key = (
+        id(model),
+        fingerprint(model),
+        site.layer,
+        settings.covariance_samples,
+        settings.covariance_tokens,
+        settings.covariance_ridge,
+        settings.seed,
+    )
+    if key in _COV_CACHE:
+        return _COV_CACHE[key]
+    device = model_device(model)
+    side = getattr(tokenizer, "padding_side", "right")
+    starts = [TEXT_STARTS[i % len(TEXT_STARTS)] for i in range(settings.covariance_samples)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts: list[torch.Tensor] = []
+    try:
+        tokenizer.padding_side = "left"
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(settings.seed)
+            for b in range(0, len(starts), 16):
+                enc = tokenizer(starts[b : b + 16], return_tensors="pt", padding=True).to(device)
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    top_k=0,
+                    top_p=1.0,
+                    temperature=1.0,
+                    max_new_tokens=settings.covariance_tokens,
+                    pad_token_id=pad,
+                )
+                texts += [row[row != pad] if pad is not None else row for row in out[:, enc["input_ids"].shape[1] :]]
+    finally:
+        tokenizer.padding_side = side
+    store: list[torch.Tensor] = []
+    handle = site.module.register_forward_hook(_keys_hook(store))
+    try:
+        for t in texts:
+            if t.numel():
+                model(input_ids=t[None].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    keys = torch.cat([s.reshape(-1, s.shape[-1]) for s in store]).double().cpu()
+    C = keys.T @ keys / max(len(keys), 1)
+    C += settings.covariance_ridge * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=torch.float64)
+    if len(_COV_CACHE) > 4:
+        _COV_CACHE.clear()
+    _COV_CACHE[key] = C
+    return C
+
+
+def _context_prefixes(model, tokenizer, n: int, seed: int) -> list[str]:
+    """ROME's context templates: ``""`` and ``n`` short model-generated texts ending in ``". "``."""
+    if n <= 0:
+        return [""]
+    from neurodetox.metrics.sampling import greedy_generate
+
+    starts = [TEXT_STARTS[i % len(TEXT_STARTS)] for i in range(n)]
+    out = greedy_generate(model, tokenizer, starts, max_new_tokens=8, stop="none")
+    pre = []
+    for s, a in zip(starts, out.answers):
+        t = (s + " " + a.strip()).replace("{", "").replace("}", "").split("\n")[0].strip()
+        pre.append(t + ". ")
+    return [""] + pre
+
+
+# ----------------------------------------------------------------------------- value optimisation
+
+
+@dataclass
+class _Row:
+    edit: int  # index into the batch's edits
+    ids: list[int]
+    lookup: int  # subject's last token
+    targets: list[tuple[int, int]] = field(default_factory=list)  # (position whose logits predict, token)
+    kl: bool = False
+    first: bool = False  # the edit's own prompt, no prefix: v = W k read here
+
+
+def _rows(tokenizer, edits: Sequence[Edit], prefixes: Sequence[str], use_paraphrases: bool) -> list[_Row]:
+    rows: list[_Row] = []
+    for n, e in enumerate(edits):
+        phrasings = [e.prompt] + (list(e.paraphrases) if use_paraphrases else [])
+        for k, text in enumerate(phrasings):
+            where = e.where if k == 0 else f"{e.where} (paraphrase {k})"
+            for j, pre in enumerate(prefixes):
+                p_ids, t_ids = encode_pair(tokenizer, pre + text, e.target)
+                look = subject_last_index(tokenizer, pre + text, e.subject or "", where)
+                ids = p_ids + t_ids[:-1]
+                tg = [(len(p_ids) - 1 + s, t) for s, t in enumerate(t_ids)]
+                rows.append(_Row(n, ids, look, tg, first=(k == 0 and j == 0)))
+        kl_text = f"{e.subject} is a"
+        rows.append(
+            _Row(n, tokenizer(kl_text)["input_ids"], subject_last_index(tokenizer, kl_text, e.subject), kl=True)
+        )
+    return rows
+
+
+def _pad(rows: Sequence[_Row], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        mask[i, : len(r.ids)] = 1
+    return ids, mask
+
+
+def _values(model, tokenizer, edits: Sequence[Edit], site, s: RomeSettings, prefixes: Sequence[str]):
+    """``(K [d_ff, n], δ [d, n], losses [n])``: mean keys and optimised value shifts of ``edits``."""
+    device = model_device(model)
+    rows = _rows(tokenizer, edits, prefixes, s.use_paraphrases)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = _pad(rows, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    B, n = len(rows), len(edits)
+    row_edit = torch.tensor([r.edit for r in rows], device=device)
+    look = torch.tensor([r.lookup for r in rows], device=device)
+    ar = torch.arange(B, device=device)
+    # logits only where a loss reads them
+    pos_rows, pos_idx, pos_tok, pos_edit = [], [], [], []
+    for i, r in enumerate(rows):
+        for p, t in r.targets:
+            pos_rows.append(i)
+            pos_idx.append(p)
+            pos_tok.append(t)
+            pos_edit.append(r.edit)
+    kl_rows = [i for i, r in enumerate(rows) if r.kl]
+    kl_pos = [rows[i].lookup for i in kl_rows]
+    g_rows = torch.tensor(pos_rows + kl_rows, device=device)
+    g_idx = torch.tensor(pos_idx + kl_pos, device=device)
+    n_tg = len(pos_rows)
+    tok_t = torch.tensor(pos_tok, device=device)
+    # per-row token counts and rows per edit, for the mean NLL per phrasing then per edit
+    tg_row = torch.tensor(pos_rows, device=device)
+    row_ntok = torch.bincount(tg_row, minlength=B).clamp(min=1).float()
+    rw_rows = torch.tensor([i for i, r in enumerate(rows) if not r.kl], device=device)
+    rows_per_edit = torch.bincount(row_edit[rw_rows], minlength=n).clamp(min=1).float()
+
+    head = base_model(model).get_output_embeddings()
+    d = head.weight.shape[1]
+    delta = torch.zeros(n, d, device=device, requires_grad=True)
+    state: dict[str, Any] = {"keys": None, "init": None}
+
+    def hook(module, args, output):
+        inp, out = args[0], output
+        inp3 = inp.reshape(B, -1, inp.shape[-1])
+        out3 = out.reshape(B, -1, out.shape[-1])
+        if state["keys"] is None:
+            state["keys"] = inp3[ar, look].detach().float()
+            first = torch.tensor([next(i for i, r in enumerate(rows) if r.edit == e and r.first) for e in range(n)])
+            state["init"] = out3[first.to(device), look[first.to(device)]].detach().float()
+        add = torch.zeros_like(out3, dtype=torch.float32)
+        add = add.index_put((ar, look), delta[row_edit])
+        return (out3.float() + add).to(out3.dtype).reshape(out.shape)
+
+    def gather(module, args):
+        h = args[0]
+        return (h[g_rows, g_idx][None],)
+
+    opt = torch.optim.Adam([delta], lr=s.v_lr)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    kl_init = None
+    losses = torch.full((n,), float("nan"))
+    was = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    h1 = site.module.register_forward_hook(hook)
+    h2 = head.register_forward_pre_hook(gather)
+    try:
+        for it in range(s.v_steps):
+            opt.zero_grad()
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            nll_tok = -logp[torch.arange(n_tg, device=device), tok_t]
+            nll_row = torch.zeros(B, device=device).index_add(0, tg_row, nll_tok) / row_ntok
+            nll = torch.zeros(n, device=device).index_add(0, row_edit[rw_rows], nll_row[rw_rows]) / rows_per_edit
+            kl_lp = logp[n_tg:]
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)  # KL(current ‖ initial), per edit (one KL row each)
+            kl_edit = torch.zeros(n, device=device).index_add(0, row_edit[kl_rows], kl)
+            init_norm = state["init"].norm(dim=-1)
+            wd = s.weight_decay * delta.norm(dim=-1) / init_norm**2
+            loss = nll + s.kl_factor * kl_edit + wd
+            losses = loss.detach().cpu()
+            done = done | (loss.detach() < s.stop_loss)
+            if bool(done.all()) or it == s.v_steps - 1:
+                break
+            keep = delta.detach().clone()
+            (loss * (~done).float()).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                delta[done] = keep[done]
+                limit = s.clamp_norm_factor * init_norm
+                norm = delta.norm(dim=-1)
+                scale = torch.where(norm > limit, limit / norm.clamp(min=1e-12), torch.ones_like(norm))
+                delta.mul_(scale[:, None])
+    finally:
+        h1.remove()
+        h2.remove()
+        for p, w in zip(model.parameters(), was):
+            p.requires_grad_(w)
+    keys = state["keys"]  # [B, d_ff]
+    rw = [i for i, r in enumerate(rows) if not r.kl]
+    K = torch.zeros(n, keys.shape[1], device=device)
+    K.index_add_(0, row_edit[rw], keys[rw])
+    K = K / torch.bincount(row_edit[rw], minlength=n).clamp(min=1)[:, None].float()
+    return K.T.cpu(), delta.detach().T.cpu(), losses
+
+
+# ----------------------------------------------------------------------------- the editor
+
+
+def _variants(edit: Edit, use_paraphrases: bool) -> list[Edit]:
+    return list(edit.variants or [edit]) if use_paraphrases else [edit]
+
+
+def _failing(model, edits: Sequence[Edit], use_paraphrases: bool) -> list[bool]:
+    flat = [(n, v) for n, e in enumerate(edits) for v in _variants(e, use_paraphrases)]
+    flags = still_failing(model, [v for _, v in flat]) if flat else []
+    out = [False] * len(edits)
+    for (n, _), f in zip(flat, flags):
+        out[n] = out[n] or f
+    return out
+
+
+def edit_rank_one(
+    model: nn.Module,
+    tokenizer,
+    edits: Sequence[Union[Edit, dict]],
+    settings: Optional[RomeSettings] = None,
+    *,
+    show_progress: bool = True,
+    base: Optional[dict[str, Any]] = None,
+) -> tuple[PatchSet, RepairReport]:
+    """Edit ``edits`` into one FFN output projection by ROME/MEMIT rank-one updates; return the patch.
+
+    The model is changed during the call and restored before it returns.
+
+    Args:
+        model: a transformers causal LM known to :mod:`neurodetox.core.sites`.
+        tokenizer: its tokenizer (fast tokenizers give the subject position from character offsets).
+        edits: :class:`~neurodetox.patching.failures.Edit` objects or dicts with ``prompt``,
+            ``target`` and ``subject`` (a substring of the prompt and of every paraphrase),
+            optional ``paraphrases``, ``eval_paraphrases``, ``aliases``, ``fact_id``.
+        settings: :class:`RomeSettings` (defaults if ``None``).
+        show_progress: print one line per round.
+        base: base-checkpoint identity for the manifest.
+
+    Returns:
+        ``(patch, report)``: a :class:`~neurodetox.patching.patchfile.PatchSet` (one tensor, the
+        changed columns of the edited projection with their float32 originals; empty when nothing
+        needed fixing) and a :class:`~neurodetox.patching.mint.results.RepairReport` whose edits are
+        ``"fixed"`` (every phrasing's target is the teacher-forced argmax), ``"skipped"`` or
+        ``"nothing_to_fix"``.
+
+    Raises:
+        UserError: bad settings; an edit without a subject, or whose subject is not in its prompt or a
+            paraphrase; bad phrasings or one prompt with two targets (naming the edits file's line).
+    """
+    s = settings or RomeSettings()
+    s.validate()
+    edits = [encode_edit(tokenizer, e) for e in coerce_edits(edits)]
+    for e in edits:
+        if not e.subject:
+            raise UserError(
+                f"{e.where}: the rome method needs a 'subject' (the entity in the prompt whose fact changes)"
+            )
+        for k, text in enumerate([e.prompt] + (e.paraphrases if s.use_paraphrases else [])):
+            subject_last_index(tokenizer, text, e.subject, e.where if k == 0 else f"{e.where} (paraphrase {k})")
+    t0 = time.perf_counter()
+    was = model.training
+    model.eval()
+    site = _site(model, s.layer)
+    weight, axis = value_vector_parameter(site)
+    names = {id(p): nm for nm, p in model.named_parameters()}
+    if id(weight) not in names:
+        raise UserError(f"the FFN output projection of layer {site.layer} is not a named parameter of the model")
+    name = names[id(weight)]
+    original = weight.detach().clone()
+    storage = s.storage or weight.dtype
+    results = [EditResult(i, e, "skipped") for i, e in enumerate(edits)]
+    try:
+        failing = _failing(model, edits, s.use_paraphrases)
+        for r, f in zip(results, failing):
+            if not f:
+                r.status, r.message = "nothing_to_fix", "the model already produces the target for every phrasing"
+        todo = [i for i, f in enumerate(failing) if f]
+        C = key_covariance(model, tokenizer, site.layer, s) if (todo and s.covariance == "model_text") else None
+        prefixes = _context_prefixes(model, tokenizer, s.context_templates, s.seed) if todo else [""]
+        fixed_keys: list[torch.Tensor] = []
+        groups = [[i] for i in todo] if s.mode == "sequential" else [todo]
+        for group in groups:
+            pending = list(group)
+            for rnd in range(s.rounds):
+                if not pending:
+                    break
+                t1 = time.perf_counter()
+                K, R, losses = _values(model, tokenizer, [edits[i] for i in pending], site, s, prefixes)
+                if fixed_keys:  # hold the fixed edits' keys where they are
+                    Kf = torch.stack(fixed_keys, dim=1)
+                    K = torch.cat([K, Kf], dim=1)
+                    R = torch.cat([R, torch.zeros(R.shape[0], Kf.shape[1])], dim=1)
+                W = weight.detach().float().cpu()
+                W2 = W if axis == 1 else W.T  # [d, d_ff]
+                dW = rank_update(W2, K, R, C, s.lam)
+                new = W2 + dW
+                with torch.no_grad():
+                    weight.copy_((new if axis == 1 else new.T).to(storage).to(weight.device, weight.dtype))
+                still = _failing(model, [edits[i] for i in pending], s.use_paraphrases)
+                spent = time.perf_counter() - t1
+                nxt = []
+                for j, (i, f) in enumerate(zip(pending, still)):
+                    results[i].seconds += spent / len(pending)
+                    results[i].attempts = rnd + 1
+                    results[i].message = f"value loss {float(losses[j]):.3g}"
+                    if f:
+                        nxt.append(i)
+                    else:
+                        results[i].status = "fixed"
+                        fixed_keys.append(K[:, j])
+                if show_progress:
+                    print(
+                        f"rank-one edit: round {rnd + 1}, {len(pending) - len(nxt)}/{len(pending)} fixed "
+                        f"({spent:.1f}s)",
+                        flush=True,
+                    )
+                pending = nxt
+        # an earlier edit a later update broke counts as not fixed
+        fixed = [r for r in results if r.status == "fixed"]
+        for r, f in zip(fixed, _failing(model, [r.edit for r in fixed], s.use_paraphrases)):
+            if f:
+                r.status, r.message = "broken", "broken by a later update"
+        final = weight.detach().clone()
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+        model.train(was)
+    report = RepairReport(results, s, seconds=time.perf_counter() - t0)  # type: ignore[arg-type]
+    params: list[ParamPatch] = []
+    orig_cols = original.float().cpu()
+    new_cols = final.float().cpu()
+    changed = (orig_cols != new_cols).any(dim=1 - axis).nonzero().flatten()
+    if changed.numel():
+        params.append(
+            ParamPatch(
+                name=name,
+                axis=axis,
+                indices=changed,
+                original=orig_cols.index_select(axis, changed),
+                new=new_cols.index_select(axis, changed),
+                layer=site.layer,
+            )
+        )
+    report.cast_error = max((p.cast_error(storage) for p in params), default=0.0)
+    patch = PatchSet(params, _manifest(model, report, base, s))
+    if params:
+        full = original.detach().cpu()
+        patch.set_hashes({name: full.to(s.storage) if s.storage is not None else full})
+    return patch, report
+
+
+def _manifest(model: nn.Module, report: RepairReport, base: Optional[dict[str, Any]], s: RomeSettings) -> dict:
+    from datetime import datetime, timezone
+
+    cfg = getattr(base_model(model), "config", None)
+    ident = {
+        "name_or_path": getattr(cfg, "_name_or_path", None),
+        "model_type": getattr(cfg, "model_type", None),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "intermediate_size": getattr(cfg, "intermediate_size", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+    }
+    if base:
+        ident.update(base)
+    summary = report.summary()
+    summary["seconds_per_fix"] = round(report.seconds / max(1, len(report.needing_fix)), 3)
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": {
+            "name": "ROME" if len(report.edits) == 1 or s.mode == "sequential" else "ROME (MEMIT-style batch)",
+            "paper": "Meng et al., Locating and Editing Factual Associations in GPT, arXiv 2202.05262; "
+            "Mass-Editing Memory in a Transformer, arXiv 2210.07229",
+        },
+        "base": ident,
+        "settings": s.to_json(),
+        "summary": summary,
+        "edits": [e.to_json() for e in report.edits],
+        "neurons": [],
+    }

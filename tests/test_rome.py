@@ -1,0 +1,199 @@
+"""The rank-one subject-position editor (ROME, arXiv 2202.05262; MEMIT, arXiv 2210.07229).
+
+The closed form is checked against brute-force least squares (a null-space parametrisation and a
+stacked ``lstsq``), edits against independent teacher-forced forwards, revert bit-exactly in memory
+and on a checkpoint folder (file hashes), and every bad input for a clear ``UserError`` naming the
+edits file's line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tokenizer
+from patching_helpers import make_model, one_thread, save_checkpoint
+
+from neurodetox.core.errors import UserError
+from neurodetox.patching import coerce_edits, encode_edit, teacher_forced_argmax
+from neurodetox.patching.pools import read_edits
+from neurodetox.patching.rome import RomeSettings, edit_rank_one, rank_update, subject_last_index
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+# the subject ends each phrasing, so a value written at the subject's last token reaches the
+# prediction through the blocks above (a tiny random model's attention cannot carry it far)
+EDITS = [
+    {
+        "prompt": "the capital city of france",
+        "target": "tokyo",
+        "subject": "france",
+        "paraphrases": ["capital of france"],
+    },
+    {
+        "prompt": "the capital city of spain",
+        "target": "berlin",
+        "subject": "spain",
+        "paraphrases": ["capital of spain"],
+    },
+]
+FAST = dict(layer=1, covariance_samples=8, covariance_tokens=16)
+
+
+def _null_space(k: np.ndarray) -> np.ndarray:
+    """Orthonormal basis ``[m, m - n]`` of ``{x : kᵀx = 0}`` for ``k`` ``[m, n]``."""
+    u, _, _ = np.linalg.svd(k, full_matrices=True)
+    return u[:, k.shape[1] :]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_exact_update_equals_brute_force_least_squares(n):
+    rng = np.random.default_rng(n)
+    d, m, N = 4, 6, 25
+    W = rng.normal(size=(d, m))
+    K0 = rng.normal(size=(m, N))  # keys that must keep their values
+    K = rng.normal(size=(m, n))
+    V = rng.normal(size=(d, n))
+    R = V - W @ K
+    C = K0 @ K0.T
+    got = rank_update(torch.tensor(W), torch.tensor(K), torch.tensor(R), torch.tensor(C), 0.0).double().numpy()
+    # brute force, row by row: δ = δ0 + N z over the constraint set, z by ordinary least squares on ‖δᵀK0‖
+    Ns = _null_space(K)
+    want = np.zeros((d, m))
+    for i in range(d):
+        d0 = np.linalg.lstsq(K.T, R[i], rcond=None)[0]  # any particular solution
+        z = np.linalg.lstsq(K0.T @ Ns, -(K0.T @ d0), rcond=None)[0]
+        want[i] = d0 + Ns @ z
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose((W + got) @ K, V, rtol=1e-4, atol=1e-5)  # constraints met
+    if n == 1:  # ROME's printed formula
+        k = K[:, 0]
+        ck = np.linalg.solve(C, k)
+        np.testing.assert_allclose(got, np.outer(R[:, 0], ck) / (ck @ k), rtol=1e-4, atol=1e-5)
+
+
+def test_least_squares_update_equals_memit_objective():
+    rng = np.random.default_rng(7)
+    d, m, N, n, lam = 3, 5, 12, 4, 2.5
+    W, K0, K, V = (rng.normal(size=s) for s in [(d, m), (m, N), (m, n), (d, n)])
+    R = V - W @ K
+    got = rank_update(torch.tensor(W), torch.tensor(K), torch.tensor(R), torch.tensor(K0 @ K0.T), lam).double().numpy()
+    # min λ‖Δ K0‖² + ‖Δ K − R‖² as one stacked least-squares problem
+    A = np.concatenate([np.sqrt(lam) * K0, K], axis=1)
+    B = np.concatenate([np.zeros((d, N)), R], axis=1)
+    want = np.linalg.lstsq(A.T, B.T, rcond=None)[0].T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_subject_last_index_from_offsets():
+    tok = make_tokenizer()
+    ids = tok("the capital of france is")["input_ids"]
+    i = subject_last_index(tok, "the capital of france is", "france")
+    assert tok.convert_ids_to_tokens([ids[i]]) == ["france"]
+    assert subject_last_index(tok, "the capital of France is".lower(), "France") == i  # case-insensitive fallback
+    with pytest.raises(UserError, match="edits.jsonl:4: subject 'germany' is not in"):
+        subject_last_index(tok, "the capital of france is", "germany", "edits.jsonl:4")
+
+
+def _fixed_everywhere(model, tok, rows) -> list[list[bool]]:
+    out = []
+    for e in coerce_edits(rows):
+        e = encode_edit(tok, e)
+        out.append(
+            [
+                bool(torch.equal(teacher_forced_argmax(model, v.prompt_ids, v.target_ids), torch.tensor(v.target_ids)))
+                for v in e.variants
+            ]
+        )
+    return out
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+@pytest.mark.parametrize("covariance", ["model_text", "identity"])
+def test_edit_makes_target_the_argmax_and_reverts_bit_exactly(mode, covariance):
+    tok = make_tokenizer()
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not any(all(f) for f in _fixed_everywhere(model, tok, EDITS))
+    patch, report = edit_rank_one(
+        model, tok, EDITS, RomeSettings(mode=mode, covariance=covariance, **FAST), show_progress=False
+    )
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the call restores the model
+    assert [e.status for e in report.edits] == ["fixed", "fixed"], report.to_json()
+    assert len(patch.params) == 1 and patch.params[0].name == "model.layers.1.mlp.down_proj.weight"
+    patch.apply(model)
+    assert all(all(f) for f in _fixed_everywhere(model, tok, EDITS))  # prompt and paraphrase, independently
+    delta = model.get_parameter(patch.params[0].name) - before[patch.params[0].name]
+    # one rank-one (rank-n) update per round: the change is low-rank
+    assert int(torch.linalg.matrix_rank(delta.double(), atol=1e-5)) <= len(EDITS) * RomeSettings().rounds
+    patch.revert(model)
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_bf16_storage_and_checkpoint_round_trip_is_bit_exact(tmp_path):
+    from neurodetox.core.models import load_model
+    from neurodetox.patching import apply_to_checkpoint, bind_to_checkpoint, folder_sha256, revert_checkpoint
+
+    tok = make_tokenizer()
+    folder = save_checkpoint(make_model(dtype=torch.bfloat16), tok, tmp_path / "base")
+    hashes = folder_sha256(folder)
+    model, tok = load_model(str(folder))
+    patch, report = edit_rank_one(
+        model, tok, EDITS, RomeSettings(storage_dtype="bfloat16", **FAST), show_progress=False
+    )
+    assert any(e.status == "fixed" for e in report.edits), report.to_json()
+    bind_to_checkpoint(patch, folder)
+    patch.save(tmp_path / "patch")
+    apply_to_checkpoint(folder, patch, out=None)
+    assert folder_sha256(folder) != hashes
+    revert_checkpoint(folder, patch, out=None)
+    assert folder_sha256(folder) == hashes
+
+
+def _file(tmp_path, rows):
+    p = tmp_path / "edits.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            {**EDITS[1], "subject": "germany"},
+            r"edits\.jsonl:2: subject 'germany' is not in 'the capital city of spain'",
+        ),
+        ({k: v for k, v in EDITS[1].items() if k != "subject"}, r"edits\.jsonl:2: the rome method needs a 'subject'"),
+        (
+            {**EDITS[1], "paraphrases": ["spain capital :", "capital city"]},
+            r"edits\.jsonl:2 \(paraphrase 2\): subject 'spain' is not in 'capital city'",
+        ),
+        ({**EDITS[1], "paraphrases": ["The capital  city of spain"]}, r"edits\.jsonl:2: paraphrase 1 .* prompt itself"),
+        ({**EDITS[1], "paraphrases": ["capital of spain is berlin"]}, r"edits\.jsonl:2: paraphrase 1 .* already ends"),
+        ({**EDITS[0], "target": "rome"}, r"edits\.jsonl:2: prompt .* also the prompt of .*edits\.jsonl:1"),
+    ],
+)
+def test_bad_input_names_the_line(tmp_path, bad, message):
+    tok = make_tokenizer()
+    rows = read_edits(_file(tmp_path, [EDITS[0], bad]))
+    with pytest.raises(UserError, match=message):
+        edit_rank_one(make_model(), tok, rows, RomeSettings(**FAST), show_progress=False)
+
+
+def test_settings_are_checked():
+    with pytest.raises(UserError, match="unknown mode 'all'"):
+        RomeSettings(mode="all")
+    with pytest.raises(UserError, match="v_steps"):
+        RomeSettings(v_steps=0)
+    with pytest.raises(UserError, match="covariance"):
+        RomeSettings(covariance="wikipedia")
