@@ -193,3 +193,121 @@ def test_quick_mode_plan_and_user_overrides_win(tmp_path):
 def test_bad_seeds_message(capsys):
     assert main(["experiment", "--seeds", "0,one"]) == 2
     assert "--seeds must be a comma list of integers, got '0,one'" in capsys.readouterr().err
+
+
+# --- issue 17: variant arms, the known-facts arm, the selection split, the mechanism figures -----------------
+
+
+def test_issue17_variant_arms_and_the_known_arm(tmp_path):
+    from neurodetox.experiment.runs import VARIANTS
+
+    plan = plan_study(
+        str(RECIPE),
+        [0],
+        tmp_path,
+        arms=["send", "off"],
+        variants=["normalized", "nomassive", "released", "mlp-second-half", "known"],
+    )
+    names = [a.name for a in plan.arms]
+    assert names == [
+        "send",
+        "off",
+        "send@normalized",
+        "send@nomassive",
+        "send@released",
+        "send@mlp-second-half",
+        "off@known",  # a data choice: runs with SeND off whatever variant_modes says
+    ]
+    f = plan.train_fields(plan.arms[-1], 0)
+    assert f["send_mode"] == "off" and f["known_facts_file"] == str(tmp_path / "triage.json")
+    assert plan.needs_triage() and plan.triage_path == tmp_path / "triage.json"
+    assert plan.train_fields(plan.arms[3], 0)["send_massive_factor"] == VARIANTS["nomassive"]["send_massive_factor"]
+    assert plan.train_fields(plan.arms[4], 0)["send_procedure"] == "released"
+    assert plan.train_fields(plan.arms[5], 0)["send_layers"] == "second_half"
+    assert not plan_study(str(RECIPE), [0], tmp_path, variants=["normalized"]).needs_triage()
+    with pytest.raises(ValueError, match="probe_split 'dev' is invalid"):
+        plan_study(str(RECIPE), [0], tmp_path, probe_split="dev")
+
+
+def test_tracking_probe_split_scores_the_tracking_facts():
+    from neurodetox.data import load_facts
+    from neurodetox.experiment.measure import _probe_sets
+
+    ds = load_facts("facts", seed=0, max_facts_per_relation=12)
+    sets = _probe_sets(ds, 4, split="tracking")
+    assert sets["test"]["prompts"] == [r["prompt"] for r in ds["tracking"] if r["prompt"] and r["aliases"]]
+    assert not set(sets["test"]["prompts"]) & {r["prompt"] for r in ds["test"]}
+    assert _probe_sets(ds, 4)["paraphrase"] == sets["paraphrase"]  # the paraphrase sample does not depend on it
+
+
+def test_ensure_triage_runs_once_with_the_recipes_boundary(tmp_path, monkeypatch, tiny_model_dir):
+    import neurodetox.data.triage as triage
+    from neurodetox.experiment.runs import ensure_triage
+
+    calls = []
+
+    def fake(model, tok, rows, settings, **kw):
+        calls.append(settings)
+        recs = [{"key": triage.fact_key(r), "statement": r["statement"], "category": "HighlyKnown"} for r in rows]
+        return triage.TriageResult(
+            recs, {"HighlyKnown": len(recs), "MaybeKnown": 0, "WeaklyKnown": 0, "Unknown": 0}, {}
+        )
+
+    monkeypatch.setattr(triage, "triage_facts", fake)
+    plan = plan_study(
+        str(RECIPE),
+        [0],
+        tmp_path,
+        arms=["off"],
+        variants=["known"],
+        model=tiny_model_dir,
+        fields=["max_facts_per_relation=12", "eigenscore_stop=none"],
+    )
+    content = ensure_triage(plan)
+    assert len(calls) == 1 and calls[0].stop == "none" and calls[0].max_new_tokens == 8  # the recipe's settings
+    assert content["split"]["max_facts_per_relation"] == 12 and plan.triage_path.is_file()
+    content["settings"] = {k: getattr(calls[0], k) for k in calls[0].__dataclass_fields__}
+    plan.triage_path.write_text(json.dumps(content))
+    ensure_triage(plan)  # same model, split and settings: reused
+    assert len(calls) == 1
+    assert ensure_triage(plan_study(str(RECIPE), [0], tmp_path, arms=["off"])) is None
+
+
+def _mech_result(arm, seed, mean_abs, picked, massive, drop, loss):
+    return {
+        "arm": arm,
+        "seed": seed,
+        "selections": [{"step": drop, "neurons": {"residual.2": picked}, "massive": massive, "mean_abs": mean_abs}],
+        "sensitive_neurons": [{"step": drop, "dropped": {"residual.2": len(picked)}}],
+        "curves": {"loss": loss},
+    }
+
+
+def test_mechanism_table_and_figures_by_hand(tmp_path):
+    from neurodetox.experiment.mechanism import (
+        loss_around_drops,
+        mechanism_markdown,
+        mechanism_table,
+        plot_mechanism,
+        selection_points,
+    )
+
+    m = {"residual.2": [1.0, 2.0, 3.0, 100.0, 4.0]}  # lower median 3.0
+    loss = [[5, 1.6], [10, 1.5], [15, 6.5], [20, 3.0], [45, 1.0]]
+    a = _mech_result("send", 0, m, [3, 4], {}, 10, loss)  # picks the massive index 3
+    b = _mech_result("send@nomassive", 0, m, [1, 4], {"residual.2": [3]}, 10, [[10, 1.5], [15, 1.7]])
+    off = {"arm": "off", "seed": 0, "selections": [], "sensitive_neurons": [], "curves": {"loss": loss}}
+    p = selection_points(a)
+    assert p == {"site": "residual.2", "step": 10, "mean_abs": m["residual.2"], "picked": [3, 4], "massive": []}
+    assert selection_points(off) is None
+    assert loss_around_drops(a, before=5, after=10) == [(-5, 1.6), (0, 1.5), (5, 6.5), (10, 3.0)]
+    rows = {r["arm"]: r for r in mechanism_table([a, b, off])}
+    assert rows["send"]["massive_share"] == 0.5  # index 3: 100 > 10 × 3, picked though the run excluded nothing
+    assert rows["send"]["picked_scale"] == pytest.approx(4.0 / 3.0)  # lower median of (100, 4) is 4
+    assert rows["send"]["loss_jump"] == pytest.approx(6.5 - 1.5)
+    assert rows["send@nomassive"]["massive_share"] == 0.0 and rows["send@nomassive"]["loss_jump"] == pytest.approx(0.2)
+    assert rows["off"]["runs"] == 0 and math.isnan(rows["off"]["loss_jump"])
+    figs = plot_mechanism([a, b, off], tmp_path / "fig")
+    assert set(figs) == {"selection", "drop_loss"} and all(f.stat().st_size > 1000 for f in figs.values())
+    md = mechanism_markdown([a, b, off], figs, tmp_path / "send.md")
+    assert "| send | 1 | 50% | 1.33 | 5.00 |" in md and "](fig/selection.png)" in md and "| off |" not in md

@@ -62,8 +62,10 @@ class StudyArguments:
     variants: str = field(
         default="",
         metadata={
-            "help": "Comma list of extra SeND settings, each run as its own arm for every seed: drop0.3 "
-            "(send_drop_fraction 0.3), mlp (send_site mlp), or NAME:field=value[;field=value]."
+            "help": "Comma list of extra settings, each run as its own arm for every seed: drop0.3, mlp (the "
+            "paper's), normalized, standardized, nomassive, normalized-nomassive, released, released-nofreeze, "
+            "mlp-second-half, known (off@known: train on the facts the base model knows), or "
+            "NAME:field=value[;field=value]. See neurodetox.experiment.runs.VARIANTS."
         },
     )
     variant_modes: str = field(default="send", metadata={"help": "Modes each variant runs with."})
@@ -104,6 +106,13 @@ class StudyArguments:
         },
     )
     keep_models: bool = field(default=False, metadata={"help": "Keep each run's final/ checkpoint."})
+    probe_split: str = field(
+        default="test",
+        metadata={
+            "help": "Split scored as the held-out set: test (the final arms, once) or tracking (the selection "
+            "step: compare variants without looking at the test split; docs/results/send.md)."
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
@@ -181,6 +190,12 @@ def cmd_experiment(argv: Sequence[str]) -> int:
             f"{fmt_interval(h, True, True)} over {h['n']} paired seeds "
             f"({verdict(h, +1)})."
         )
+    if plan.probe_split != "test":
+        statement.insert(
+            0,
+            f"- **Selection step: every 'test' number on this page is the {plan.probe_split} split** "
+            f"(`--probe_split {plan.probe_split}`); the test split was not scored.",
+        )
     info = {
         "recipe": a.recipe,
         "seeds": plan.seeds,
@@ -192,6 +207,9 @@ def cmd_experiment(argv: Sequence[str]) -> int:
         "statement_lines": statement,
     }
     md = render_markdown(results, info, figures, page, base=base)
+    from neurodetox.experiment.mechanism import mechanism_markdown, plot_mechanism
+
+    md += mechanism_markdown(results, plot_mechanism(results, fig_dir), page)
     atomic_write_text(page, md)
     atomic_write_json(plan.out / "study.json", nan_to_none({"info": info, "base": base, "results": results}))
     if page.parent.resolve() != plan.out.resolve():
@@ -236,6 +254,7 @@ def plan_from_args(a: StudyArguments):
         paraphrase_probes=probes,
         n_boot=a.bootstrap,
         keep_models=a.keep_models,
+        probe_split=a.probe_split,
     )
 
 

@@ -70,8 +70,10 @@ def statement_embeddings(
     return torch.cat([torch.cat(out[s.key]) for s in sites], dim=1)
 
 
-def _probe_sets(ds, paraphrase_probes: int, max_test_probes=None, seed: int = 0) -> dict[str, dict]:
-    test = [r for r in ds["test"] if r["prompt"] and r["aliases"]][:max_test_probes]
+def _probe_sets(
+    ds, paraphrase_probes: int, max_test_probes=None, seed: int = 0, split: str = "test"
+) -> dict[str, dict]:
+    test = [r for r in ds[split] if r["prompt"] and r["aliases"]][:max_test_probes]
     train = [r for r in ds["train"] if r["paraphrases"] and r["aliases"]]
     random.Random(seed).shuffle(train)  # fixed sample, identical for every run of a study
     train = train[:paraphrase_probes]
@@ -111,7 +113,13 @@ def _curves(metrics_jsonl: Path) -> dict[str, list]:
 
 
 def measure_run(
-    recipe: str, fields: dict[str, str], model_dir, *, paraphrase_probes: int = 75, n_boot: int = 500
+    recipe: str,
+    fields: dict[str, str],
+    model_dir,
+    *,
+    paraphrase_probes: int = 75,
+    n_boot: int = 500,
+    probe_split: str = "test",
 ) -> dict:
     """Every metric of one trained run (module docstring).
 
@@ -120,6 +128,9 @@ def measure_run(
         model_dir: the run's ``final/`` checkpoint (or any name :func:`neurodetox.core.models.load_model` takes).
         paraphrase_probes: training facts sampled (seed 0) for the paraphrase set.
         n_boot: bootstrap resamples of the AUROC interval.
+        probe_split: the split scored as the held-out set ``test``: ``"test"`` (default) or
+            ``"tracking"`` (the study's selection step; the metric keys keep the ``test_`` prefix and
+            ``details["probe_split"]`` records the split).
 
     Returns:
         ``{"metrics": {name: float}, "curves": {...}, "details": {...}}`` with metric names
@@ -142,8 +153,8 @@ def measure_run(
     model, tok = load_model(str(model_dir))
     ds = load_run_data(data_args)
     metrics: dict[str, float] = {}
-    details: dict = {"settings": settings.__dict__}
-    for name, s in _probe_sets(ds, paraphrase_probes, data_args.max_test_probes).items():
+    details: dict = {"settings": settings.__dict__, "probe_split": probe_split}
+    for name, s in _probe_sets(ds, paraphrase_probes, data_args.max_test_probes, split=probe_split).items():
         res = score_probes(
             model,
             tok,
