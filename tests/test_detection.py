@@ -153,7 +153,7 @@ def test_score_probes_every_score(tiny):
         assert r["lexical_similarity"] == pytest.approx(lexical_similarity(ref.samples[i]))
         assert r["length"] == ref.greedy_lengths[i]
         assert r["eigenscore_clipped"] is not None
-    assert set(res.summary) == set(evaluation.SCORE_NAMES)
+    assert set(res.summary) == set(evaluation.UNSUPERVISED_SCORES)  # no labelled probes: no hidden-state probe
     for name, e in res.summary.items():
         assert 0 <= e["auroc"] <= 1 and e["ci_low"] <= e["auroc"] <= e["ci_high"], name
     assert res.info["clipping"]["tokens_pushed"] > 0
@@ -191,8 +191,8 @@ def test_nan_rows_are_skipped_with_a_warning_naming_them(tiny, monkeypatch):
 )
 def test_score_probes_bad_input(tiny, kwargs, prompts, match):
     model, tok = tiny
-    s = EigenScoreSettings(max_new_tokens=3, **kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match):  # a bad setting fails when the settings are built
+        s = EigenScoreSettings(max_new_tokens=3, **kwargs)
         score_probes(model, tok, prompts, [["paris"]] * len(prompts), s, n_boot=10)
 
 
@@ -201,14 +201,62 @@ def test_score_probes_bad_input(tiny, kwargs, prompts, match):
     [
         (["--k", "1"], "k must be"),
         (["--alpha", "0"], "alpha"),
-        (["--max-probes", "0"], "empty probe set"),
+        (["--max-probes", "0"], "max_probes must be an integer >= 1"),
         (["--data", "/nonexistent/facts.jsonl"], "not found"),
         (["--pooling", "mean", "--clip-percentile", "60", "--k", "1"], "k must be"),
+        (["--stop", "a||b"], "empty stop string"),
+        (["--prompt_format", "md"], "prompt_format must be one of raw, qa1shot, chat"),
+        (["--split", "dev"], "split must be one of"),
+        (["--probe_min_labelled", "1000"], "needs at least 1000 labelled probes disjoint from the scored ones and has"),
+        (["--no-such-flag", "1"], "unknown field(s): 'no-such-flag'"),
     ],
 )
-def test_cli_errors_before_loading_a_model(argv, match, capsys):
-    assert cmd_eval(argv) == 2
-    assert match in capsys.readouterr().err
+def test_cli_errors_before_loading_a_model(argv, match, capsys, tmp_path):
+    # a model that cannot load: every error here must come first
+    assert cmd_eval([*argv, "--model", str(tmp_path / "no-model"), "--output_dir", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1, err
+
+
+def test_cli_refuses_an_existing_result_before_scoring(tmp_path, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "eval.json").write_text("{}")
+    assert cmd_eval(["--model", str(tmp_path / "no-model"), "--output_dir", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "eval.json").read_text() == "{}"
+    assert cmd_eval(["--model", str(tmp_path / "no-model"), "--out", str(out), "--overwrite"]) == 2
+    assert "already exists" not in capsys.readouterr().err  # got past the check, failed at the model
+
+
+def test_cli_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
+    """The whole command on a tiny model folder and a user fact file: every detector, the probe
+    trained on the file's other splits, the report with a --compare run."""
+    facts = tmp_path / "facts.jsonl"
+    words = ["paris", "rome", "berlin", "madrid", "tokyo", "europe", "asia", "euro", "yen"]
+    rows = []
+    for i in range(60):
+        prompt = f"the capital of {['france', 'italy', 'spain', 'japan'][i % 4]} is" + " a" * (i // 4)
+        answer = words[i % len(words)]
+        rel = ["capital_of", "continent_of"][i % 2]
+        rows.append(dict(prompt=prompt, answer=answer, aliases=[answer], relation=rel, statement=f"{prompt} {answer}."))
+    facts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--model", tiny_model_dir, "--data", str(facts), "--k", "3", "--max_new_tokens", "4", "--bootstrap", "20"]
+    common += ["--no_progress", "--probe_min_labelled", "4", "--batch_size", "8", "--no_clip"]
+    assert cmd_eval([*common, "--stop", "none", "--out", str(tmp_path / "none")]) == 0
+    rep = tmp_path / "detection.md"
+    rc = cmd_eval(
+        [*common, "--out", str(tmp_path / "ev"), "--report", str(rep), "--compare", str(tmp_path / "none/eval.json")]
+    )
+    assert rc == 0
+    data = json.loads((tmp_path / "ev/eval.json").read_text())
+    assert data["settings"]["stop"] == "inside" and data["n_probes"] == 6
+    assert "train and tracking splits" in data["probe_source"]
+    assert data["info"]["hidden_probe"]["n_train"] == 54
+    assert set(data["summary"]) == set(evaluation.SCORE_NAMES) - {"eigenscore_clipped"}
+    text = rep.read_text()
+    for needle in ("Hidden-state probe", "Semantic entropy", "## Cost of each detector", "stop `none`", "--stop none"):
+        assert needle in text, needle
 
 
 @pytest.mark.real_model
@@ -226,7 +274,7 @@ def test_cli_end_to_end_real_model(tmp_path, capsys):
             "facts",
             "--split",
             "all",
-            "--max-probes",
+            "--max_probes",
             "6",
             "--k",
             "3",
@@ -239,6 +287,8 @@ def test_cli_end_to_end_real_model(tmp_path, capsys):
             "--no-progress",
             "--report",
             str(rep),
+            "--probe_max_train",
+            "40",
         ]
     )
     assert rc == 0
@@ -255,5 +305,6 @@ def test_cli_end_to_end_real_model(tmp_path, capsys):
     assert (out / "roc.png").stat().st_size > 1000 or data["factual_accuracy"] in (0.0, 1.0)
     assert "neurodetox eval --model smollm2-135m-instruct" in rep.read_text()
     # a layer out of range is a clear error after loading the model
-    assert main(["eval", "--max-probes", "2", "--k", "2", "--layer", "40", "--out", str(out), "--no-progress"]) == 2
+    argv = ["eval", "--max-probes", "2", "--k", "2", "--layer", "40", "--out", str(out), "--overwrite"]
+    assert main([*argv, "--no-progress", "--no_hidden_probe"]) == 2
     assert "out of range" in capsys.readouterr().err

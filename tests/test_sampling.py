@@ -9,7 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import neurodetox.metrics.sampling as sampling
-from neurodetox.metrics.sampling import SampledAnswers, greedy_answers, sample_answers
+from neurodetox.core.errors import UserError
+from neurodetox.metrics.sampling import SampledAnswers, greedy_answers, greedy_generate, sample_answers
 
 WORDS = (
     "the capital of france is paris berlin rome city river what who where when how many one two three "
@@ -91,9 +92,10 @@ class GenerateSpy:
         return [c for c in self.calls if c[0].get("do_sample")]
 
 
-def reference_embeddings(model, spy, k, layer):
+def reference_embeddings(model, spy, k, layer, ends=(EOS,)):
     """Independent reference: for every sampled sequence, a plain unpadded forward over
-    prompt + real generated tokens, read at the last position via output_hidden_states."""
+    prompt + real generated tokens (those before the first id in ``ends``), read at the last
+    position via output_hidden_states."""
     refs, answers_ids = [], []
     for _kwargs, ids, mask, seqs in spy.sampled():
         t = ids.shape[1]
@@ -103,7 +105,7 @@ def reference_embeddings(model, spy, k, layer):
             gen = seqs[row, t:].tolist()
             real = []
             for tid in gen:
-                if tid == EOS:
+                if tid in ends:
                     break
                 real.append(tid)
             answers_ids.append(real)
@@ -447,3 +449,94 @@ def test_zero3_lockstep_takes_one_fixed_forward_per_batch(model, tok, monkeypatc
     assert sum(forwards) == 2  # one full (uncached) forward per batch of 3 prompts, on every rank alike
     ref, _ = reference_embeddings(model, spy, 4, res.layer)
     torch.testing.assert_close(res.embeddings.reshape(-1, 32), ref, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the answer boundary
+
+STOP_WORDS = ["red", "blue", "green", "yes", "no", "one", "two", "river"]
+
+
+def test_stop_boundary_cuts_answers_and_embeds_the_last_token_before_the_stop(model, tok, monkeypatch):
+    """User stop strings end every sampled answer: the answer is the text before the stop and the
+    embedding is that of a plain forward over prompt + the tokens before it (INSIDE's boundary)."""
+    k = 5
+    stop_ids = set(tok.convert_tokens_to_ids(STOP_WORDS))
+    spy = GenerateSpy(model)
+    monkeypatch.setattr(model, "generate", spy)
+    res = sample_answers(model, tok, PROMPTS, k=k, batch_size=2, seed=0, max_new_tokens=6, stop="|".join(STOP_WORDS))
+    assert set(res.stop_ids) == stop_ids
+    for kwargs, *_ in spy.calls:  # greedy and sampled generate both stop there, besides EOS
+        assert set(kwargs["eos_token_id"]) == stop_ids | {EOS}
+    ref, answers_ids = reference_embeddings(model, spy, k, res.layer, ends=stop_ids | {EOS})
+    torch.testing.assert_close(res.embeddings.reshape(-1, 32), ref, atol=1e-4, rtol=1e-4)
+    flat = [s for per in res.samples for s in per]
+    assert flat == [tok.decode(a, skip_special_tokens=True) for a in answers_ids]
+    # the test means something only if some sample really stopped at a stop word
+    stopped = [
+        bool(set(seqs[r, ids.shape[1] :].tolist()) & stop_ids)
+        for _, ids, _, seqs in spy.sampled()
+        for r in range(seqs.shape[0])
+    ]
+    assert any(stopped)
+    assert not any(w in a.split() for a in flat + res.greedy for w in STOP_WORDS)
+
+
+def test_greedy_stop_is_the_prefix_before_the_stop_and_none_restores_eos_only(model, tok):
+    plain = greedy_answers(model, tok, PROMPTS, max_new_tokens=8, stop="none")
+    # "none" = answers end at EOS or the cap only: the same as generate with the EOS id alone
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with sampling.generation_mode(model, tok):
+        enc = tok(PROMPTS, return_tensors="pt", padding=True)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=8, eos_token_id=[EOS], pad_token_id=PAD)
+    ref = []
+    for row in out[:, enc["input_ids"].shape[1] :].tolist():
+        ref.append(tok.decode(row[: row.index(EOS)] if EOS in row else row, skip_special_tokens=True))
+    assert plain == ref
+    cut = greedy_answers(model, tok, PROMPTS, max_new_tokens=8, stop="|".join(STOP_WORDS))
+    expected = []
+    for a in plain:
+        words = a.split()
+        first = next((i for i, w in enumerate(words) if w in STOP_WORDS), len(words))
+        expected.append(" ".join(words[:first]))
+    assert cut == expected
+    assert cut != plain  # some answer was cut
+
+
+def test_greedy_features_are_the_last_prompt_and_last_answer_token(model, tok, monkeypatch):
+    stop = "|".join(STOP_WORDS)
+    ends = set(tok.convert_tokens_to_ids(STOP_WORDS)) | {EOS}
+    spy = GenerateSpy(model)
+    monkeypatch.setattr(model, "generate", spy)
+    g = greedy_generate(model, tok, PROMPTS, max_new_tokens=6, stop=stop, feature_layer=2, batch_size=3)
+    assert g.features.shape == (len(PROMPTS), 2, 32) and g.feature_layer == 2
+    i = 0
+    for _kwargs, ids, mask, seqs in spy.calls:
+        t = ids.shape[1]
+        for row in range(seqs.shape[0]):
+            prompt = ids[row][mask[row].bool()].tolist()
+            answer = []
+            for tid in seqs[row, t:].tolist():
+                if tid in ends:
+                    break
+                answer.append(tid)
+            assert len(answer) == g.lengths[i]
+            with torch.no_grad():
+                hs = model(torch.tensor([prompt + answer]), output_hidden_states=True).hidden_states[3][0]
+            torch.testing.assert_close(g.features[i, 0], hs[len(prompt) - 1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(g.features[i, 1], hs[-1], atol=1e-4, rtol=1e-4)
+            i += 1
+    assert i == len(PROMPTS)
+    # the same features come with sample_answers' greedy answers
+    monkeypatch.undo()
+    res = sample_answers(model, tok, PROMPTS, k=2, max_new_tokens=6, stop=stop, feature_layer=2, batch_size=3)
+    assert res.greedy == g.answers
+    torch.testing.assert_close(res.greedy_features, g.features, atol=1e-5, rtol=1e-5)
+
+
+def test_stop_strings_that_tokenise_to_nothing_or_span_tokens_are_errors(model, tok):
+    with pytest.raises(UserError, match="tokenises to nothing"):
+        greedy_answers(model, tok, PROMPTS, stop="  ")
+    with pytest.raises(UserError, match="no single token"):
+        sample_answers(model, tok, PROMPTS, k=2, stop="red blue")
+    with pytest.raises(UserError, match="empty stop string"):
+        greedy_answers(model, tok, PROMPTS, stop="red||blue")

@@ -68,8 +68,9 @@ def stop_token_ids(tokenizer, stop=STOP_INSIDE) -> list[int]:
         Sorted token ids (special tokens never included; EOS is handled separately).
 
     Raises:
-        UserError: a stop string that tokenises to nothing, or that no single token starts
-            with (it spans several tokens, so no token id can end the answer there).
+        UserError: a stop string that tokenises to nothing (and no token's text starts with it),
+            or that no single token starts with (it spans several tokens, so no token id can end
+            the answer there).
     """
     spec = parse_stop(stop)
     if spec == STOP_NONE:
@@ -79,9 +80,9 @@ def stop_token_ids(tokenizer, stop=STOP_INSIDE) -> list[int]:
         return [i for i, t in enumerate(texts) if t and (t[0] in "\n\r" or t.rstrip(" \t\r\n") in (".", ","))]
     ids: set[int] = set()
     for s in spec:
-        if not tokenizer(s, add_special_tokens=False)["input_ids"]:
-            raise UserError(f"stop string {s!r} tokenises to nothing with this tokenizer; give a visible string")
         found = [i for i, t in enumerate(texts) if t.startswith(s)]
+        if not found and not tokenizer(s, add_special_tokens=False)["input_ids"]:
+            raise UserError(f"stop string {s!r} tokenises to nothing with this tokenizer; give a visible string")
         if not found:
             raise UserError(
                 f"no single token of this tokenizer starts with the stop string {s!r} (it spans several tokens); "

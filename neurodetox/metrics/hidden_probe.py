@@ -15,6 +15,7 @@ training: the tracking probes), never on the scored ones.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -110,7 +111,9 @@ class HiddenStateProbe:
             raise ValueError(f"{x.shape[0]} feature rows but {y.size} labels")
         folds = int(min(5, y.sum(), (~y).sum()))
         clf = LogisticRegressionCV(Cs=list(PROBE_CS), cv=folds, scoring="roc_auc", max_iter=2000)
-        self.model = make_pipeline(StandardScaler(), clf).fit(x, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.8's notices about its 1.10 API
+            self.model = make_pipeline(StandardScaler(), clf).fit(x, y)
         self.C = float(clf.C_[0])
         self.n_train, self.n_train_hallucinated = int(y.size), int(y.sum())
         return self

@@ -282,6 +282,12 @@ def collect_probe_scores(
             **common,
         )
     timings["sampling"] = time.perf_counter() - t0
+    sec = out._extra.get("seconds", {})
+    timings.update(
+        greedy_generate=sec.get("greedy", 0.0) - sec.get("features", 0.0),
+        hidden_probe_forward=sec.get("features", 0.0),
+        sampled_generate=sec.get("sampled", 0.0),
+    )
     out_c = None
     clipper = None
     if clipped:

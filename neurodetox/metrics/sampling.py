@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
@@ -112,7 +113,9 @@ class SampledAnswers:
         stop_ids: the stop token ids added to EOS (``[]`` with ``stop="none"``).
         _extra: diagnostics, not part of the stable API
             (``{"embedding_paths": [...]}``: ``"hook"``, ``"hook+extra_step"``
-            or ``"full_forward"``, how the embeddings were read).
+            or ``"full_forward"``, how the embeddings were read; ``"seconds"``:
+            wall time of the greedy generation (features included), of the
+            feature forwards alone, and of the sampled generation).
     """
 
     prompts: list[str]
@@ -298,7 +301,8 @@ def _greedy_batch(
 ):
     """Greedy answers of one batch; ``eos_ids`` holds EOS and the stop ids.
 
-    Returns the answers, or with ``detail`` ``(answers, logprobs or None, n_real list, features or None)``."""
+    Returns the answers, or with ``detail`` ``(answers, logprobs or None, n_real list, features or None,
+    seconds of the feature forward)``."""
     enc = tokenizer(batch, return_tensors="pt", padding=True).to(model_device(model))
     out = model.generate(
         input_ids=enc["input_ids"],
@@ -319,9 +323,10 @@ def _greedy_batch(
         return answers
     lps = _token_logprobs(getattr(out, "logits", None) or (), gen, n_real) if want_logprobs else None
     feats = None
+    t0 = time.perf_counter()
     if feature_site is not None:
         feats = _answer_features(model, feature_site, seqs, enc["attention_mask"], t_prompt, n_real)
-    return answers, lps, n_real.tolist(), feats
+    return answers, lps, n_real.tolist(), feats, time.perf_counter() - t0
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -595,7 +600,7 @@ def greedy_generate(
     with generation_mode(model, tokenizer):
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="greedy answers", disable=not show_progress):
-            a, lp, n, f = _greedy_batch(
+            a, lp, n, f, _ = _greedy_batch(
                 model,
                 tokenizer,
                 prompts[start : start + batch_size],
@@ -768,6 +773,7 @@ def sample_answers(
     greedy_lp: list = []
     greedy_len: list = []
     greedy_feats: list = []
+    seconds = {"greedy": 0.0, "features": 0.0, "sampled": 0.0}
     samples: list[list[str]] = []
     sample_lp: list = []
     sample_len: list = []
@@ -782,6 +788,7 @@ def sample_answers(
             torch.manual_seed(seed)
         for start in tqdm(starts, desc="sampling answers", disable=not show_progress):
             batch = prompts[start : start + batch_size]
+            t0 = time.perf_counter()
             if greedy:
                 g = _greedy_batch(
                     model,
@@ -799,6 +806,9 @@ def sample_answers(
                     greedy_lp.extend(g[1])
                 if g[3] is not None:
                     greedy_feats.append(g[3])
+                seconds["features"] += g[4]
+            seconds["greedy"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
             answers, emb, path, lps, n_real = _sample_batch(
                 model,
                 tokenizer,
@@ -815,6 +825,7 @@ def sample_answers(
                 clipper=clipper,
                 special_ids=special,
             )
+            seconds["sampled"] += time.perf_counter() - t0
             paths.add(path)
             samples.extend(answers[i * k : (i + 1) * k] for i in range(len(batch)))
             sample_len.extend(n_real[i * k : (i + 1) * k] for i in range(len(batch)))
@@ -835,7 +846,7 @@ def sample_answers(
         samples=samples,
         embeddings=embeddings,
         layer=site.layer,
-        _extra={"embedding_paths": sorted(paths)},
+        _extra={"embedding_paths": sorted(paths), "seconds": seconds},
         pooling=pooling,
         feature_clip=clipper is not None,
         greedy_logprobs=greedy_lp,
