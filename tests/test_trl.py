@@ -385,3 +385,25 @@ class _StopAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= self.step:
             control.should_training_stop = True
+
+
+def test_send_arguments_parse_next_to_sft_config(tmp_path):
+    """A TRL script adds SeNDArguments to its parser: SFTConfig keeps its own defaults, SeND fields parse."""
+    from transformers import HfArgumentParser
+
+    cfg, send = HfArgumentParser((SFTConfig, SeNDArguments)).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "true",
+            "--send_window_steps",
+            "5",
+            "--eigenscore_prompt_format",
+            "chat",
+        ]
+    )
+    assert send.send_window_steps == 5 and send.eigenscore_prompt_format == "chat" and send.send_mode == "send"
+    assert cfg.learning_rate == SFTConfig.learning_rate == 2e-5 and cfg.logging_steps == 10
+    with pytest.raises(UserError, match="send_drop_fraction"):
+        HfArgumentParser(SeNDArguments).parse_args_into_dataclasses(["--send_drop_fraction", "0"])

@@ -2,7 +2,7 @@
 
 TRL's ``SFTTrainer`` first: the host trainer keeps its own config (no dataclass inheritance,
 so ``SFTConfig``'s defaults stay), its data collator and the labels it builds (completion-only
-or assistant-only loss masks). Three ways, one implementation (:class:`SeNDMixin`)::
+or assistant-only loss masks). Two ways, one implementation (:class:`SeNDMixin`)::
 
     trainer = SFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds, eval_dataset=ev)
     add_send(trainer, SeNDArguments(send_window_steps=50), tracking_dataset=texts,
@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import typing
+import warnings
 from typing import Optional, Sequence
 
 from transformers import TrainerCallback
@@ -84,8 +85,9 @@ def _check_send_arguments(self) -> None:
 #: The SeND, statistics and detector settings of :class:`~neurodetox.send.SeNDConfig` on their own
 #: (its ``send_*``, ``activation_stats_*`` and ``eigenscore_*`` fields, with the same defaults and
 #: help, read from ``SeNDConfig``), for a trainer that keeps its own ``TrainingArguments`` subclass
-#: (TRL's ``SFTConfig``). ``HfArgumentParser`` accepts it next to the host's config.
-#: Raises ``UserError`` at construction for a value out of range, naming the field.
+#: (TRL's ``SFTConfig``). ``HfArgumentParser`` / ``TrlParser`` accept it next to the host's config.
+#: Raises ``UserError`` at construction for a value out of range, naming the field (the SeND
+#: variant fields, ``send_score`` ..., are checked by the callback when :func:`add_send` builds it).
 SeNDArguments = dataclasses.make_dataclass(
     "SeNDArguments",
     _send_fields(),
@@ -219,7 +221,7 @@ class SeNDMixin:
         send_args: :data:`SeNDArguments`; ``None`` uses ``args`` if it is a ``SeNDConfig``,
             else adds nothing (call :meth:`attach_send` later).
         tracking_dataset, probe_prompts, probe_aliases, tracking_probe_prompts,
-        tracking_probe_aliases, test_prompts, test_aliases: see :meth:`attach_send`.
+        tracking_probe_aliases, test_prompts, test_aliases, tracking_collator: see :meth:`attach_send`.
     """
 
     def __init__(
@@ -233,6 +235,7 @@ class SeNDMixin:
         tracking_probe_aliases: Optional[Sequence[Sequence[str]]] = None,
         test_prompts: Optional[Sequence[str]] = None,
         test_aliases: Optional[Sequence[Sequence[str]]] = None,
+        tracking_collator=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -248,6 +251,7 @@ class SeNDMixin:
                 tracking_probe_aliases=tracking_probe_aliases,
                 test_prompts=test_prompts,
                 test_aliases=test_aliases,
+                tracking_collator=tracking_collator,
             )
 
     def attach_send(
@@ -261,6 +265,7 @@ class SeNDMixin:
         tracking_probe_aliases: Optional[Sequence[Sequence[str]]] = None,
         test_prompts: Optional[Sequence[str]] = None,
         test_aliases: Optional[Sequence[Sequence[str]]] = None,
+        tracking_collator=None,
     ) -> None:
         """Add the callbacks configured by ``send_args`` (call once, before ``train``).
 
@@ -276,6 +281,10 @@ class SeNDMixin:
                 probes, the hidden-state probe is refit on at each evaluation.
             test_prompts, test_aliases: the whole test split, scored before and after training
                 (logged as ``test_factual_accuracy``, ``test_eigenscore``).
+            tracking_collator: batches the tracking items for the recordings (it must return
+                ``input_ids`` and ``attention_mask``); default a right-padding
+                :class:`~neurodetox.data.lm.CausalLMCollator` (not the host's training collator,
+                which may be padding-free).
 
         Raises:
             UserError: SeND on without tracking items (or fewer than 2), probes without aliases
@@ -299,15 +308,19 @@ class SeNDMixin:
             resolve_sites(self.model, stats.site, stats.layers)  # fail now on a bad site or layer
             self.add_callback(stats)
         if send_args.send_mode != "off":
-            if tracking_dataset is None or len(tracking_dataset) < 2:
-                n = 0 if tracking_dataset is None else len(tracking_dataset)
+            if tracking_dataset is None or len(tracking_dataset) == 0:
+                raise UserError(
+                    f"send_mode={send_args.send_mode!r} needs a non-empty tracking set (tracking_dataset=, got "
+                    f"{'none' if tracking_dataset is None else 'an empty one'}); give at least 2 held-out items"
+                )
+            if len(tracking_dataset) < 2:
                 raise UserError(
                     f"send_mode={send_args.send_mode!r} needs a tracking set of at least 2 held-out items "
-                    f"(tracking_dataset=), got {n}"
+                    f"(tracking_dataset=), got {len(tracking_dataset)}"
                 )
             max_length = getattr(self.args, "max_length", None) or 1024
             tracking = tokenize_tracking(tok, tracking_dataset, max_length)
-            collator = CausalLMCollator(tok)
+            collator = tracking_collator or CausalLMCollator(tok)
             send = SensitiveNeuronDropoutCallback(
                 tracking,
                 collator,
@@ -349,10 +362,10 @@ class SeNDMixin:
                 )
             hidden = getattr(send_args, "eigenscore_hidden_probe", True) and tracking_probe_prompts
             if hidden and len(tracking_probe_prompts) < settings.probe_min_labelled:
-                logger.warning(
-                    "hidden-state probe off: it needs at least %d labelled tracking probes, got %d",
-                    settings.probe_min_labelled,
-                    len(tracking_probe_prompts),
+                warnings.warn(
+                    f"hidden-state probe off during training: it needs at least {settings.probe_min_labelled} "
+                    f"labelled tracking probes (eigenscore_probe_min_labelled) and has {len(tracking_probe_prompts)}",
+                    stacklevel=3,
                 )
                 hidden = False
             extra = {}
