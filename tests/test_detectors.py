@@ -27,6 +27,7 @@ from neurodetox.metrics import (
 from neurodetox.metrics.boundary import QA1SHOT_TEMPLATE
 from neurodetox.metrics.callback import EigenScoreCallback
 from neurodetox.metrics.probes import UNSUPERVISED_SCORES, score_probes
+from neurodetox.metrics.sampling import greedy_answers
 from neurodetox.metrics.settings import DEFAULTS, parse_stop
 
 
@@ -239,3 +240,66 @@ def test_callback_single_class_warns_and_logs_nan(tiny_llama, tiny_tokenizer):
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="empty probe set"):
             EigenScoreCallback(tiny_tokenizer, [], [])
+
+
+def test_trainer_evaluation_logs_every_detector_through_log(tmp_path):
+    """Each evaluation of SeNDTrainer reaches every reporter (Trainer.log → on_log) with every
+    detector's mean, AUROC and interval, the hidden-state probe refit on the tracking probes."""
+    from conftest import make_tiny_llama, make_tokenizer
+    from transformers import TrainerCallback
+
+    from neurodetox.data.lm import tokenize_texts
+    from neurodetox.send import SeNDConfig, SeNDTrainer
+
+    class Logs(TrainerCallback):
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs or {}))
+
+    tok = make_tokenizer()
+    model = make_tiny_llama(len(tok), seed=0)
+    texts = [f"{p} paris ." for p in PROMPTS] * 2
+    args = SeNDConfig(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        send_mode="off",
+        activation_stats_site="none",
+        save_strategy="no",
+        eigenscore_k=2,
+        eigenscore_max_new_tokens=3,
+        eigenscore_probe_min_labelled=4,
+        eigenscore_bootstrap=10,
+    )
+    greedy = greedy_answers(model, tok, PROMPTS, max_new_tokens=3)
+    aliases = [[g] if i % 2 == 0 and g.strip() else ["zzz-never"] for i, g in enumerate(greedy)]
+    logs = Logs()
+    tr = SeNDTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize_texts(tok, texts),
+        eval_dataset=tokenize_texts(tok, texts[:4]),
+        probe_prompts=PROMPTS,
+        probe_aliases=aliases,
+        tracking_probe_prompts=PROMPTS,
+        tracking_probe_aliases=aliases,
+        processing_class=tok,
+        callbacks=[logs],
+    )
+    cb = tr.callback(EigenScoreCallback)
+    assert cb.train_prompts == PROMPTS
+    tr.train()
+    evals = [entry for entry in logs.logs if "eval_eigenscore" in entry]
+    assert evals, logs.logs
+    entry = evals[-1]
+    for name in set(UNSUPERVISED_SCORES) - {"eigenscore_ees", "eigenscore_clipped"} | {"hidden_probe"}:
+        for suffix in ("", "_auroc", "_auroc_low", "_auroc_high"):
+            assert f"eval_{name}{suffix}" in entry, (name, suffix)
+    assert entry["eval_detectors_seconds"] > 0 and "eval_factual_accuracy" in entry
