@@ -265,6 +265,7 @@ def test_ensure_triage_runs_once_with_the_recipes_boundary(tmp_path, monkeypatch
     )
     content = ensure_triage(plan)
     assert len(calls) == 1 and calls[0].stop == "none" and calls[0].max_new_tokens == 8  # the recipe's settings
+    assert (calls[0].phrasings, calls[0].k) == (2, 4)
     assert content["split"]["max_facts_per_relation"] == 12 and plan.triage_path.is_file()
     content["settings"] = {k: getattr(calls[0], k) for k in calls[0].__dataclass_fields__}
     plan.triage_path.write_text(json.dumps(content))

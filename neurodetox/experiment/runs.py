@@ -73,6 +73,10 @@ VARIANT_MODES: dict[str, tuple[str, ...]] = {"known": ("off",)}
 PROBE_SPLITS = ("test", "tracking")
 #: Where a study keeps its triage file (relative to the study folder).
 TRIAGE_FILE = "triage.json"
+#: The study's triage asks each training fact in 2 phrasings with 4 samples each (8 sampled answers per
+#: fact; Gekhman et al. draw 16 per exemplar set): labelling ~600 facts costs about 4× one run's
+#: measurements on 2 CPU cores instead of ~12× with the ``TriageSettings`` defaults (3 phrasings, 10 samples).
+STUDY_TRIAGE = {"phrasings": 2, "k": 4}
 
 #: Fields the study sets on every run: evaluation every 50 steps for the curves, no Trainer checkpoints
 #: (a run is redone whole if killed; checkpoints would cost ~1.6 GB and seconds per save per run), and no
@@ -372,7 +376,7 @@ def ensure_triage(plan: StudyPlan) -> Optional[dict]:
 
     The base model of the recipe (with the study's overrides) labels the training split
     (:func:`neurodetox.data.triage.run_triage`) with the recipe's answer boundary and prompt
-    format (``eigenscore_stop``, ``eigenscore_prompt_format``). A file made for the same model,
+    format (``eigenscore_stop``, ``eigenscore_prompt_format``) and :data:`STUDY_TRIAGE`. A file made for the same model,
     split and settings is reused, so a rerun costs nothing.
 
     Returns:
@@ -389,6 +393,7 @@ def ensure_triage(plan: StudyPlan) -> Optional[dict]:
     arm = next(a for a in plan.arms if dict(a.fields).get("known_facts_file") == str(plan.triage_path))
     model_args, data_args, _, args, _ = parse_recipe(plan.recipe, _argv(plan.train_fields(arm, plan.seeds[0])))
     settings = TriageSettings(
+        **STUDY_TRIAGE,
         stop=args.eigenscore_stop,
         prompt_format=args.eigenscore_prompt_format,
         max_new_tokens=args.eigenscore_max_new_tokens,
