@@ -175,3 +175,13 @@ def test_cli_triage_all_unknown_exits_2(tiny_model_dir, tmp_path, capsys):
     assert main([*argv, "--k", "2", "--max_new_tokens", "3", "--tracking_fraction", "0.2"]) == 2
     assert "the model knows none of the" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_known_and_released_recipes_parse():
+    from neurodetox.send.recipes import parse_recipe
+
+    root = RECIPE.parent
+    _, data, _, args, _ = parse_recipe(str(root / "smollm2-facts-known.yaml"))
+    assert data.known_facts_file == "runs/triage/train.json" and args.send_mode == "off"
+    _, _, _, args, _ = parse_recipe(str(root / "smollm2-facts-send-released.yaml"))
+    assert args.send_procedure == "released" and args.send_site == "residual"
