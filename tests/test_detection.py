@@ -257,6 +257,14 @@ def test_cli_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
     text = rep.read_text()
     for needle in ("Hidden-state probe", "Semantic entropy", "## Cost of each detector", "stop `none`", "--stop none"):
         assert needle in text, needle
+    # the page again from the two eval.json files alone: no model, no scoring, the same tables
+    again = tmp_path / "again.md"
+    argv = ["--report_from", str(tmp_path / "ev/eval.json"), "--compare", str(tmp_path / "none/eval.json")]
+    assert cmd_eval([*argv, "--report", str(again), "--model", str(tmp_path / "no-model")]) == 0
+    assert again.read_text().split("## Setup")[1] == text.split("## Setup")[1].replace(
+        f"ROC curves: `{tmp_path / 'ev' / 'roc.png'}` (written by the same command; not committed).\n\n", ""
+    )
+    assert cmd_eval(argv) == 2 and "--report_from needs --report" in capsys.readouterr().err
 
 
 @pytest.mark.real_model

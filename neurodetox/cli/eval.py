@@ -96,6 +96,7 @@ class EvalArguments:
         overwrite: replace an existing ``eval.json`` there.
         report: also write a Markdown results page here.
         compare: other runs' ``eval.json`` files shown in the report beside this run.
+        report_from: only render ``report`` from this ``eval.json`` (no model, no scoring).
         bootstrap: bootstrap resamples of each AUROC interval.
         clip: also compute the feature-clipped EigenScore (one more sampled generation).
         ees: also compute EigenScore by EES.
@@ -119,6 +120,13 @@ class EvalArguments:
     compare: list[str] = field(
         default_factory=list,
         metadata={"help": "Other runs' eval.json files, shown in the report beside this run (e.g. --stop none)."},
+    )
+    report_from: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Only write --report from this eval.json (and --compare files): no model, no scoring, "
+            "no --output_dir."
+        },
     )
     bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of each AUROC interval."})
     clip: bool = field(default=True, metadata={"help": "Feature-clipped EigenScore (one more sampled generate)."})
@@ -326,10 +334,12 @@ def _cost_rows(result: dict) -> list[str]:
     return lines
 
 
-def render_report(result: dict, roc_png: Optional[str] = None, others: Sequence[dict] = ()) -> str:
+def render_report(
+    result: dict, roc_png: Optional[str] = None, others: Sequence[dict] = (), report_command: Optional[str] = None
+) -> str:
     """The Markdown results page for an ``eval.json`` dict (see :func:`cmd_eval`), with ``others``
     (more ``eval.json`` dicts, e.g. the same probes with ``--stop none`` or another fact source)
-    summarised beside it."""
+    summarised beside it; ``report_command`` (the ``--report_from`` command) is listed last."""
     import numpy as np
 
     from neurodetox.metrics.auroc import paired_auroc_difference
@@ -348,11 +358,13 @@ def render_report(result: dict, roc_png: Optional[str] = None, others: Sequence[
     lines = [
         f"# Hallucination detection on fact probes: {result['model']}",
         "",
-        f"Regenerate this page ({len(others) + 1} command(s), ~{max(1, round(wall / 60))} min on this machine):",
+        f"Regenerate this page ({len(others) + 1 + bool(report_command)} commands, ~{max(1, round(wall / 60))} min "
+        "on this machine; the fact file of another source is built first, see its section):",
         "",
         "```bash",
         *[o["command"] for o in others],
         result["command"],
+        *([report_command] if report_command else []),
         "```",
         "",
         "## Setup",
@@ -387,7 +399,7 @@ def render_report(result: dict, roc_png: Optional[str] = None, others: Sequence[
     ]
     if probe:
         lines.append(
-            f"* Hidden-state probe: scikit-learn `LogisticRegressionCV` (standardised inputs, C chosen by 5-fold AUROC "
+            f"* Hidden-state probe: scikit-learn `LogisticRegressionCV` (standardised inputs, C chosen by cross-validated AUROC "
             f"on the training probes: {probe['C']:g}) on block `{probe['layer']}`'s output at "
             f"{POSITIONS[probe['position']]}, "
             f"trained on {probe['n_train']} labelled probes ({probe['n_train_hallucinated']} hallucinated) from "
@@ -419,7 +431,8 @@ def render_report(result: dict, roc_png: Optional[str] = None, others: Sequence[
         )
         lines.append("")
         lines.append(
-            f"Targets (issue 16, base model, test probes): EigenScore AUROC ≥ 0.75 — "
+            f"Targets (issue 16, base model; measured here on {n} probes of split `{result['split']}`): "
+            "EigenScore AUROC ≥ 0.75 — "
             f"{'met' if es['auroc'] >= 0.75 else 'not met'} ({es['auroc']:.3f}); best detector ≥ 0.85 — "
             f"{'met' if ok[best]['auroc'] >= 0.85 else 'not met'} ({ok[best]['auroc']:.3f}, interval "
             f"[{ok[best]['ci_low']:.3f}, {ok[best]['ci_high']:.3f}])."
@@ -511,6 +524,19 @@ def _probe_training_set(data_args, eval_args, scored: list, everything: dict, se
     return pool, f"{what} of `{data_args.data}` ({len(pool)} probes)"
 
 
+def _read_eval_json(path: str, flag: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {path}: not found (give an eval.json written by neurodetox eval)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {path} is not an eval.json: {e}") from None
+    if not isinstance(data, dict) or "summary" not in data or "records" not in data:
+        raise UserError(f"{flag} {path} is not an eval.json written by neurodetox eval (no summary/records)")
+    return data
+
+
 @user_errors_exit_2("neurodetox eval")
 def cmd_eval(argv: Sequence[str]) -> int:
     """Entry point of ``neurodetox eval``; returns the exit status (0 ok, 2 user error)."""
@@ -528,18 +554,21 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
     console = Console()
     out = Path(eval_args.output_dir)
-    check_writable_destination(out / "eval.json", overwrite=eval_args.overwrite, what="--output_dir")
     if eval_args.report:
         check_writable_destination(eval_args.report, overwrite=True, what="--report")
+    elif eval_args.report_from:
+        raise UserError("--report_from needs --report (the page to write)")
+    if not eval_args.report_from:
+        check_writable_destination(out / "eval.json", overwrite=eval_args.overwrite, what="--output_dir")
     others = []
     for path in eval_args.compare:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"--compare {path}: not found (give an eval.json written by neurodetox eval)")
-        try:
-            others.append(json.loads(p.read_text(encoding="utf-8")))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"--compare {path} is not an eval.json: {e}") from None
+        others.append(_read_eval_json(path, "--compare"))
+    if eval_args.report_from:
+        result = _read_eval_json(eval_args.report_from, "--report_from")
+        shown = "neurodetox eval " + " ".join(shlex.quote(a) for a in argv)
+        atomic_write_text(Path(eval_args.report), render_report(result, others=others, report_command=shown))
+        console.print(f"report: {eval_args.report}")
+        return 0
     try:
         ds = data_args.load()
     except (ValueError, TypeError) as e:
