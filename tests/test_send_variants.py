@@ -241,3 +241,11 @@ def test_add_send_passes_the_variant_settings_to_any_trainer(tmp_path):
     cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SensitiveNeuronDropoutCallback))
     assert (cb.procedure, cb.massive_factor, cb.frozen_blocks) == ("released", 5.0, 1)
     assert not any(p.requires_grad for p in model.model.layers[0].parameters())
+
+
+def test_freeze_blocks_applies_to_the_paper_procedure_too(tmp_path):
+    tr = _trainer(tmp_path / "frz", send_freeze_blocks=3)
+    assert tr.callback(SensitiveNeuronDropoutCallback).frozen_blocks == 3
+    assert not any(p.requires_grad for b in tr.model.model.layers[:3] for p in b.parameters())
+    assert all(p.requires_grad for p in tr.model.model.layers[3].parameters())
+    assert _trainer(tmp_path / "none").callback(SensitiveNeuronDropoutCallback).frozen_blocks == 0

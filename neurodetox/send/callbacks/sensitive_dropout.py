@@ -78,6 +78,7 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
       indices whose mean ``|activation|`` over the tracking set, at the newest recording, is
       above ``massive_factor ×`` the median over indices
       (:func:`~neurodetox.send.sensitivity.massive_indices`); ``0`` = no exclusion.
+    * ``freeze_blocks``: freeze the first blocks (any procedure).
     * ``procedure="released"``: what the authors' released code runs: sensitivity across
       tracking items of the checkpoint-averaged embeddings
       (:func:`~neurodetox.send.sensitivity.released_sensitivity`), and instead of a mask, the
@@ -193,7 +194,7 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
         self.freeze_blocks = freeze_blocks
         self.frozen_blocks = 0
         self._weight_drop: Optional[MLPWeightDrop] = None
-        self._attached = False
+        self._attached = self._prepared = False
         # state
         self.history: deque = deque(maxlen=num_checkpoints)  # of {site_key: [N, n] float32}
         self.history_steps: deque = deque(maxlen=num_checkpoints)
@@ -209,24 +210,27 @@ class SensitiveNeuronDropoutCallback(CheckpointedCallback):
     def prepare_model(self, model) -> None:
         """Check the model fits the procedure and apply its one-off changes (idempotent).
 
-        For ``procedure="released"``: build the FFN weight drop (fails on a model whose FFN
-        is narrower than the residual indices need) and freeze the first blocks. Call before
-        the optimizer is built (:class:`~neurodetox.send.SeNDTrainer` does, at construction);
-        :meth:`attach` calls it too.
+        Freezes the first ``freeze_blocks`` blocks (default: none for the paper procedure,
+        ``min(24, L)`` for the released one); for ``procedure="released"`` also builds the FFN
+        weight drop (fails on a model whose FFN is narrower than the residual indices need).
+        Call before the optimizer is built (:class:`~neurodetox.send.SeNDTrainer` does, at
+        construction); :meth:`attach` calls it too.
 
         Raises:
             UserError: the released procedure's FFN-width requirement is not met.
         """
-        if self.mode == "off" or self.procedure != "released" or self._weight_drop is not None:
+        if self.mode == "off" or self._prepared:
             return
-        sites = resolve_sites(model, self.site, self.layers, self.module_path)
-        self._weight_drop = MLPWeightDrop(model, sites)
         from neurodetox.core.sites import num_layers
 
-        count = min(24, num_layers(model)) if self.freeze_blocks is None else self.freeze_blocks
-        self.frozen_blocks = freeze_blocks(model, count)
+        if self.procedure == "released":
+            sites = resolve_sites(model, self.site, self.layers, self.module_path)
+            self._weight_drop = MLPWeightDrop(model, sites)
+        default = min(24, num_layers(model)) if self.procedure == "released" else 0
+        self.frozen_blocks = freeze_blocks(model, default if self.freeze_blocks is None else self.freeze_blocks)
         if self.frozen_blocks:
-            logger.info("SeND (released procedure): froze the first %d decoder blocks", self.frozen_blocks)
+            logger.info("SeND (%s procedure): froze the first %d decoder blocks", self.procedure, self.frozen_blocks)
+        self._prepared = True
 
     def attach(self, model) -> None:
         """Resolve sites and install the mask hooks (idempotent)."""
