@@ -3,7 +3,7 @@
 ``neurodetox experiment`` (see :mod:`neurodetox.cli.experiment`) runs it and
 writes ``docs/results/send.md``-style pages. Flow: plan (:mod:`.runs`) →
 train + measure each run (:mod:`.runs`, :mod:`.measure`) → intervals
-(:mod:`.analysis`) → page and figures (:mod:`.report`).
+(:mod:`.stats`) → page and figures (:mod:`neurodetox.reports.study`).
 
 Method: Sensitive Neuron Dropout, Mohammadzadeh et al., "Hallucination
 Detox: Sensitivity Dropout (SenD) for Large Language Model Training",
