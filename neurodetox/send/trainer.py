@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import warnings
 from typing import Optional, Sequence
 
 from transformers import Trainer
@@ -13,11 +12,9 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from neurodetox.core.runtime import PREFIX_CHECKPOINT_DIR
 from neurodetox.data.lm import CausalLMCollator
-from neurodetox.metrics.callback import EigenScoreCallback
-from neurodetox.send.callbacks.activation_stats import ActivationStatsCallback
 from neurodetox.send.callbacks.base import CheckpointedCallback
-from neurodetox.send.callbacks.sensitive_dropout import SensitiveNeuronDropoutCallback
 from neurodetox.send.config import SeNDConfig
+from neurodetox.send.integration import SeNDMixin
 
 _STAGING = ".partial-checkpoints"
 _CKPT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -39,7 +36,7 @@ def last_checkpoint(output_dir: str) -> Optional[str]:
     return os.path.join(output_dir, max(found)[1]) if found else None
 
 
-class SeNDTrainer(Trainer):
+class SeNDTrainer(SeNDMixin, Trainer):
     """``Trainer`` for Sensitive Neuron Dropout fine-tuning.
 
     Implements the training procedure of Mohammadzadeh et al., "Hallucination
@@ -55,6 +52,9 @@ class SeNDTrainer(Trainer):
       ``eigenscore_num_prompts`` probes, if probes are given: every detector's mean score
       and AUROC (with a bootstrap interval) at each evaluation, logged through ``log``.
 
+    The wiring, the evaluation hook and the log merging are :class:`~neurodetox.send.integration.SeNDMixin`'s
+    (the same code that adds SeND to TRL's ``SFTTrainer``); it also reports selections, activation
+    statistics and per-prompt scores to the reporters (:mod:`neurodetox.reports.reporters`).
     Beyond ``Trainer`` it (1) writes each checkpoint into a staging folder
     and renames it into place once complete, with every callback's state
     inside, so a killed run leaves complete checkpoints or none;
@@ -92,84 +92,17 @@ class SeNDTrainer(Trainer):
         tok = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and tok is not None:
             kwargs["data_collator"] = CausalLMCollator(tok)
-        super().__init__(model=model, args=args, **kwargs)
-        if isinstance(args, SeNDConfig):
-            tracking_probes = (tracking_probe_prompts, tracking_probe_aliases) if tracking_probe_prompts else None
-            self._add_configured_callbacks(args, tracking_dataset, probe_prompts, probe_aliases, tok, tracking_probes)
-
-    def _add_configured_callbacks(
-        self, args, tracking_dataset, probe_prompts, probe_aliases, tok, tracking_probes=None
-    ):
-        if args.activation_stats_site != "none":
-            cb = ActivationStatsCallback(args.activation_stats_site, args.activation_stats_layers, None)
-            from neurodetox.core.sites import resolve_sites
-
-            resolve_sites(self.model, cb.site, cb.layers)  # fail now on a bad site or layer
-            self.add_callback(cb)
-        if args.send_mode != "off":
-            if tracking_dataset is None or len(tracking_dataset) == 0:
-                raise ValueError(
-                    f"send_mode={args.send_mode!r} needs a non-empty tracking set (got "
-                    f"{'none' if tracking_dataset is None else 'an empty one'})"
-                )
-            cb = SensitiveNeuronDropoutCallback(
-                tracking_dataset,
-                self.data_collator,
-                mode=args.send_mode,
-                site=args.send_site,
-                layers=args.send_layers,
-                drop_fraction=args.send_drop_fraction,
-                num_checkpoints=args.send_num_checkpoints,
-                drop_windows=args.send_drop_windows,
-                window_steps=args.send_window_steps,
-                rescale=args.send_rescale,
-                batch_size=args.send_tracking_batch_size,
-                seed=args.seed,
-                module_path=args.send_module_path,
-                show_progress=not args.disable_tqdm,
-                stop_loss=args.send_stop_loss,
-                stop_ees=args.send_stop_ees,
-                ees_alpha=args.eigenscore_alpha,
-                score=args.send_score,
-                massive_factor=args.send_massive_factor,
-                procedure=args.send_procedure,
-                freeze_blocks=args.send_freeze_blocks,
-            )
-            cb.prepare_model(self.model)  # released procedure: FFN width checked, blocks frozen, before the optimizer
-            from neurodetox.core.sites import assert_sites_reached, resolve_sites
-
-            sites = resolve_sites(self.model, args.send_site, args.send_layers, args.send_module_path)
-            if not any(hasattr(p, "ds_id") for p in self.model.parameters()):
-                # (ZeRO-3 partitioned weights cannot run outside the engine; the first tracking
-                # recording, before the first step, checks the sites there instead)
-                example = self.data_collator([tracking_dataset[0]])
-                assert_sites_reached(self.model, sites, example["input_ids"], example["attention_mask"])
-            self.add_callback(cb)
-        if probe_prompts and args.eigenscore_num_prompts > 0:
-            n = args.eigenscore_num_prompts
-            need = args.eigenscore_probe_min_labelled
-            if tracking_probes and args.eigenscore_hidden_probe and len(tracking_probes[0]) < need:
-                warnings.warn(
-                    f"hidden-state probe off during training: it needs at least {need} labelled tracking probes "
-                    f"(eigenscore_probe_min_labelled) and has {len(tracking_probes[0])}",
-                    stacklevel=3,
-                )
-                tracking_probes = None
-            self.add_callback(
-                EigenScoreCallback(
-                    tok,
-                    list(probe_prompts)[:n],
-                    list(probe_aliases)[:n],
-                    args.eigenscore_settings(),
-                    train_prompts=tracking_probes[0] if tracking_probes and args.eigenscore_hidden_probe else None,
-                    train_aliases=tracking_probes[1] if tracking_probes and args.eigenscore_hidden_probe else None,
-                    n_boot=args.eigenscore_bootstrap,
-                )
-            )
-
-    def callback(self, cls):
-        """The first attached callback of type ``cls`` (or ``None``)."""
-        return next((c for c in self.callback_handler.callbacks if isinstance(c, cls)), None)
+        super().__init__(
+            model=model,
+            args=args,
+            tracking_dataset=tracking_dataset,
+            probe_prompts=probe_prompts,
+            probe_aliases=probe_aliases,
+            tracking_probe_prompts=tracking_probe_prompts,
+            tracking_probe_aliases=tracking_probe_aliases,
+            tracking_collator=kwargs.get("data_collator"),
+            **kwargs,
+        )
 
     # -- resume ------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
@@ -182,8 +115,6 @@ class SeNDTrainer(Trainer):
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, CheckpointedCallback):
                 cb.resume_from(resume_from_checkpoint or None)
-            if isinstance(cb, EigenScoreCallback):
-                cb.evaluated_by = type(self).__name__  # evaluation_loop runs it
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # -- atomic checkpoints ----------------------------------------------------------
@@ -225,21 +156,3 @@ class SeNDTrainer(Trainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
-
-    # -- metrics ---------------------------------------------------------------------
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, EigenScoreCallback):
-                extra = cb.compute_metrics(self.model, self.state.global_step)
-                output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in extra.items()})
-        return output
-
-    def log(self, logs: dict, start_time=None) -> None:
-        if "loss" in logs:
-            for cb in self.callback_handler.callbacks:
-                if hasattr(cb, "log_metrics"):
-                    logs.update(cb.log_metrics())
-        super().log(logs, start_time)
