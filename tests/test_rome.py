@@ -46,7 +46,7 @@ EDITS = [
         "paraphrases": ["capital of spain"],
     },
 ]
-FAST = dict(layer=1, covariance_samples=8, covariance_tokens=16)
+FAST = dict(edit_layer=1, covariance_samples=8, covariance_tokens=16)
 
 
 def _null_space(k: np.ndarray) -> np.ndarray:
@@ -125,7 +125,7 @@ def test_edit_makes_target_the_argmax_and_reverts_bit_exactly(mode, covariance):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert not any(all(f) for f in _fixed_everywhere(model, tok, EDITS))
     patch, report = edit_rank_one(
-        model, tok, EDITS, RomeSettings(mode=mode, covariance=covariance, **FAST), show_progress=False
+        model, tok, EDITS, RomeSettings(edit_mode=mode, covariance=covariance, **FAST), show_progress=False
     )
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the call restores the model
     assert [e.status for e in report.edits] == ["fixed", "fixed"], report.to_json()
@@ -149,7 +149,7 @@ def test_bf16_storage_and_checkpoint_round_trip_is_bit_exact(tmp_path):
     hashes = folder_sha256(folder)
     model, tok = load_model(str(folder))
     patch, report = edit_rank_one(
-        model, tok, EDITS, RomeSettings(storage_dtype="bfloat16", **FAST), show_progress=False
+        model, tok, EDITS, RomeSettings(**FAST), show_progress=False, storage_dtype="bfloat16"
     )
     assert any(e.status == "fixed" for e in report.edits), report.to_json()
     bind_to_checkpoint(patch, folder)
@@ -191,9 +191,34 @@ def test_bad_input_names_the_line(tmp_path, bad, message):
 
 
 def test_settings_are_checked():
-    with pytest.raises(UserError, match="unknown mode 'all'"):
-        RomeSettings(mode="all")
+    with pytest.raises(UserError, match="unknown edit_mode 'all'"):
+        RomeSettings(edit_mode="all")
     with pytest.raises(UserError, match="v_steps"):
         RomeSettings(v_steps=0)
     with pytest.raises(UserError, match="covariance"):
         RomeSettings(covariance="wikipedia")
+
+
+def test_cli_find_method_rome_apply_revert(tmp_path):
+    from neurodetox.cli.patch import cmd_patch
+    from neurodetox.patching import folder_sha256
+
+    tok = make_tokenizer()
+    folder = save_checkpoint(make_model(), tok, tmp_path / "base")
+    before = folder_sha256(folder)
+    edits = _file(tmp_path, EDITS[1:])
+    common = ["--threads", "1", "--quiet", "find", "--model", str(folder), "--method", "rome", "--edit_layer", "1"]
+    common += ["--covariance_samples", "8", "--covariance_tokens", "16"]
+    rc = cmd_patch(
+        common
+        + ["--prompt", EDITS[0]["prompt"], "--target", EDITS[0]["target"], "--subject", "france"]
+        + ["--edits", edits, "--out", str(tmp_path / "patch")]
+    )
+    assert rc == 0
+    assert cmd_patch(["apply", str(folder), str(tmp_path / "patch"), "--in_place"]) == 0
+    assert folder_sha256(folder) != before
+    assert cmd_patch(["revert", str(folder), str(tmp_path / "patch"), "--in_place"]) == 0
+    assert folder_sha256(folder) == before
+    # a subject that is not in the prompt: one error line, exit 2
+    bad = _file(tmp_path, [{**EDITS[1], "subject": "germany"}])
+    assert cmd_patch(common + ["--edits", bad, "--out", str(tmp_path / "p2")]) == 2

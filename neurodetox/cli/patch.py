@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from neurodetox.cli.args import command_parser, parse_command, user_errors_exit_2
 from neurodetox.core.checks import check_int
@@ -96,10 +96,10 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return str(x)
 
 
-def _edit_table(report) -> Any:
+def _edit_table(report, title: str = "MINT repair") -> Any:
     from rich.table import Table
 
-    t = Table(title="MINT repair")
+    t = Table(title=title)
     for col in ("#", "prompt", "target", "status", "failures", "neurons (layer:index)", "ref. changed", "s"):
         t.add_column(col)
     for e in report.edits:
@@ -128,7 +128,7 @@ def cmd_find(a) -> int:
     if a.prompt is not None or a.target is not None:
         if not a.prompt or not a.target:
             raise UserError("--prompt and --target go together (both non-empty)")
-        edits.append({"prompt": a.prompt, "target": a.target})
+        edits.append({"prompt": a.prompt, "target": a.target, **({"subject": a.subject} if a.subject else {})})
     if a.edits:
         edits.extend(read_edits(a.edits))
     if not edits:
@@ -140,21 +140,38 @@ def cmd_find(a) -> int:
     from neurodetox.core.sites import resolve_sites, value_vector_parameter
 
     names = {id(p): n for n, p in model.named_parameters()}
-    touched_names = [names[id(value_vector_parameter(s)[0])] for s in resolve_sites(model, "mlp", settings.layers)]
+    layers = [a.rome_settings.edit_layer] if a.method == "rome" else settings.layers
+    touched_names = [names[id(value_vector_parameter(s)[0])] for s in resolve_sites(model, "mlp", layers)]
     dtype = checkpoint_dtype(info, touched_names[:1])
     if dtype is not None and dtype != model.dtype:
         settings.storage_dtype = {"torch.bfloat16": "bfloat16", "torch.float16": "float16"}.get(str(dtype))
-    patch, report = repair(
-        model,
-        tok,
-        edits,
-        settings,
-        show_progress=not a.quiet,
-        base={"name_or_path": a.model_name_or_path},
-        reference_prompts=reference_prompts(a.reference, [e["prompt"] for e in edits]),
-    )
+    if a.method == "rome":
+        from neurodetox.patching.rome import edit_rank_one
+
+        patch, report = edit_rank_one(
+            model,
+            tok,
+            edits,
+            a.rome_settings,
+            show_progress=not a.quiet,
+            base={"name_or_path": a.model_name_or_path},
+            use_paraphrases=settings.use_paraphrases,
+            storage_dtype=settings.storage_dtype,
+        )
+    else:
+        patch, report = repair(
+            model,
+            tok,
+            edits,
+            settings,
+            show_progress=not a.quiet,
+            base={"name_or_path": a.model_name_or_path},
+            reference_prompts=reference_prompts(
+                a.reference, [e["prompt"] for e in edits], model=model, tokenizer=tok, edits=edits
+            ),
+        )
     console = _console()
-    console.print(_edit_table(report))
+    console.print(_edit_table(report, "MINT repair" if a.method == "mint" else "rank-one edit (ROME)"))
     s = report.summary()
     if not report.needing_fix:
         console.print("nothing to fix: the model already produces every target; no patch written")
@@ -559,13 +576,26 @@ class FindArguments:
         reference: reference prompts, see :func:`neurodetox.patching.pools.reference_prompts`.
     """
 
+    method: Literal["mint", "rome"] = field(
+        default="mint",
+        metadata={
+            "help": "Edit method: 'mint' (neuron patches, default) or 'rome' (rank-one edit at the subject's "
+            "last token; every edit needs a 'subject')."
+        },
+    )
     prompt: Optional[str] = field(default=None, metadata={"help": "Prompt text."})
+    subject: Optional[str] = field(
+        default=None, metadata={"help": "Subject of --prompt (a substring of it; needed by --method rome)."}
+    )
     target: Optional[str] = field(
         default=None, metadata={"help": "Desired continuation (a leading space is added when tokenising)."}
     )
     edits: Optional[str] = field(
         default=None,
-        metadata={"help": 'JSONL file: one {"prompt", "target", ["paraphrases", "aliases", "fact_id"]} per line.'},
+        metadata={
+            "help": 'JSONL file: one {"prompt", "target", ["subject", "paraphrases", "eval_paraphrases", "aliases", '
+            '"fact_id"]} per line; paraphrases are repaired with the prompt, eval_paraphrases only evaluated.'
+        },
     )
     output_dir: Optional[str] = field(
         default=None,
@@ -575,9 +605,10 @@ class FindArguments:
     reference: str = field(
         default="facts+default",
         metadata={
-            "help": "Prompts that define neurons' background activation (what should not change): 'facts+default' "
-            "(96 built-in fact prompts and the generic built-in prompts), 'facts', 'default', or a file (one "
-            "prompt per line, or JSONL with 'prompt')."
+            "help": "MINT: prompts that define neurons' background activation (what should not change): parts "
+            "joined by '+': 'edits' (built from the model and the edits: the edits' prompts with other subjects "
+            "the model names, other relations, the model's own text), 'facts' (built-in fact prompts), 'default' "
+            "(generic built-in prompts); or a file (one prompt per line, or JSONL with 'prompt')."
         },
     )
 
@@ -657,11 +688,12 @@ def make_parser(cmd: str):
     from neurodetox.core.settings import ModelArguments
     from neurodetox.data.settings import FactDataArguments
     from neurodetox.patching.mint import MintSettings
+    from neurodetox.patching.rome import RomeSettings
 
     if cmd not in SUBCOMMANDS:
         raise UserError(f"unknown subcommand {cmd!r}; valid: {', '.join(SUBCOMMANDS)}")
     classes = {
-        "find": (ModelArguments, FindArguments, MintSettings, PatchRunArguments),
+        "find": (ModelArguments, FindArguments, MintSettings, RomeSettings, PatchRunArguments),
         "apply": (WriteArguments, PatchRunArguments),
         "revert": (WriteArguments, PatchRunArguments),
         "verify": (PatchRunArguments,),
@@ -691,6 +723,7 @@ def parse_args(argv: Sequence[str]) -> SimpleNamespace:
         UserError: no or an unknown subcommand, an unknown flag, or a bad value.
     """
     from neurodetox.patching.mint import MintSettings
+    from neurodetox.patching.rome import RomeSettings
 
     argv = list(argv)
     head: list[str] = []
@@ -706,6 +739,8 @@ def parse_args(argv: Sequence[str]) -> SimpleNamespace:
     for part in parsed:
         if isinstance(part, MintSettings):
             ns.settings = part
+        elif isinstance(part, RomeSettings):
+            ns.rome_settings = part
         else:
             ns.__dict__.update(vars(part) if not dataclasses.is_dataclass(part) else dataclasses.asdict(part))
     return ns

@@ -15,7 +15,7 @@ from typing import Optional
 
 from neurodetox.core.errors import UserError
 
-__all__ = ["fact_pools", "read_edits", "read_lines", "reference_prompts"]
+__all__ = ["edit_reference_prompts", "fact_pools", "read_edits", "read_lines", "reference_prompts"]
 
 
 def read_edits(path: str) -> list[dict]:
@@ -120,19 +120,43 @@ def fact_pools(
     return ref, rest[:n_unrelated], texts
 
 
-def reference_prompts(spec: str, exclude: Sequence[str] = ()) -> Optional[list[str]]:
-    """Reference prompts named by ``spec``: ``facts+default`` (96 built-in fact prompts of every
-    relation and the generic built-in prompts), ``facts``, ``default`` (``None``: MINT's built-in
-    ones) or a file (:func:`read_lines`). Prompts in ``exclude`` (the edits) are never used.
+def reference_prompts(
+    spec: str, exclude: Sequence[str] = (), *, model=None, tokenizer=None, edits: Sequence = ()
+) -> Optional[list[str]]:
+    """Reference prompts named by ``spec``: a file (:func:`read_lines`), or ``+``-joined parts:
+    ``edits`` (:func:`edit_reference_prompts`: from the model and the edits themselves; needs
+    ``model``, ``tokenizer`` and ``edits``), ``facts`` (built-in fact prompts of every relation: 128
+    alone, 96 combined) and ``default`` (the generic built-in prompts). ``default`` alone gives
+    ``None`` (MINT's built-in ones). Prompts in ``exclude`` (the edits) are never used.
+
+    Raises:
+        UserError: an unknown part, or ``edits`` without a model.
     """
     from neurodetox.patching.locate import DEFAULT_REFERENCE_PROMPTS
 
     if spec == "default":
         return None
-    if spec in ("facts", "facts+default"):
-        ref, _, _ = fact_pools("facts", 0, exclude, (), 0, 128, 0)
-        return ref if spec == "facts" else ref[:96] + list(DEFAULT_REFERENCE_PROMPTS)
-    return read_lines(spec)
+    if Path(spec).is_file():
+        return read_lines(spec)
+    parts = spec.split("+")
+    bad = [p for p in parts if p not in ("edits", "facts", "default")]
+    if bad:
+        raise UserError(
+            f"reference {spec!r}: unknown part(s) {bad}; use 'edits', 'facts', 'default' joined by '+', or a file"
+        )
+    out: list[str] = []
+    skip = set(exclude)
+    for part in parts:
+        if part == "edits":
+            if model is None or tokenizer is None or not edits:
+                raise UserError("reference 'edits' needs the model, its tokenizer and the edits")
+            out += edit_reference_prompts(model, tokenizer, edits)
+        elif part == "facts":
+            ref, _, _ = fact_pools("facts", 0, exclude, (), 0, 128, 0)
+            out += ref if len(parts) == 1 else ref[:96]
+        else:
+            out += list(DEFAULT_REFERENCE_PROMPTS)
+    return [p for p in dict.fromkeys(out) if p not in skip]
 
 
 #: Starts of the model's own general text (reference prompts that no fact source supplies).

@@ -104,11 +104,15 @@ def _help(text: str) -> dict[str, str]:
 class RomeSettings:
     """Settings of :func:`edit_rank_one` (ROME, arXiv 2202.05262; MEMIT, arXiv 2210.07229).
 
+    Field names differ from :class:`~neurodetox.patching.mint.MintSettings`'s, so that
+    ``neurodetox patch find`` takes both as flags; whether paraphrases are used and the
+    storage dtype are arguments of :func:`edit_rank_one`.
+
     Attributes:
-        layer: the block whose FFN output projection is edited, an integer
+        edit_layer: the block whose FFN output projection is edited, an integer
             (negative counts from the end). Default 4 (of SmolLM2-135M's 30;
             EasyEdit edits block 5 of Llama-2-7B's 32).
-        mode: ``"batch"`` (default): every edit's value is optimised at once
+        edit_mode: ``"batch"`` (default): every edit's value is optimised at once
             on the same weights and one update writes them all (MEMIT's
             batch, in one layer); ``"sequential"``: one edit after another,
             each on the weights the previous ones left (ROME's protocol).
@@ -130,18 +134,14 @@ class RomeSettings:
         lam: ``λ`` of :func:`rank_update`: 0 (default) exact constraints (ROME);
             ``> 0`` MEMIT's least squares with ``λ C``.
         rounds: update rounds for edits the previous update left unfixed, ``>= 1``. Default 3.
-        use_paraphrases: optimise every edit's ``paraphrases`` with its prompt
-            and count it fixed only when all are. Default True.
-        storage_dtype: dtype the new weights are rounded to (a name of
-            :data:`neurodetox.core.checks.DTYPES`) or ``None`` (the weight's own).
-        seed: seed of the sampled covariance text. Default 0.
+        covariance_seed: seed of the sampled covariance text. Default 0.
 
     Raises:
         UserError: a field outside its valid values (at construction and in :meth:`validate`).
     """
 
-    layer: int = field(default=4, metadata=_help("Block whose FFN output projection is edited (default 4)."))
-    mode: Mode = field(
+    edit_layer: int = field(default=4, metadata=_help("rome: block whose FFN output projection is edited (default 4)."))
+    edit_mode: Mode = field(
         default="batch", metadata=_help("'batch' (all edits in one update, default) or 'sequential' (one by one).")
     )
     v_steps: int = field(default=25, metadata=_help("Adam steps of the value optimisation, >= 1 (default 25)."))
@@ -163,13 +163,7 @@ class RomeSettings:
     )
     lam: float = field(default=0.0, metadata=_help("λ: 0 exact constraints (ROME, default); > 0 MEMIT least squares."))
     rounds: int = field(default=3, metadata=_help("Update rounds for edits left unfixed, >= 1 (default 3)."))
-    use_paraphrases: bool = field(
-        default=True, metadata=_help("Optimise each edit's paraphrases with its prompt (default true).")
-    )
-    storage_dtype: Optional[str] = field(
-        default=None, metadata=_help("Round the new weights to this dtype (default: the weight's own).")
-    )
-    seed: int = field(default=0, metadata=_help("Seed of the sampled covariance text (default 0)."))
+    covariance_seed: int = field(default=0, metadata=_help("Seed of the sampled covariance text (default 0)."))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -180,28 +174,19 @@ class RomeSettings:
         Raises:
             UserError: naming the bad field and what is valid.
         """
-        check_int("layer", self.layer, minimum=None)
-        if self.mode not in MODES:
-            raise UserError(f"unknown mode {self.mode!r}; valid modes are {', '.join(MODES)}")
+        check_int("edit_layer", self.edit_layer, minimum=None)
+        if self.edit_mode not in MODES:
+            raise UserError(f"unknown edit_mode {self.edit_mode!r}; valid modes are {', '.join(MODES)}")
         if self.covariance not in COVARIANCES:
             raise UserError(f"unknown covariance {self.covariance!r}; valid: {', '.join(COVARIANCES)}")
         for name in ("v_steps", "covariance_samples", "covariance_tokens", "rounds"):
             check_int(name, getattr(self, name), minimum=1)
         check_int("context_templates", self.context_templates, minimum=0)
-        check_int("seed", self.seed, minimum=None)
+        check_int("covariance_seed", self.covariance_seed, minimum=None)
         for name in ("v_lr", "clamp_norm_factor", "covariance_ridge"):
             check_number(name, getattr(self, name), minimum=0.0, min_inclusive=False)
         for name in ("weight_decay", "kl_factor", "stop_loss", "lam"):
             check_number(name, getattr(self, name), minimum=0.0)
-        if self.storage_dtype is not None:
-            if isinstance(self.storage_dtype, torch.dtype):
-                self.storage_dtype = str(self.storage_dtype).removeprefix("torch.")
-            if str(self.storage_dtype).lower().removeprefix("torch.") not in DTYPES:
-                raise UserError(f"unknown storage_dtype {self.storage_dtype!r}; valid: {', '.join(DTYPES)} or None")
-
-    @property
-    def storage(self) -> Optional[torch.dtype]:
-        return None if self.storage_dtype is None else resolve_dtype(self.storage_dtype)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,7 +293,7 @@ def key_covariance(model: nn.Module, tokenizer, layer: int, settings: RomeSettin
         settings.covariance_samples,
         settings.covariance_tokens,
         settings.covariance_ridge,
-        settings.seed,
+        settings.covariance_seed,
     )
     if key in _COV_CACHE:
         return _COV_CACHE[key]
@@ -320,7 +305,7 @@ def key_covariance(model: nn.Module, tokenizer, layer: int, settings: RomeSettin
     try:
         tokenizer.padding_side = "left"
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(settings.seed)
+            torch.manual_seed(settings.covariance_seed)
             for b in range(0, len(starts), 16):
                 enc = tokenizer(starts[b : b + 16], return_tensors="pt", padding=True).to(device)
                 out = model.generate(
@@ -352,7 +337,7 @@ def key_covariance(model: nn.Module, tokenizer, layer: int, settings: RomeSettin
     return C
 
 
-def _context_prefixes(model, tokenizer, n: int, seed: int) -> list[str]:
+def _context_prefixes(model, tokenizer, n: int) -> list[str]:
     """ROME's context templates: ``""`` and ``n`` short model-generated texts ending in ``". "``."""
     if n <= 0:
         return [""]
@@ -409,10 +394,12 @@ def _pad(rows: Sequence[_Row], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _values(model, tokenizer, edits: Sequence[Edit], site, s: RomeSettings, prefixes: Sequence[str]):
+def _values(
+    model, tokenizer, edits: Sequence[Edit], site, s: RomeSettings, prefixes: Sequence[str], use_paraphrases: bool
+):
     """``(K [d_ff, n], δ [d, n], losses [n])``: mean keys and optimised value shifts of ``edits``."""
     device = model_device(model)
-    rows = _rows(tokenizer, edits, prefixes, s.use_paraphrases)
+    rows = _rows(tokenizer, edits, prefixes, use_paraphrases)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = _pad(rows, pad)
     ids, mask = ids.to(device), mask.to(device)
@@ -536,6 +523,8 @@ def edit_rank_one(
     *,
     show_progress: bool = True,
     base: Optional[dict[str, Any]] = None,
+    use_paraphrases: bool = True,
+    storage_dtype: Optional[Union[str, torch.dtype]] = None,
 ) -> tuple[PatchSet, RepairReport]:
     """Edit ``edits`` into one FFN output projection by ROME/MEMIT rank-one updates; return the patch.
 
@@ -550,6 +539,11 @@ def edit_rank_one(
         settings: :class:`RomeSettings` (defaults if ``None``).
         show_progress: print one line per round.
         base: base-checkpoint identity for the manifest.
+        use_paraphrases: optimise every edit's ``paraphrases`` with its prompt and count it
+            fixed only when all are. Default True.
+        storage_dtype: dtype the new weights are rounded to (a name of
+            :data:`neurodetox.core.checks.DTYPES` or a torch dtype) or ``None`` (the weight's own),
+            so what is verified is what will be written.
 
     Returns:
         ``(patch, report)``: a :class:`~neurodetox.patching.patchfile.PatchSet` (one tensor, the
@@ -564,43 +558,48 @@ def edit_rank_one(
     """
     s = settings or RomeSettings()
     s.validate()
+    if storage_dtype is not None and str(storage_dtype).lower().removeprefix("torch.") not in DTYPES:
+        raise UserError(f"unknown storage_dtype {storage_dtype!r}; valid: {', '.join(DTYPES)} or None")
+    storage_req = None if storage_dtype is None else resolve_dtype(str(storage_dtype).removeprefix("torch."))
     edits = [encode_edit(tokenizer, e) for e in coerce_edits(edits)]
     for e in edits:
         if not e.subject:
             raise UserError(
                 f"{e.where}: the rome method needs a 'subject' (the entity in the prompt whose fact changes)"
             )
-        for k, text in enumerate([e.prompt] + (e.paraphrases if s.use_paraphrases else [])):
+        for k, text in enumerate([e.prompt] + (e.paraphrases if use_paraphrases else [])):
             subject_last_index(tokenizer, text, e.subject, e.where if k == 0 else f"{e.where} (paraphrase {k})")
     t0 = time.perf_counter()
     was = model.training
     model.eval()
-    site = _site(model, s.layer)
+    site = _site(model, s.edit_layer)
     weight, axis = value_vector_parameter(site)
     names = {id(p): nm for nm, p in model.named_parameters()}
     if id(weight) not in names:
         raise UserError(f"the FFN output projection of layer {site.layer} is not a named parameter of the model")
     name = names[id(weight)]
     original = weight.detach().clone()
-    storage = s.storage or weight.dtype
+    storage = storage_req or weight.dtype
     results = [EditResult(i, e, "skipped") for i, e in enumerate(edits)]
     try:
-        failing = _failing(model, edits, s.use_paraphrases)
+        failing = _failing(model, edits, use_paraphrases)
         for r, f in zip(results, failing):
             if not f:
                 r.status, r.message = "nothing_to_fix", "the model already produces the target for every phrasing"
         todo = [i for i, f in enumerate(failing) if f]
         C = key_covariance(model, tokenizer, site.layer, s) if (todo and s.covariance == "model_text") else None
-        prefixes = _context_prefixes(model, tokenizer, s.context_templates, s.seed) if todo else [""]
+        prefixes = _context_prefixes(model, tokenizer, s.context_templates) if todo else [""]
         fixed_keys: list[torch.Tensor] = []
-        groups = [[i] for i in todo] if s.mode == "sequential" else [todo]
+        groups = [[i] for i in todo] if s.edit_mode == "sequential" else [todo]
         for group in groups:
             pending = list(group)
             for rnd in range(s.rounds):
                 if not pending:
                     break
                 t1 = time.perf_counter()
-                K, R, losses = _values(model, tokenizer, [edits[i] for i in pending], site, s, prefixes)
+                K, R, losses = _values(
+                    model, tokenizer, [edits[i] for i in pending], site, s, prefixes, use_paraphrases
+                )
                 if fixed_keys:  # hold the fixed edits' keys where they are
                     Kf = torch.stack(fixed_keys, dim=1)
                     K = torch.cat([K, Kf], dim=1)
@@ -611,7 +610,7 @@ def edit_rank_one(
                 new = W2 + dW
                 with torch.no_grad():
                     weight.copy_((new if axis == 1 else new.T).to(storage).to(weight.device, weight.dtype))
-                still = _failing(model, [edits[i] for i in pending], s.use_paraphrases)
+                still = _failing(model, [edits[i] for i in pending], use_paraphrases)
                 spent = time.perf_counter() - t1
                 nxt = []
                 for j, (i, f) in enumerate(zip(pending, still)):
@@ -632,7 +631,7 @@ def edit_rank_one(
                 pending = nxt
         # an earlier edit a later update broke counts as not fixed
         fixed = [r for r in results if r.status == "fixed"]
-        for r, f in zip(fixed, _failing(model, [r.edit for r in fixed], s.use_paraphrases)):
+        for r, f in zip(fixed, _failing(model, [r.edit for r in fixed], use_paraphrases)):
             if f:
                 r.status, r.message = "broken", "broken by a later update"
         final = weight.detach().clone()
@@ -658,9 +657,12 @@ def edit_rank_one(
         )
     report.cast_error = max((p.cast_error(storage) for p in params), default=0.0)
     patch = PatchSet(params, _manifest(model, report, base, s))
+    patch.manifest["settings"].update(
+        {"use_paraphrases": use_paraphrases, "storage_dtype": None if storage_req is None else str(storage_req)}
+    )
     if params:
         full = original.detach().cpu()
-        patch.set_hashes({name: full.to(s.storage) if s.storage is not None else full})
+        patch.set_hashes({name: full.to(storage_req) if storage_req is not None else full})
     return patch, report
 
 
@@ -683,7 +685,7 @@ def _manifest(model: nn.Module, report: RepairReport, base: Optional[dict[str, A
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": {
-            "name": "ROME" if len(report.edits) == 1 or s.mode == "sequential" else "ROME (MEMIT-style batch)",
+            "name": "ROME" if len(report.edits) == 1 or s.edit_mode == "sequential" else "ROME (MEMIT-style batch)",
             "paper": "Meng et al., Locating and Editing Factual Associations in GPT, arXiv 2202.05262; "
             "Mass-Editing Memory in a Transformer, arXiv 2210.07229",
         },
