@@ -31,6 +31,22 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _quiet_third_party() -> None:
+    """Command line only: name DeepSpeed's accelerator where it has none to detect.
+
+    ``accelerate`` imports DeepSpeed when it is installed, and DeepSpeed's auto-detection logs
+    "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
+    it." on every machine without CUDA. ``DS_ACCELERATOR=cpu`` says the same thing up front;
+    a value set by the user is kept.
+    """
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def cmd_train(argv: Sequence[str]) -> int:
     from neurodetox.send.recipes import make_parser, parse_recipe
 
@@ -177,6 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_third_party()
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print("\ncommands: " + ", ".join(COMMANDS) + "   (neurodetox COMMAND --help)")
