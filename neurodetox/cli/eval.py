@@ -97,6 +97,7 @@ class EvalArguments:
         report: also write a Markdown results page here.
         compare: other runs' ``eval.json`` files shown in the report beside this run.
         report_from: only render ``report`` from this ``eval.json`` (no model, no scoring).
+        report_prelude: commands listed first in the report's regenerate block.
         bootstrap: bootstrap resamples of each AUROC interval.
         clip: also compute the feature-clipped EigenScore (one more sampled generation).
         ees: also compute EigenScore by EES.
@@ -127,6 +128,10 @@ class EvalArguments:
             "help": "Only write --report from this eval.json (and --compare files): no model, no scoring, "
             "no --output_dir."
         },
+    )
+    report_prelude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Commands listed first in the report's regenerate block (e.g. how a fact file was built)."},
     )
     bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of each AUROC interval."})
     clip: bool = field(default=True, metadata={"help": "Feature-clipped EigenScore (one more sampled generate)."})
@@ -335,7 +340,11 @@ def _cost_rows(result: dict) -> list[str]:
 
 
 def render_report(
-    result: dict, roc_png: Optional[str] = None, others: Sequence[dict] = (), report_command: Optional[str] = None
+    result: dict,
+    roc_png: Optional[str] = None,
+    others: Sequence[dict] = (),
+    report_command: Optional[str] = None,
+    prelude: Sequence[str] = (),
 ) -> str:
     """The Markdown results page for an ``eval.json`` dict (see :func:`cmd_eval`), with ``others``
     (more ``eval.json`` dicts, e.g. the same probes with ``--stop none`` or another fact source)
@@ -358,10 +367,11 @@ def render_report(
     lines = [
         f"# Hallucination detection on fact probes: {result['model']}",
         "",
-        f"Regenerate this page ({len(others) + 1 + bool(report_command)} commands, ~{max(1, round(wall / 60))} min "
-        "on this machine; the fact file of another source is built first, see its section):",
+        f"Regenerate this page ({len(prelude) + len(others) + 1 + bool(report_command)} commands, "
+        f"~{max(1, round(wall / 60))} min of scoring on this machine):",
         "",
         "```bash",
+        *prelude,
         *[o["command"] for o in others],
         result["command"],
         *([report_command] if report_command else []),
@@ -566,7 +576,8 @@ def cmd_eval(argv: Sequence[str]) -> int:
     if eval_args.report_from:
         result = _read_eval_json(eval_args.report_from, "--report_from")
         shown = "neurodetox eval " + " ".join(shlex.quote(a) for a in argv)
-        atomic_write_text(Path(eval_args.report), render_report(result, others=others, report_command=shown))
+        page = render_report(result, others=others, report_command=shown, prelude=eval_args.report_prelude)
+        atomic_write_text(Path(eval_args.report), page)
         console.print(f"report: {eval_args.report}")
         return 0
     try:
@@ -659,7 +670,8 @@ def cmd_eval(argv: Sequence[str]) -> int:
     console.print(_table(res.summary, title))
     if eval_args.report:
         rep = Path(eval_args.report)
-        atomic_write_text(rep, render_report(result, roc_png=str(out / "roc.png"), others=others))
+        page = render_report(result, roc_png=str(out / "roc.png"), others=others, prelude=eval_args.report_prelude)
+        atomic_write_text(rep, page)
         console.print(f"report: {rep}")
     console.print(f"wrote {out / 'eval.json'}, {out / 'roc.png'}  ({wall:.0f} s)")
     return 0
