@@ -154,3 +154,38 @@ def test_generalisation_is_measured_on_eval_paraphrases_only():
     assert out["generalisation_before"] == 0.0
     assert out["seen_paraphrases_correct"] == 0.0 and out["seen_paraphrases"] == 1
     assert out["success_all_phrasings"] == 0.0
+
+
+def test_edit_reference_prompts_come_from_the_model_and_the_edits(monkeypatch):
+    """Same relation with subjects the model names, other relations with them, the model's own text; never
+    an edit's prompt or paraphrase. The model's continuations are stubbed so the expected prompts are known."""
+    from types import SimpleNamespace
+
+    import neurodetox.metrics.sampling as sampling
+    from neurodetox.patching import pools
+
+    def fake_generate(model, tok, prompts, max_new_tokens, stop):
+        if prompts[0].endswith(","):  # the subject lists
+            return SimpleNamespace(answers=[" Lyon, Nice, Paris, and Porto" for _ in prompts])
+        return SimpleNamespace(answers=[f" words {i} of the model's own text here" for i, _ in enumerate(prompts)])
+
+    monkeypatch.setattr(sampling, "greedy_generate", fake_generate)
+    edits = [
+        {"prompt": "Paris is a city in the country of", "target": "France", "subject": "Paris"},
+        {
+            "prompt": "Osaka is a city in the country of",
+            "target": "Japan",
+            "subject": "Osaka",
+            "paraphrases": ["Lyon is a city in the country of"],
+        },
+    ]
+    got = pools.edit_reference_prompts(None, None, edits, n_same=3, n_other=4, n_general=2)
+    # other subjects: the list items that are not edit subjects (Lyon is one, but its prompt is a paraphrase)
+    assert got[:2] == ["Nice is a city in the country of", "Porto is a city in the country of"]
+    assert got[2:6] == ["Lyon is known for", "Nice is known for", "Porto is known for", "The name Lyon means"]
+    assert got[6:] == ["The words 0 of", "The words 0 of the model's own"]
+    assert not {e["prompt"] for e in edits} & set(got)
+    with pytest.raises(UserError, match="unknown part"):
+        pools.reference_prompts("edits+wiki")
+    with pytest.raises(UserError, match="needs the model"):
+        pools.reference_prompts("edits")
