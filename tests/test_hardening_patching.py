@@ -408,3 +408,25 @@ def test_sigkill_during_in_place_apply_then_next_apply_recovers(tmp_path, clean)
     assert time.monotonic() - t0 < 5
     verify_checkpoint(clean, patch, "patched")
     assert not [p for p in clean.iterdir() if p.name.startswith(TEMP_PREFIX) or p.name == LOCK_NAME]
+
+
+@pytest.mark.parametrize(
+    "raw, shown",
+    [
+        ("[bold red]x[/]", "[bold red]x[/]"),  # markup printed literally, not interpreted
+        ("[/]", "[/]"),  # a closing tag with no opening one used to crash rich
+        ("\x1b[2J\x1b]0;pwned\x07hi", "hi"),  # clear-screen and set-title sequences removed
+        ("a\tb\nc\x00\x9b", "a b c"),
+        ("Curaçao", "Curaçao"),
+    ],
+)
+def test_terminal_text_neutralises_markup_and_escape_codes(raw, shown):
+    import io
+
+    from rich.console import Console
+
+    from neurodetox.patching.patchfile import terminal_text
+
+    buf = io.StringIO()
+    Console(file=buf, force_terminal=True, color_system="truecolor", highlight=False).print(terminal_text(raw))
+    assert buf.getvalue() == shown + "\n"  # no style codes: nothing was interpreted as markup

@@ -27,6 +27,7 @@ import copy
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -48,6 +49,7 @@ __all__ = [
     "tensor_sha256",
     "patch_paths",
     "check_patch_destination",
+    "terminal_text",
 ]
 
 FORMAT = "neurodetox-mint-patch"
@@ -147,6 +149,20 @@ class ParamPatch:
         if self.new.numel() == 0:
             return 0.0
         return float((self.new - self.new.to(dtype).float()).abs().max())
+
+
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_text(value: Any) -> str:
+    """``str(value)`` made safe to print from a manifest: terminal escape sequences and control
+    characters removed (tabs and newlines become spaces), then ``rich`` markup escaped
+    (``rich.markup.escape``), so a hostile manifest can neither style nor crash the output nor
+    reach the terminal."""
+    from rich.markup import escape
+
+    text = _CONTROL.sub("", str(value)).replace("\t", " ").replace("\n", " ")
+    return escape(text)
 
 
 def check_patch_destination(path: PathLike, overwrite: bool = False) -> tuple[Path, Path]:
