@@ -404,10 +404,11 @@ def run_demo(
 
     Loads ``RUN/final``, finds the first ``n`` test-split facts (same fact data
     and split seed as the run, from ``RUN/summary.json``) whose greedy answer is
-    wrong, repairs them with MINT (target = the gold answer), writes the patch
+    wrong, repairs them with MINT (target = the gold answer; the fact's first
+    paraphrase is repaired with the prompt), writes the patch
     to ``RUN/patch/``, applies it to a copy ``RUN/final-patched/``, reloads that
     copy from disk and compares it with ``RUN/final``: success, generalisation
-    (paraphrases), specificity (``n_unrelated`` other fact prompts, none of
+    (the other paraphrases, unseen by the repair), specificity (``n_unrelated`` other fact prompts, none of
     them used to locate neurons), neurons per fix and perplexity drift (train
     statements). Writes ``RUN/patch_summary.json`` atomically.
 
@@ -468,7 +469,10 @@ def run_demo(
             "target": r["answer"],
             "fact_id": r["fact_id"],
             "aliases": r["aliases"],
-            "paraphrases": r["paraphrases"],
+            "subject": r.get("subject"),
+            # the repair may use the first paraphrase; generalisation is measured on the others (unseen)
+            "paraphrases": r["paraphrases"][:1],
+            "eval_paraphrases": r["paraphrases"][1:],
         }
         for r in wrong
     ]
