@@ -155,8 +155,8 @@ def parse_layers(spec: LayerSpec, n_layers: int, kind: str = "mlp") -> list[int]
     Accepted specs: ``None`` or ``"all"``; ``"penultimate"`` (block ``L-2``,
     the SeND default), ``"last"``, ``"middle"`` (block ``(L+1)//2 - 1``,
     whose output is ``hidden_states[(L+1)//2]``, INSIDE's middle layer);
-    ``"second_half"`` (the last ``L//2`` blocks, MINT's search space in
-    methods.md); ``"last_sixth"`` (the last ``max(L//6, 1)`` blocks, the
+    ``"second_half"`` (the last ``L//2`` blocks, the search space of the authors'
+    MINT code, docs/methods.md §4); ``"last_sixth"`` (the last ``max(L//6, 1)`` blocks, the
     patching default); an int
     (negative counts from the end); a comma list ``"3,5,-1"``; a range
     ``"10-20"`` (inclusive); or a sequence of ints.

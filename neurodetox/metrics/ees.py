@@ -12,7 +12,7 @@ row centred over its ``d`` features, ``Σ = Zc Zcᵀ / (d − 1)`` (``n × n``, 
 
     EigenScore = (1/n) tr ln A = mean_k ln(λ_k(Σ) + α)      (nats)
 
-The released EES code does not converge to this (methods.md §3). This module
+The released EES code does not converge to this (docs/methods.md §3). This module
 builds the estimator from exact identities plus one stochastic step:
 
 1. **Dimension reduction (exact).** ``Zc Zcᵀ`` and ``Zcᵀ Zc`` share their

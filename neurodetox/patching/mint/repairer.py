@@ -44,7 +44,7 @@ def _decode(tokenizer, token: int) -> str:
 
 class Repairer:
     """The state of one :func:`repair` call: sites, semantic space, tracked writes, replayed prefix, reference
-    statistics, and which edit owns which neuron. Its methods are MINT's steps (methods.md §4) on one edit or failure."""
+    statistics, and which edit owns which neuron. Its methods are MINT's steps (docs/methods.md §4) on one edit or failure."""
 
     def __init__(
         self,
@@ -332,7 +332,7 @@ class Repairer:
                 gap, arg = self.measure_group(group, t)
                 break
             if pool is not None and not relocate:
-                # plan and patch again over the first pool (methods.md §4: "repeat 3–4"); gap, arg
+                # plan and patch again over the first pool (docs/methods.md §4: "repeat 3–4"); gap, arg
                 # and the competitor are the last plan's, which is exact
                 done = {(p["layer"], p["index"]) for p in res.patches}
                 cands = [c for c in pool if (c.layer, c.index) not in done]

@@ -72,7 +72,7 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass
 class MintSettings:
-    """Settings of :func:`~neurodetox.patching.mint.repair` (MINT, arXiv 2312.05356; methods.md §4).
+    """Settings of :func:`~neurodetox.patching.mint.repair` (MINT, arXiv 2312.05356; docs/methods.md §4).
 
     Every field is range-checked when the object is built (and again by
     :meth:`validate`, which :func:`~neurodetox.patching.mint.repair` calls);
@@ -89,7 +89,7 @@ class MintSettings:
             existing output by ``1/(1 + α)`` on every prompt where it fires.
         alpha: step ``α`` of the update rule, a number ``> 0`` (unitless,
             relative to the range-normalised ``τ``). Default 0.1, the authors'
-            benchmark path (methods.md lists 0.01 for the paper's prose).
+            benchmark path (docs/methods.md §4: 0.01 in the authors' planning path).
         alpha_steps: multipliers of ``alpha`` the planner may use (step-size
             search, ours; see :mod:`neurodetox.patching.mint`), a non-empty
             list of numbers ``> 0``. Default ``[1, 2.5, 5, 10]``, i.e.
@@ -103,8 +103,8 @@ class MintSettings:
         layers: blocks searched (site ``mlp``), a spec of
             :func:`neurodetox.core.sites.parse_layers` (a name, ``"3,5,-1"``,
             ``"10-20"``; from Python a sequence of ints works too). Default
-            ``"last_sixth"`` (the last ``L//6`` blocks), not methods.md's
-            ``"second_half"``. The blocks below are never patched and their
+            ``"last_sixth"`` (the last ``L//6`` blocks), not the authors' code's
+            ``"second_half"`` (docs/methods.md §4). The blocks below are never patched and their
             output is replayed.
         fold_norm: fold the final norm's gain into ``W_U`` for ``δ``. Default True.
         orthogonalize: project ``τ`` off directions already used in the same
@@ -139,7 +139,7 @@ class MintSettings:
             within ``max_patches`` again by gain alone. Default True.
         relocate: locate again (one forward + backward) before every patch of
             a failure. Default False: locate once per failure and plan over
-            that pool, minus the neurons already patched for it (methods.md
+            that pool, minus the neurons already patched for it (docs/methods.md
             §4, "repeat 3–4").
         relocate_fallback: with ``relocate=False``, a failure that its pool
             cannot fix (guard fallback included) is repaired again by gain
