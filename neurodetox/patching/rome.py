@@ -45,6 +45,7 @@ columns with their originals (float32, so revert is bit-exact in any dtype).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,8 @@ __all__ = [
     "rank_update",
     "subject_last_index",
 ]
+
+logger = logging.getLogger(__name__)
 
 Covariance = Literal["model_text", "identity"]
 COVARIANCES: tuple[str, ...] = get_args(Covariance)
@@ -488,6 +491,7 @@ def _values(
             low = (nll_tok.detach() > -math.log(s.stop_prob)).float()
             low_edit = torch.zeros(n, device=device).index_add(0, row_edit[tg_row], low)
             done = done | (loss.detach() < s.stop_loss) | ((low_edit == 0) & (s.stop_prob < 1.0))
+            logger.debug("value step %d: %d/%d edits done, mean loss %.3g", it, int(done.sum()), n, float(loss.mean()))
             if bool(done.all()) or it == s.v_steps - 1:
                 break
             keep = delta.detach().clone()
