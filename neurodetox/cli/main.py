@@ -123,7 +123,7 @@ def cmd_data(argv: Sequence[str]) -> int:
     try:
         write_fact_dataset(ds, out.output_dir, overwrite=out.overwrite)
     except FileExistsError as e:
-        raise UserError(f"{e} (pass --overwrite to replace it)") from None
+        raise UserError(str(e)) from None
     print(f"wrote {', '.join(f'{k}: {len(v)}' for k, v in ds.items())} facts to {out.output_dir}")
     return 0
 

@@ -133,10 +133,16 @@ def cmd_find(a) -> int:
         edits.extend(read_edits(a.edits))
     if not edits:
         raise UserError("nothing to repair: give --prompt TEXT --target TEXT and/or --edits FILE.jsonl")
+    from neurodetox.core.models import check_prompt_lengths, check_prompts
+    from neurodetox.patching.patchfile import check_patch_destination
+
+    check_prompts([e.get("prompt") for e in edits], what="edit prompt")  # a JSON list as prompt: one line
+    check_patch_destination(a.output_dir, a.overwrite)  # before the repair, not after it
     folder = _checkpoint_path(a.model_name_or_path)
     info = inspect_checkpoint(folder)
     settings = a.settings
-    model, tok = load_model(str(folder))
+    model, tok = load_model(str(folder), tokenizer=a.tokenizer)
+    check_prompt_lengths(model, tok, [e["prompt"] for e in edits], max_new_tokens=1, what="edit prompt")
     from neurodetox.core.sites import resolve_sites, value_vector_parameter
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -199,7 +205,7 @@ def _write_cmd(a, revert: bool) -> int:
     folder = _checkpoint_path(a.checkpoint)
     patch = PatchSet.load(a.patch)
     fn = revert_checkpoint if revert else apply_to_checkpoint
-    res = fn(folder, patch, out=a.output_dir, overwrite=a.overwrite)
+    res = fn(folder, patch, out=a.output_dir, overwrite=a.overwrite, patch_path=a.patch)
     verb = "reverted" if revert else "applied"
     done = [n for n, st in res.tensors.items() if st == ("patched" if revert else "original")]
     if not res.written:
@@ -263,6 +269,7 @@ def cmd_show(a) -> int:
 
     from neurodetox.patching.neurons import decode_vector
     from neurodetox.patching.patchfile import PatchSet
+    from neurodetox.patching.patchfile import terminal_text as T
 
     patch = PatchSet.load(a.patch)
     m = patch.manifest
@@ -270,9 +277,10 @@ def cmd_show(a) -> int:
     s = m.get("summary", {})
     base = m.get("base", {})
     console.print(
-        f"patch {a.patch}: base {base.get('name_or_path')} ({base.get('path', '?')}, {base.get('dtype', '?')}); "
+        f"patch {T(a.patch)}: base {T(base.get('name_or_path'))} ({T(base.get('path', '?'))}, "
+        f"{T(base.get('dtype', '?'))}); "
         f"{len(patch)} tensor(s), {len(patch.neurons)} neuron(s), {patch.num_values} values; "
-        f"fixed {s.get('fixed', '?')}/{s.get('needing_fix', '?')} edits"
+        f"fixed {T(s.get('fixed', '?'))}/{T(s.get('needing_fix', '?'))} edits"
     )
     et = Table(title="edits")
     for col in ("#", "prompt", "target", "status", "failures fixed", "neurons"):
@@ -281,11 +289,11 @@ def cmd_show(a) -> int:
         fx = [f for f in e.get("failures", []) if f.get("status") == "fixed"]
         et.add_row(
             str(i),
-            e["prompt"],
-            e["target"],
-            e.get("status", "?"),
-            ", ".join(f"{f['target_token']!r}<-{f['argmax_token']!r}" for f in fx) or "-",
-            " ".join(f"{x[0]}:{x[1]}" for x in e.get("neurons", [])) or "-",
+            T(e.get("prompt")),
+            T(e.get("target")),
+            T(e.get("status", "?")),
+            T(", ".join(f"{f.get('target_token')!r}<-{f.get('argmax_token')!r}" for f in fx) or "-"),
+            T(" ".join(f"{x[0]}:{x[1]}" for x in e.get("neurons", [])) or "-"),
         )
     console.print(et)
     folder = Path(a.checkpoint) if a.checkpoint else (Path(base["path"]) if base.get("path") else None)
@@ -297,7 +305,7 @@ def cmd_show(a) -> int:
             W, gain = _head_from_checkpoint(folder)
             tok = AutoTokenizer.from_pretrained(str(folder))
         except Exception as e:
-            console.print(f"(no LM-head decoding: {e})")
+            console.print(f"(no LM-head decoding: {T(e)})")
             W = None
     else:
         console.print("(no LM-head decoding: base checkpoint not found; pass --model CKPT)")
@@ -311,7 +319,7 @@ def cmd_show(a) -> int:
                 dec = lambda v: " ".join(repr(t) for t, _ in decode_vector(v, W.float(), tok, a.top, gain))
                 before = dec(p.original.select(p.axis, k))
                 after = dec(p.new.select(p.axis, k))
-            nt.add_row(str(p.layer), str(idx), p.name, before, after)
+            nt.add_row(str(p.layer), str(idx), T(p.name), T(before), T(after))
     console.print(nt)
     return 0
 
@@ -504,7 +512,7 @@ def run_demo(
     }
     if len(patch):
         bind_to_checkpoint(patch, final)
-        patch.save(patch_dir)
+        patch.save(patch_dir, overwrite=True)  # the demo's own folder, rewritten on every run
         write = apply_to_checkpoint(final, patch, out=patched_dir, overwrite=True)
         result["apply"] = write.to_json()
         after_model, _ = load_model(str(patched_dir))  # the fix must survive a reload from disk
