@@ -329,6 +329,11 @@ def _greedy_batch(
     return answers, lps, n_real.tolist(), feats, time.perf_counter() - t0
 
 
+def _output_fields(out) -> set:
+    """Field names of a ``ModelOutput`` dataclass (set or not)."""
+    return set(getattr(type(out), "__dataclass_fields__", {}))
+
+
 def _accepts(model: nn.Module, name: str) -> bool:
     try:
         return name in inspect.signature(model.forward).parameters
@@ -442,7 +447,8 @@ def _sample_batch(
             if ok:
                 table = [s[1] for s in steps]
                 if bool((n_real == n).any()):
-                    cache = getattr(out, "past_key_values", None)
+                    # transformers 5 names the cache `cache` (`past_key_values` is a deprecated alias)
+                    cache = out.cache if "cache" in _output_fields(out) else getattr(out, "past_key_values", None)
                     ok = False
                     if cache is not None and hasattr(cache, "get_seq_length"):
                         try:
@@ -455,9 +461,10 @@ def _sample_batch(
                                 input_ids=seqs[:, -1:],
                                 attention_mask=full_mask,
                                 position_ids=(full_mask.sum(dim=1, keepdim=True) - 1).long(),
-                                past_key_values=cache,
                                 use_cache=True,
                             )
+                            # the name generate returned the cache under is the one forward takes
+                            kwargs["cache" if "cache" in _output_fields(out) else "past_key_values"] = cache
                             if _accepts(model, "cache_position"):
                                 kwargs["cache_position"] = torch.tensor([t_prompt + n - 1], device=device)
                             try:

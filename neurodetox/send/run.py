@@ -32,6 +32,7 @@ from neurodetox.data import load_facts
 from neurodetox.data.lm import tokenize_texts
 from neurodetox.metrics.callback import EigenScoreCallback, evaluate_probes_all_ranks
 from neurodetox.reports.metrics_log import JsonlMetricsCallback
+from neurodetox.reports.reporters import SeNDReporterCallback
 from neurodetox.send.callbacks import SensitiveNeuronDropoutCallback
 from neurodetox.send.config import SeNDConfig
 from neurodetox.send.recipes import DataArguments, ModelArguments, RunArguments
@@ -282,8 +283,9 @@ def load_run_data(data: DataArguments, seed_fallback: int = 0):
 class _ProbesBeforeTraining(TrainerCallback):
     """Score the test probes once training has been set up, before the first step."""
 
-    def __init__(self, tok, prompts, aliases, settings, path: Path, into: dict):
-        self.tok, self.prompts, self.aliases, self.settings, self.path, self.into = (
+    def __init__(self, trainer, tok, prompts, aliases, settings, path: Path, into: dict):
+        self.trainer, self.tok, self.prompts, self.aliases, self.settings, self.path, self.into = (
+            trainer,
             tok,
             prompts,
             aliases,
@@ -300,16 +302,17 @@ class _ProbesBeforeTraining(TrainerCallback):
         self.into.update({**result.metrics(), "records": result.records})
         if state.is_world_process_zero:
             atomic_write_json(self.path, self.into)
-            _log_test_metrics(args.output_dir, state.global_step, result.metrics())
+        log_test_metrics(self.trainer, result)
 
 
-def _log_test_metrics(output_dir: str, step: int, metrics: dict) -> None:
-    """Append the full-test-split probe metrics to metrics.jsonl (keys ``test_*``)."""
-    line = {"step": step, "time": time.time(), **{f"test_{k}": v for k, v in metrics.items()}}
-    with open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def log_test_metrics(trainer, result) -> None:
+    """The full-test-split probe scores through the trainer's log (keys ``test_*``: every reporter and
+    ``metrics.jsonl``) and their per-prompt histograms (:class:`~neurodetox.reports.reporters.SeNDReporterCallback`).
+    Call on every rank."""
+    trainer.log({f"test_{k}": v for k, v in result.metrics().items()})
+    reporter = trainer.callback(SeNDReporterCallback)
+    if reporter is not None:
+        reporter.write_probes("test", result.records, trainer.state.global_step)
 
 
 def _probes(split, cap=None):
@@ -394,15 +397,18 @@ def wrap_peft(model, peft_config: dict, args: SeNDConfig):
             f"r, lora_alpha, lora_dropout, target_modules, bias, modules_to_save"
         )
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **peft_config))
-    if args.gradient_checkpointing:
+    # transformers 5 reads activation_checkpointing(_kwargs); gradient_checkpointing* are deprecated aliases
+    # copied at construction only, so a later change must go to the new name
+    ckpt = "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+    if getattr(args, ckpt):
         model.enable_input_require_grads()
         ds = deepspeed_config(args)
         if ds and ds.get("zero_optimization", {}).get("stage") == 3:
-            kwargs = dict(args.gradient_checkpointing_kwargs or {})
+            kwargs = dict(getattr(args, f"{ckpt}_kwargs") or {})
             if kwargs.get("use_reentrant") is False:
                 logger.warning("PEFT + ZeRO-3 + non-reentrant checkpointing crashes: forcing use_reentrant=True")
             kwargs["use_reentrant"] = True
-            args.gradient_checkpointing_kwargs = kwargs
+            setattr(args, f"{ckpt}_kwargs", kwargs)
     return model
 
 
@@ -533,7 +539,9 @@ def run_training(
     else:
         # scored from on_train_begin: after DeepSpeed has wrapped the model (ZeRO-3 weights are partitioned
         # until then), before the first optimizer step
-        trainer.add_callback(_ProbesBeforeTraining(tok, test_prompts, test_aliases, settings, before_file, before))
+        trainer.add_callback(
+            _ProbesBeforeTraining(trainer, tok, test_prompts, test_aliases, settings, before_file, before)
+        )
 
     t_train = time.time()
     trainer.train(resume_from_checkpoint=resume or None)
@@ -544,8 +552,7 @@ def run_training(
     after = None
     if run_args.score_test_probes:
         after = evaluate_probes_all_ranks(trainer.model, tok, test_prompts, test_aliases, settings, show_progress=True)
-        if trainer.is_world_process_zero():
-            _log_test_metrics(args.output_dir, trainer.state.global_step, after.metrics())
+        log_test_metrics(trainer, after)
     send_cb = trainer.callback(SensitiveNeuronDropoutCallback)
     es_cb = trainer.callback(EigenScoreCallback)
     summary = {
