@@ -102,3 +102,34 @@ def atomic_save_safetensors(path: PathLike, tensors: dict, metadata: dict | None
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def replace_folder(tmp: PathLike, dst: PathLike) -> Path:
+    """Move the finished folder ``tmp`` to ``dst`` by rename, so ``dst`` is always whole.
+
+    An existing ``dst`` (folder, file or link) is first renamed aside, then removed once ``tmp`` is
+    in place; if that rename fails the old ``dst`` is put back. ``tmp`` and ``dst`` must be on one
+    file system (make ``tmp`` beside ``dst``, e.g. with :func:`atomic_folder`).
+
+    Returns:
+        ``dst`` as a :class:`Path`.
+    """
+    import shutil
+    import uuid
+
+    tmp, dst = Path(tmp), Path(dst)
+    if not (dst.exists() or dst.is_symlink()):
+        os.replace(tmp, dst)
+        return dst
+    backup = dst.parent / f"{TEMP_PREFIX}{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dst, backup)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        os.replace(backup, dst)
+        raise
+    if backup.is_dir() and not backup.is_symlink():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        backup.unlink(missing_ok=True)
+    return dst

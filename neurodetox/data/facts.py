@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import datasets
 
 from neurodetox.core.errors import UserError
+from neurodetox.core.io import replace_folder
 from neurodetox.core.paths import (
     TEMP_PREFIX,
     PathExistsError,
@@ -597,17 +598,7 @@ def write_fact_dataset(
             fh.write("\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         check_destination()
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{out.name}.old-", dir=out.parent))
-            os.replace(out, backup)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(backup, out)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -54,6 +54,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from neurodetox.core.errors import UserError
+from neurodetox.core.io import replace_folder
 from neurodetox.core.locks import LOCK_NAME, folder_lock
 from neurodetox.core.paths import (
     TEMP_PREFIX,
@@ -564,11 +565,7 @@ def copy_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{dst.name}.", dir=dst.parent))
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK_NAME, f"{TEMP_PREFIX}*"))
-        if dst.is_symlink() or dst.is_file():
-            dst.unlink()
-        elif dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        replace_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,7 +25,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from neurodetox.core.errors import UserError
-from neurodetox.core.io import atomic_write_json
+from neurodetox.core.io import atomic_write_json, replace_folder
 from neurodetox.core.models import load_model, resolve_model_path
 from neurodetox.core.paths import PathNotFoundError, check_writable_destination, is_within
 from neurodetox.data import load_facts
@@ -429,15 +429,13 @@ def save_final_model(trainer, tok, output_dir: Path, merge_adapter: bool) -> Pat
             from peft import AutoPeftModelForCausalLM
 
             adapter_dir = output_dir / "final-adapter"
-            shutil.rmtree(adapter_dir, ignore_errors=True)
-            os.replace(tmp, adapter_dir)
+            replace_folder(tmp, adapter_dir)
             merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).merge_and_unload()
             tmp = output_dir / ".final.partial"
             shutil.rmtree(tmp, ignore_errors=True)
             merged.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
+        replace_folder(tmp, final_dir)
     trainer.accelerator.wait_for_everyone()
     return final_dir
 

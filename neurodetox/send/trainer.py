@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from neurodetox.core.io import replace_folder
 from neurodetox.core.runtime import PREFIX_CHECKPOINT_DIR
 from neurodetox.data.lm import CausalLMCollator
 from neurodetox.send.callbacks.base import CheckpointedCallback
@@ -138,9 +139,7 @@ class SeNDTrainer(SeNDMixin, Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
+            replace_folder(os.path.join(staging, name), final)
             try:
                 os.rmdir(staging)
             except OSError:
