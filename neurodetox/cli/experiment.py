@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from neurodetox.cli.args import command_parser, parse_command, user_errors_exit_2
+from neurodetox.core.args import command_parser, parse_command, user_errors_exit_2
 from neurodetox.core.checks import check_int
 from neurodetox.core.errors import UserError
 

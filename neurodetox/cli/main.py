@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from neurodetox.cli.args import command_parser, parse_command, user_errors_exit_2
+from neurodetox.core.args import command_parser, parse_command, user_errors_exit_2
 from neurodetox.core.errors import UserError
 
 

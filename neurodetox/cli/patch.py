@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal, Optional, Sequence
 
-from neurodetox.cli.args import command_parser, parse_command, user_errors_exit_2
+from neurodetox.core.args import command_parser, parse_command, user_errors_exit_2
 from neurodetox.core.checks import check_int
 from neurodetox.core.errors import UserError
 from neurodetox.patching.pools import fact_pools, read_edits, read_lines, reference_prompts

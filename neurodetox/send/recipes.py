@@ -3,7 +3,7 @@
 The flags are the fields of :class:`~neurodetox.core.settings.ModelArguments`,
 :class:`DataArguments` (the shared :class:`~neurodetox.data.settings.FactDataArguments` plus
 training-only fields), :class:`RunArguments` and :class:`~neurodetox.send.config.SeNDConfig`, in the
-one dialect of :mod:`neurodetox.cli.args`.
+one dialect of :mod:`neurodetox.core.args`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from neurodetox.cli.args import ArgumentParser, command_parser, load_recipe, parse_command
+from neurodetox.core.args import ArgumentParser, command_parser, load_recipe, parse_command
 from neurodetox.core.checks import check_int
 from neurodetox.core.errors import UserError
 from neurodetox.core.settings import ModelArguments
