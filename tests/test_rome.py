@@ -222,3 +222,21 @@ def test_cli_find_method_rome_apply_revert(tmp_path):
     # a subject that is not in the prompt: one error line, exit 2
     bad = _file(tmp_path, [{**EDITS[1], "subject": "germany"}])
     assert cmd_patch(common + ["--edits", bad, "--out", str(tmp_path / "p2")]) == 2
+
+
+def test_batched_value_optimisation_equals_one_edit_at_a_time():
+    """Each edit has its own δ and loss (Adam is element-wise), and frozen edits leave the batch: optimising
+    two edits together gives each one's key and value shift as optimising it alone."""
+    from neurodetox.patching.rome import edit_site, optimise_values
+
+    tok = make_tokenizer()
+    model = make_model()
+    edits = [encode_edit(tok, e) for e in coerce_edits(EDITS)]
+    s = RomeSettings(**FAST)
+    site = edit_site(model, 1)
+    K, D, L = optimise_values(model, tok, edits, site, s, [""], True)
+    for j, e in enumerate(edits):
+        k1, d1, l1 = optimise_values(model, tok, [e], site, s, [""], True)
+        torch.testing.assert_close(K[:, j], k1[:, 0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(D[:, j], d1[:, 0], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(L[j], l1[0], rtol=1e-3, atol=1e-5)
