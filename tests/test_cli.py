@@ -186,3 +186,34 @@ def test_bad_peft_field_and_contradicting_deepspeed_config(tiny_model_dir, tmp_p
     assert main(_tiny_args(tiny_model_dir, tmp_path / "c", "--deepspeed", str(ds))) == 2
     assert "train_batch_size=16 is not per_device_train_batch_size" in capsys.readouterr().err
     assert not (tmp_path / "c" / "metrics.jsonl").exists()
+
+
+def test_patch_demo_patches_the_runs_own_test_facts_and_refuses_an_unrecorded_split(tiny_model_dir, tmp_path, capsys):
+    """Issue 15's split-seed bug: a run trained with a non-default split seed was patched on
+    seed-0 test facts (possibly its training facts). patch demo now rebuilds the run's split."""
+    from neurodetox.data import load_facts
+
+    out = tmp_path / "run"
+    assert main(_tiny_args(tiny_model_dir, out, "--split_seed", "3")) == 0
+    assert main(["patch", "demo", "--run", str(out), "--n", "2", "--unrelated", "5", "--quiet"]) == 0
+    res = json.loads((out / "patch_summary.json").read_text())
+    assert res["split"]["split_seed"] == 3
+    edits = json.loads((out / "patch" / "manifest.json").read_text())["edits"]
+    patched = {e["fact_id"] for e in edits}
+    assert len(patched) == 2
+    seed3 = load_facts(
+        "facts", seed=3, relations=("capital_of", "continent_of", "currency_of"), max_facts_per_relation=12
+    )
+    seed0 = load_facts(
+        "facts", seed=0, relations=("capital_of", "continent_of", "currency_of"), max_facts_per_relation=12
+    )
+    assert patched <= set(seed3["test"]["fact_id"])
+    assert not patched & set(seed3["train"]["fact_id"])
+    assert set(seed3["test"]["fact_id"]) != set(seed0["test"]["fact_id"])  # the seeds really differ
+    # a summary that does not record its split (an older run) is refused with a message, nothing written
+    summary = json.loads((out / "summary.json").read_text())
+    del summary["split"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    capsys.readouterr()
+    assert main(["patch", "demo", "--run", str(out), "--n", "2", "--quiet"]) == 2
+    assert "does not record its data split" in capsys.readouterr().err
