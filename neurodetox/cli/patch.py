@@ -9,7 +9,7 @@
     neurodetox patch demo   --run runs/demo [--n 5]
 
 Method: Gu et al., "Neuron Patching: Semantic-based Neuron-level Language Model
-Repair for Code Generation", arXiv 2312.05356 (``shared/docs/methods.md`` §4).
+Repair for Code Generation", arXiv 2312.05356 (``docs/methods.md`` §4).
 Exit status: 0 success; 1 some edit could not be fixed (the patch holds the
 fixed ones) or a verification failed; 2 bad input.
 """

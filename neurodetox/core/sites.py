@@ -1,6 +1,6 @@
 """Neuron sites: where neurons live in a decoder-only transformer.
 
-Two kinds of site are supported (see ``shared/docs/methods.md`` §0):
+Two kinds of site are supported (see ``docs/methods.md`` §0):
 
 * ``mlp`` — FFN neuron ``j`` of block ``l`` is the ``j``-th *input* feature of
   the FFN output projection (``act(gate(x)) * up(x)`` for gated FFNs,

@@ -1,6 +1,6 @@
 """Detectors on the same samples as EigenScore: semantic entropy, distinct answers, sequence probability.
 
-All are oriented so that higher = more likely hallucinated (``shared/docs/methods.md`` §6):
+All are oriented so that higher = more likely hallucinated (``docs/methods.md`` §6):
 
 * **Discrete semantic entropy** (Kuhn et al., "Semantic Uncertainty", ICLR 2023,
   arXiv 2302.09664; Farquhar et al., Nature 2024, the discrete variant): the ``K`` sampled

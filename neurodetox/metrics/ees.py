@@ -3,7 +3,7 @@
 Source: Mohammadzadeh et al., "Hallucination Detox: Sensitive Neuron Dropout
 (SeND) for Large Language Model Training", arXiv 2410.15460, Algorithm 1
 ("Efficient EigenScore"); EigenScore itself is from Chen et al., "INSIDE",
-ICLR 2024, arXiv 2402.03744. See ``shared/docs/methods.md`` §2–3.
+ICLR 2024, arXiv 2402.03744. See ``docs/methods.md`` §2–3.
 
 What is estimated. For embeddings ``Z`` of shape ``[n, d]`` (rows = answers of
 one prompt, or tracking-set items for the dataset-level score), ``Zc`` = each

@@ -2,7 +2,7 @@
 
 Source: Chen et al., "INSIDE: LLMs' Internal States Retain the Power of
 Hallucination Detection", ICLR 2024, arXiv 2402.03744 (see
-``shared/docs/methods.md`` §2).
+``docs/methods.md`` §2).
 
 For one prompt, ``K`` answers are sampled and each is embedded by the hidden
 state of the model's middle layer at its last generated token (see

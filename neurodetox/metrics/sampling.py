@@ -2,7 +2,7 @@
 
 This produces what EigenScore needs (Chen et al., "INSIDE: LLMs' Internal
 States Retain the Power of Hallucination Detection", ICLR 2024,
-arXiv 2402.03744; ``shared/docs/methods.md`` §2): for every prompt, ``K``
+arXiv 2402.03744; ``docs/methods.md`` §2): for every prompt, ``K``
 sampled answers (paper: ``K = 10``, temperature 0.5, top-p 0.99, top-k 10 as in
 the authors' code) and, for each answer, the hidden state of the **middle
 layer** at the answer's **last generated real token**, plus the greedy answer

@@ -4,7 +4,7 @@ A deployed checkpoint is a folder with ``config.json`` and either one
 ``model.safetensors`` or shards listed by ``model.safetensors.index.json``; its
 tensors may be float32, bfloat16 or float16. A
 :class:`~neurodetox.patching.patchfile.PatchSet` (Gu et al., "Neuron Patching",
-arXiv 2312.05356; ``shared/docs/methods.md`` §4 decision) is applied to it
+arXiv 2312.05356; ``docs/methods.md`` §4, "A patch is data") is applied to it
 like this:
 
 1. Every touched tensor is read with ``safetensors.safe_open`` (only that

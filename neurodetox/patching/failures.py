@@ -1,7 +1,7 @@
 """Edits and teacher-forced failures on token ids (MINT step 0).
 
 MINT (Gu et al., "Neuron Patching: Semantic-based Neuron-level Language Model
-Repair for Code Generation", arXiv 2312.05356; ``shared/docs/methods.md`` §4)
+Repair for Code Generation", arXiv 2312.05356; ``docs/methods.md`` §4)
 starts from a prompt and the continuation the model should produce. The
 continuation is turned into token ids **once**; the pair is then
 teacher-forced: every position where the model's argmax differs from the

@@ -1,6 +1,6 @@
 """Patch files: a MINT repair as data, not as a mutated model.
 
-A :class:`PatchSet` is a sparse diff of FFN value vectors (``shared/docs/methods.md``
+A :class:`PatchSet` is a sparse diff of FFN value vectors (``docs/methods.md``
 §4, decision): per edited parameter, the neuron indices, their original values
 and their new values, saved as one safetensors file, plus a JSON manifest with
 the base checkpoint's identity, the sha256 of every touched original tensor

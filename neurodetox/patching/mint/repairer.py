@@ -1,4 +1,4 @@
-"""MINT's repair loop: locate, plan, patch, verify, per failure and per edit (``shared/docs/methods.md`` §4).
+"""MINT's repair loop: locate, plan, patch, verify, per failure and per edit (``docs/methods.md`` §4).
 
 Gu, Aleti, Chen, Zhang, "Neuron Patching: Semantic-based Neuron-level Language
 Model Repair for Code Generation", arXiv 2312.05356. :func:`repair` is the

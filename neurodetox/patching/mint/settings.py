@@ -1,4 +1,4 @@
-"""MINT's settings and value-vector update rule (``shared/docs/methods.md`` §4).
+"""MINT's settings and value-vector update rule (``docs/methods.md`` §4).
 
 Gu, Aleti, Chen, Zhang, "Neuron Patching: Semantic-based Neuron-level Language
 Model Repair for Code Generation", arXiv 2312.05356. :class:`MintSettings` is

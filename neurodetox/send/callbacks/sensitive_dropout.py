@@ -2,7 +2,7 @@
 
 Mohammadzadeh et al., "Hallucination Detox: Sensitive Neuron Dropout (SeND)
 for Large Language Model Training", arXiv 2410.15460, Algorithm 2, as decided
-in ``shared/docs/methods.md`` §1.
+in ``docs/methods.md`` §1.
 """
 
 from __future__ import annotations
