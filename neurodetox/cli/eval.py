@@ -316,6 +316,21 @@ def _relation_rows(recs: Sequence[dict], names: Sequence[str]) -> list[str]:
     return lines
 
 
+def _targets_line(result: dict) -> str:
+    """Issue 16's targets (EigenScore ≥ 0.75, best detector ≥ 0.85) checked on one run."""
+    ok = {k: v for k, v in result["summary"].items() if math.isfinite(v["auroc"])}
+    if "eigenscore" not in ok:
+        return "Targets: EigenScore AUROC undefined on this run."
+    best = max(ok, key=lambda k: ok[k]["auroc"])
+    es, b = ok["eigenscore"], ok[best]
+    return (
+        f"Targets (issue 16, base model; {result['n_probes']} probes of split `{result['split']}`): EigenScore AUROC "
+        f"≥ 0.75 — {'met' if es['auroc'] >= 0.75 else 'not met'} ({es['auroc']:.3f} [{es['ci_low']:.3f}, "
+        f"{es['ci_high']:.3f}]); best detector ≥ 0.85 — {'met' if b['auroc'] >= 0.85 else 'not met'} "
+        f"({LABELS.get(best, best)} {b['auroc']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}])."
+    )
+
+
 def _cost_rows(result: dict) -> list[str]:
     t = result["timings"]
     n = max(1, result["n_probes"])
@@ -440,13 +455,7 @@ def render_report(
             f"[{es['ci_low']:.3f}, {es['ci_high']:.3f}]."
         )
         lines.append("")
-        lines.append(
-            f"Targets (issue 16, base model; measured here on {n} probes of split `{result['split']}`): "
-            "EigenScore AUROC ≥ 0.75 — "
-            f"{'met' if es['auroc'] >= 0.75 else 'not met'} ({es['auroc']:.3f}); best detector ≥ 0.85 — "
-            f"{'met' if ok[best]['auroc'] >= 0.85 else 'not met'} ({ok[best]['auroc']:.3f}, interval "
-            f"[{ok[best]['ci_low']:.3f}, {ok[best]['ci_high']:.3f}])."
-        )
+        lines.append(_targets_line(result))
         if best != "eigenscore":
             a, b = col("eigenscore"), col(best)
             keep = np.isfinite(a) & np.isfinite(b)
@@ -496,6 +505,8 @@ def render_report(
                 *_summary_rows(o["summary"]),
                 "",
                 f"Ranking (top 5): {' > '.join(LABELS.get(k, k) for k in o_ranked[:5])}.",
+                "",
+                _targets_line(o),
                 "",
                 *_relation_rows(o["records"], o_ranked),
             ]
