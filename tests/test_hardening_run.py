@@ -332,3 +332,20 @@ def test_prompt_checks_refuse_lists_and_over_long_prompts(tiny_model_dir):
 
 def test_environment_is_offline():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+@pytest.mark.parametrize("steps, window, warns", [(60, 25, False), (50, 25, True), (6, 2, False), (4, 2, True)])
+def test_schedule_warning_counts_recordings_not_whole_windows(caplog, tmp_path, steps, window, warns):
+    """Recordings at step 0 and every window end before the last step: 60 steps / window 25 record at
+    0, 25, 50, enough for C = 3 (a selection happens at step 50), while 50 / 25 record only twice."""
+    import logging
+
+    from neurodetox.send.config import SeNDConfig
+    from neurodetox.send.run import check_schedule
+
+    args = SeNDConfig(
+        output_dir=str(tmp_path), max_steps=steps, send_window_steps=window, send_num_checkpoints=3, use_cpu=True
+    )
+    with caplog.at_level(logging.WARNING, logger="neurodetox.send.run"):
+        check_schedule(args, n_train=100)
+    assert ("no neuron will ever be dropped" in caplog.text) == warns

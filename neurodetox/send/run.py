@@ -259,13 +259,16 @@ def check_schedule(args: SeNDConfig, n_train: int) -> None:
             f"send_window_steps={args.send_window_steps} is longer than the run ({steps} steps): "
             "no window would ever end; use a smaller window or 0 (one epoch)"
         )
-    windows = steps // args.send_window_steps if args.send_window_steps else math.ceil(args.num_train_epochs)
-    # recordings at step 0 and at every window end but the last: a selection needs C of them
-    if windows < args.send_num_checkpoints:
+    # recordings at step 0 and at every window end before the last step: a selection needs C of them
+    if args.send_window_steps:
+        recordings = 1 + (steps - 1) // args.send_window_steps
+    else:
+        recordings = math.ceil(args.num_train_epochs)
+    if recordings < args.send_num_checkpoints:
         logger.warning(
-            "only %d SeND windows fit in %d steps: with send_num_checkpoints=%d no neuron will ever "
+            "only %d SeND recordings fit in %d steps: with send_num_checkpoints=%d no neuron will ever "
             "be dropped; shorten send_window_steps or train longer",
-            windows,
+            recordings,
             steps,
             args.send_num_checkpoints,
         )
