@@ -230,24 +230,27 @@ def write_roc_png(records: Sequence[dict], summary: dict, path: Path, title: str
 
 
 def _table(summary: dict, title: str):
-    from rich.table import Table
+    from neurodetox.reports.tables import fitted_table
 
-    t = Table(title=title)
-    t.add_column("score")
-    t.add_column("higher =", justify="center")
-    t.add_column("AUROC", justify="right")
-    t.add_column("95% CI", justify="right")
-    t.add_column("n", justify="right")
+    rows = []
     for name, e in sorted(summary.items(), key=lambda kv: -(kv[1]["auroc"] if math.isfinite(kv[1]["auroc"]) else -1)):
         ci = f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}]" if math.isfinite(e["auroc"]) else e.get("note", "")
-        t.add_row(
-            LABELS.get(name, name),
-            "halluc." if e["direction"] > 0 else "correct",
-            f"{e['auroc']:.3f}" if math.isfinite(e["auroc"]) else "n/a",
-            ci,
-            str(e["n"]),
+        rows.append(
+            (
+                LABELS.get(name, name),
+                "halluc." if e["direction"] > 0 else "correct",
+                f"{e['auroc']:.3f}" if math.isfinite(e["auroc"]) else "n/a",
+                ci,
+                str(e["n"]),
+            )
         )
-    return t
+    return fitted_table(
+        title,
+        ("score", "higher =", "AUROC", "95% CI", "n"),
+        rows,
+        wide=("score", "95% CI"),
+        justify={"higher =": "center", "AUROC": "right", "95% CI": "right", "n": "right"},
+    )
 
 
 def _per_relation(records: Sequence[dict], names: Sequence[str]) -> list[dict]:

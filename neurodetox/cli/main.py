@@ -19,32 +19,46 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from neurodetox.core.args import command_parser, parse_command, user_errors_exit_2
 from neurodetox.core.errors import UserError
+
+# ``neurodetox.core.args`` (HfArgumentParser) imports transformers, huggingface_hub and tqdm, which read
+# their progress-bar settings from the environment at import: it is imported in the functions below,
+# after ``main`` has called ``_quiet_third_party``.
 
 
 def _setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+#: seconds between progress-bar lines when stderr is a log file, not a terminal
+LOG_PROGRESS_INTERVAL = "30"
+
+
 def _quiet_third_party() -> None:
-    """Command line only: name DeepSpeed's accelerator where it has none to detect.
+    """Command line only: quiet third-party noise without hiding our own progress and warnings.
 
-    ``accelerate`` imports DeepSpeed when it is installed, and DeepSpeed's auto-detection logs
-    "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
-    it." on every machine without CUDA. ``DS_ACCELERATOR=cpu`` says the same thing up front;
-    a value set by the user is kept.
+    * ``accelerate`` imports DeepSpeed when it is installed, and DeepSpeed's auto-detection logs
+      "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
+      it." on every machine without CUDA. ``DS_ACCELERATOR=cpu`` says the same thing up front;
+      a value set by the user is kept.
+    * When stderr is not a terminal (a log file, CI, ``nohup``), a tqdm bar cannot redraw in place and
+      leaves a line per refresh: bars then refresh at most every :data:`LOG_PROGRESS_INTERVAL` seconds
+      (``TQDM_MININTERVAL``, kept if the user set it), and the sub-second "Loading weights" bar of
+      ``transformers`` is switched off.
     """
-    if "DS_ACCELERATOR" in os.environ:
-        return
-    import torch
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
 
-    if not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL)
+        # read by huggingface_hub, and by transformers when it is first imported (its weight-loading bar)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -102,6 +116,8 @@ def cmd_data(argv: Sequence[str]) -> int:
         return cmd_data_triage(argv[1:])
     if argv[0] != "facts":
         raise UserError(f"unknown data command {argv[0]!r}; valid: facts, triage")
+    from neurodetox.core.args import command_parser, parse_command
+
     parser = command_parser(
         "neurodetox data facts",
         "Write the GeoNames fact dataset (train/tracking/test jsonl per split + a datasets folder).",
@@ -130,6 +146,7 @@ def cmd_data(argv: Sequence[str]) -> int:
 
 def cmd_data_triage(argv: Sequence[str]) -> int:
     """``neurodetox data triage``: SliCK categories of a split's facts (:mod:`neurodetox.data.triage`)."""
+    from neurodetox.core.args import command_parser, parse_command
     from neurodetox.core.settings import ModelArguments
     from neurodetox.data.settings import FactDataArguments
     from neurodetox.data.triage import TriageOutputArguments, TriageSettings, run_triage
@@ -206,6 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = COMMANDS.get(argv[0])
     if cmd is None:
         return _fail("neurodetox", f"unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}")
+    from neurodetox.core.args import user_errors_exit_2
+
     return user_errors_exit_2(f"neurodetox {argv[0]}")(cmd)(argv[1:])
 
 

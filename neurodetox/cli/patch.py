@@ -96,14 +96,12 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return str(x)
 
 
-def _edit_table(report, title: str = "MINT repair") -> Any:
-    from rich.table import Table
+def _edit_table(report, title: str = "MINT repair", caption: str | None = None) -> Any:
+    from neurodetox.reports.tables import fitted_table
 
-    t = Table(title=title)
-    for col in ("#", "prompt", "target", "status", "failures", "neurons (layer:index)", "ref. changed", "s"):
-        t.add_column(col)
-    for e in report.edits:
-        t.add_row(
+    cols = ("#", "prompt", "target", "status", "failures", "neurons (layer:index)", "ref. changed", "s")
+    rows = [
+        (
             str(e.index),
             e.edit.prompt,
             e.edit.target,
@@ -113,7 +111,9 @@ def _edit_table(report, title: str = "MINT repair") -> Any:
             "-" if e.reference_flips is None else f"{e.reference_flips} ({e.attempts} tries)",
             f"{e.seconds:.1f}",
         )
-    return t
+        for e in report.edits
+    ]
+    return fitted_table(title, cols, rows, wide=("prompt", "target", "neurons (layer:index)"), caption=caption)
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -177,7 +177,13 @@ def cmd_find(a) -> int:
             ),
         )
     console = _console()
-    console.print(_edit_table(report, "MINT repair" if a.method == "mint" else "rank-one edit (ROME)"))
+    console.print(
+        _edit_table(
+            report,
+            "MINT repair" if a.method == "mint" else "rank-one edit (ROME)",
+            caption=f"long cells cut to fit the terminal; full text: {a.output_dir} (manifest.json)",
+        )
+    )
     s = report.summary()
     if not report.needing_fix:
         console.print("nothing to fix: the model already produces every target; no patch written")
@@ -265,11 +271,10 @@ def _head_from_checkpoint(folder: Path):
 
 
 def cmd_show(a) -> int:
-    from rich.table import Table
-
     from neurodetox.patching.neurons import decode_vector
     from neurodetox.patching.patchfile import PatchSet
     from neurodetox.patching.patchfile import terminal_text as T
+    from neurodetox.reports.tables import fitted_table
 
     patch = PatchSet.load(a.patch)
     m = patch.manifest
@@ -282,19 +287,26 @@ def cmd_show(a) -> int:
         f"{len(patch)} tensor(s), {len(patch.neurons)} neuron(s), {patch.num_values} values; "
         f"fixed {T(s.get('fixed', '?'))}/{T(s.get('needing_fix', '?'))} edits"
     )
-    et = Table(title="edits")
-    for col in ("#", "prompt", "target", "status", "failures fixed", "neurons"):
-        et.add_column(col)
+    et_rows = []
     for i, e in enumerate(m.get("edits", [])):
         fx = [f for f in e.get("failures", []) if f.get("status") == "fixed"]
-        et.add_row(
-            str(i),
-            T(e.get("prompt")),
-            T(e.get("target")),
-            T(e.get("status", "?")),
-            T(", ".join(f"{f.get('target_token')!r}<-{f.get('argmax_token')!r}" for f in fx) or "-"),
-            T(" ".join(f"{x[0]}:{x[1]}" for x in e.get("neurons", [])) or "-"),
+        et_rows.append(
+            (
+                str(i),
+                T(e.get("prompt")),
+                T(e.get("target")),
+                T(e.get("status", "?")),
+                T(", ".join(f"{f.get('target_token')!r}<-{f.get('argmax_token')!r}" for f in fx) or "-"),
+                T(" ".join(f"{x[0]}:{x[1]}" for x in e.get("neurons", [])) or "-"),
+            )
         )
+    et = fitted_table(
+        "edits",
+        ("#", "prompt", "target", "status", "failures fixed", "neurons"),
+        et_rows,
+        wide=("prompt", "target", "failures fixed", "neurons"),
+        caption="long cells cut to fit the terminal; full text in the patch's manifest.json",
+    )
     console.print(et)
     folder = Path(a.checkpoint) if a.checkpoint else (Path(base["path"]) if base.get("path") else None)
     W = gain = tok = None
@@ -309,9 +321,7 @@ def cmd_show(a) -> int:
             W = None
     else:
         console.print("(no LM-head decoding: base checkpoint not found; pass --model CKPT)")
-    nt = Table(title="neurons: top tokens promoted by the value vector (LM-head decoding)")
-    for col in ("layer", "neuron", "tensor", "before", "after"):
-        nt.add_column(col)
+    nt_rows = []
     for p in patch.params:
         for k, idx in enumerate(p.indices.tolist()):
             before = after = "-"
@@ -319,17 +329,20 @@ def cmd_show(a) -> int:
                 dec = lambda v: " ".join(repr(t) for t, _ in decode_vector(v, W.float(), tok, a.top, gain))
                 before = dec(p.original.select(p.axis, k))
                 after = dec(p.new.select(p.axis, k))
-            nt.add_row(str(p.layer), str(idx), T(p.name), T(before), T(after))
+            nt_rows.append((str(p.layer), str(idx), T(p.name), T(before), T(after)))
+    nt = fitted_table(
+        "neurons: top tokens promoted by the value vector (LM-head decoding)",
+        ("layer", "neuron", "tensor", "before", "after"),
+        nt_rows,
+        wide=("tensor", "before", "after"),
+    )
     console.print(nt)
     return 0
 
 
 def _eval_table(res: dict, title: str = "MINT patch evaluation") -> Any:
-    from rich.table import Table
+    from neurodetox.reports.tables import fitted_table
 
-    t = Table(title=title)
-    t.add_column("metric")
-    t.add_column("value")
     rows = [
         ("edits", res.get("edits")),
         ("success (teacher-forced target)", _fmt(res.get("success"), True)),
@@ -343,11 +356,11 @@ def _eval_table(res: dict, title: str = "MINT patch evaluation") -> Any:
         ("specificity (next token unchanged)", _fmt(res.get("specificity_next_token"), True)),
         ("specificity (all greedy tokens unchanged)", _fmt(res.get("specificity_exact"), True)),
         (
-            "known facts kept (unrelated answered right before)",
+            "known facts kept (were right before)",
             f"{_fmt(res.get('known_facts_kept'), True)} (n={res.get('known_facts', '-')})",
         ),
         (
-            "changed answers: right->wrong / wrong->right / wrong->wrong",
+            "changed answers: R→W / W→R / W→W",
             " / ".join(
                 str(res.get("changes", {}).get(k, "-")) for k in ("right_to_wrong", "wrong_to_right", "wrong_to_wrong")
             ),
@@ -364,9 +377,13 @@ def _eval_table(res: dict, title: str = "MINT patch evaluation") -> Any:
         rows.append(("neurons per fixed failure (median)", _fmt(res.get("median_neurons_per_failure"))))
     if "parameters_changed" in res:
         rows.append(("parameters changed", res["parameters_changed"]))
-    for k, v in rows:
-        t.add_row(k, str(v))
-    return t
+    return fitted_table(
+        title,
+        ("metric", "value"),
+        [(k, str(v)) for k, v in rows],
+        wide=("metric", "value"),
+        caption="R right, W wrong; cut cells are whole in the JSON output",
+    )
 
 
 def cmd_eval(a) -> int:

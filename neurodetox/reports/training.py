@@ -62,25 +62,29 @@ def plot_training_curves(metrics_jsonl, out_png) -> Path:
 
 def summary_table(summary: dict):
     """A ``rich`` table of the run summary: accuracy and EigenScore before → after, neurons dropped."""
-    from rich.table import Table
+    from neurodetox.reports.tables import fitted_table
 
     def fmt(v, pct=False):
         if v is None:
             return "n/a"
         return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
 
-    t = Table(title=f"neurodetox run: send_mode={summary.get('send_mode')}, {summary.get('test_probes')} test probes")
-    t.add_column("metric")
-    t.add_column("before")
-    t.add_column("after")
-    t.add_row(
-        "factual accuracy (test)",
-        fmt(summary.get("factual_accuracy_before"), True),
-        fmt(summary.get("factual_accuracy_after"), True),
-    )
-    t.add_row("EigenScore (test, mean)", fmt(summary.get("eigenscore_before")), fmt(summary.get("eigenscore_after")))
+    rows = [
+        (
+            "factual accuracy (test)",
+            fmt(summary.get("factual_accuracy_before"), True),
+            fmt(summary.get("factual_accuracy_after"), True),
+        ),
+        ("EigenScore (test, mean)", fmt(summary.get("eigenscore_before")), fmt(summary.get("eigenscore_after"))),
+    ]
     for sel in summary.get("sensitive_neurons", []):
         counts = ", ".join(f"{k}: {len(v)}" for k, v in sel["neurons"].items())
-        t.add_row(f"neurons dropped from step {sel['step']}", counts, "")
-    t.add_row("optimizer steps / train time", str(summary.get("global_steps")), f"{summary.get('train_seconds')} s")
-    return t
+        rows.append((f"neurons dropped from step {sel['step']}", counts, ""))
+    rows.append(("optimizer steps / train time", str(summary.get("global_steps")), f"{summary.get('train_seconds')} s"))
+    return fitted_table(
+        f"neurodetox run: send_mode={summary.get('send_mode')}, {summary.get('test_probes')} test probes",
+        ("metric", "before", "after"),
+        rows,
+        wide=("metric", "before"),
+        caption="full values in summary.json",
+    )
