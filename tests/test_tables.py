@@ -111,9 +111,7 @@ def test_progress_bars_in_a_log_file_refresh_rarely_and_keep_user_settings(prese
     env["DS_ACCELERATOR"] = "cpu"
     if preset is not None:
         env["TQDM_MININTERVAL"] = preset  # the user's own setting wins
-    proc = subprocess.run(
-        [sys.executable, "-c", BAR_SCRIPT], stderr=subprocess.PIPE, env=env, check=True, timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-c", BAR_SCRIPT], stderr=subprocess.PIPE, env=env, check=True, timeout=120)
     refreshes = proc.stderr.count(b"\r")  # bytes: text mode would turn "\r" into "\n"
     if preset is None:
         assert refreshes <= 3, proc.stderr  # the first and the final state only
