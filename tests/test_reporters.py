@@ -35,9 +35,8 @@ def _accumulator(logdir: str) -> EventAccumulator:
     return acc
 
 
-@pytest.fixture(scope="module")
-def tb_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tb")
+def _train_tiny(out, report_to: str):
+    """Six steps of a tiny model with SeND, statistics and detectors attached by ``add_send``."""
     tok = make_tokenizer()
     args = TrainingArguments(
         output_dir=str(out),
@@ -48,7 +47,8 @@ def tb_run(tmp_path_factory):
         eval_strategy="steps",
         eval_steps=3,
         save_strategy="no",
-        report_to=["tensorboard"],
+        report_to=[report_to],
+        run_name=f"tiny-{report_to}",
         use_cpu=True,
         disable_tqdm=True,
         seed=1,
@@ -80,6 +80,13 @@ def tb_run(tmp_path_factory):
         test_aliases=[[a] for _, a in PROBES],
     )
     trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tb")
+    trainer = _train_tiny(out, "tensorboard")
     logdirs = {os.path.dirname(p) for p in glob.glob(str(out / "runs" / "*" / "events.out.tfevents.*"))}
     assert len(logdirs) == 1
     return trainer, _accumulator(logdirs.pop())
@@ -156,3 +163,104 @@ def test_no_reporter_no_writes():
 
     assert cb.write_histograms({"x": torch.arange(3.0)}, 0) == []
     assert reporter_writers([]) == {}
+
+
+# ----------------------------------------------------------------------------- Trackio and W&B (offline)
+@pytest.fixture
+def tracker_env(tmp_path, monkeypatch):
+    """Both trackers write under tmp_path only and never reach the network."""
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    monkeypatch.setenv("TRACKIO_PROJECT", "neurodetox-test")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_PROJECT", "neurodetox-test")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path
+
+
+def _trackio_rows(folder) -> list[dict]:
+    import json
+    import sqlite3
+
+    dbs = glob.glob(str(folder / "trackio" / "*.db"))
+    assert len(dbs) == 1, dbs
+    with sqlite3.connect(dbs[0]) as con:
+        return [json.loads(m) for (m,) in con.execute("SELECT metrics FROM metrics ORDER BY id")]
+
+
+def test_trackio_gets_every_metric_read_back_from_its_database(tracker_env):
+    trainer = _train_tiny(tracker_env / "out", "trackio")
+    rows = _trackio_rows(tracker_env)
+    keys = set().union(*rows)
+    send = trainer.callback(SensitiveNeuronDropoutCallback)
+    sites = sites_of(send)
+    for t in (
+        "train/loss",
+        "train/send/dropped",
+        "train/send/selections",
+        "train/stats/mean_variance",
+        "eval/eigenscore",
+        "eval/factual_accuracy",
+        "test/eigenscore",
+        "test/factual_accuracy",
+        "eval/eigenscore_per_prompt",
+        "test/eigenscore_per_prompt",
+        "send/neurons",
+    ):
+        assert t in keys, (t, sorted(keys))
+    for site in sites:
+        assert f"send/neurons/{site}" in keys
+    for site in trainer.callback(ActivationStatsCallback).moments:
+        assert f"stats/mean/{site}" in keys and f"stats/variance/{site}" in keys
+    # each selection's histogram holds exactly its indices, at the selection's optimizer step
+    for sel in send.selections:
+        for site, ix in sel["neurons"].items():
+            (h,) = [
+                r[f"send/neurons/{site}"]
+                for r in rows
+                if f"send/neurons/{site}" in r and r["train/global_step"] == sel["step"]
+            ]
+            assert h["_type"] == "trackio.histogram" and sum(h["values"]) == len(ix)
+            assert min(h["bins"]) == pytest.approx(min(ix)) and max(h["bins"]) == pytest.approx(max(ix))
+    tables = [r["send/neurons"] for r in rows if "send/neurons" in r]
+    assert len(tables) == len(send.selections)
+
+
+def test_wandb_offline_gets_histograms_and_the_index_tables(tracker_env, monkeypatch):
+    import json
+
+    import wandb
+
+    logged = []
+    real_log = wandb.sdk.wandb_run.Run.log
+
+    def spy(self, data, *args, **kwargs):  # record what reaches the real offline run, then log it
+        logged.append(dict(data))
+        return real_log(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
+    trainer = _train_tiny(tracker_env / "out", "wandb")
+    wandb.finish()
+    send = trainer.callback(SensitiveNeuronDropoutCallback)
+    hists = {k: v for d in logged for k, v in d.items() if isinstance(v, wandb.Histogram)}
+    for site in sites_of(send):
+        assert f"send/neurons/{site}" in hists
+    assert "test/eigenscore_per_prompt" in hists and "eval/eigenscore_per_prompt" in hists
+    last = send.selections[-1]
+    site, ix = next(iter(last["neurons"].items()))
+    assert sum(hists[f"send/neurons/{site}"].histogram) == len(ix)
+    scalars = {k for d in logged for k, v in d.items() if isinstance(v, (int, float))}
+    assert {"test/factual_accuracy", "train/send/dropped", "eval/eigenscore"} <= scalars
+    # the offline run wrote each selection's index table to disk: read it back
+    files = sorted(
+        glob.glob(str(tracker_env / "wandb" / "offline-run-*" / "files" / "media" / "table" / "send" / "*.json"))
+    )
+    assert len(files) == len(send.selections)
+    tables = [json.loads(open(f).read()) for f in files]
+    got = sorted(tuple(r) for t in tables for r in t["data"])
+    want = sorted(
+        (s["step"], s.get("window"), site, i) for s in send.selections for site, ix in s["neurons"].items() for i in ix
+    )
+    assert got == want

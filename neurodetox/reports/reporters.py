@@ -14,8 +14,9 @@ trainer's callbacks (``report_to``):
   at each evaluation and for the before/after test-split scores.
 
 TensorBoard gets ``add_histogram`` and ``add_text``; Weights & Biases gets ``wandb.Histogram``
-and a ``wandb.Table`` of the indices; Trackio gets ``trackio.Histogram`` where its version has
-one. Reporters without histograms (MLflow, Comet, ...) get the scalars only.
+and a ``wandb.Table`` of the indices; Trackio gets ``trackio.Histogram`` and ``trackio.Table`` where
+its version has them, logged like transformers' ``TrackioCallback`` logs scalars (no explicit step,
+the optimizer step in ``train/global_step``). Reporters without histograms (MLflow, Comet, ...) get the scalars only.
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ class SeNDReporterCallback(TrainerCallback):
             wb.log({tag: wb.Histogram(v.numpy()) for tag, v in values.items()}, step=step, commit=False)
         if "trackio" in writers and hasattr(writers["trackio"], "Histogram"):
             tr = writers["trackio"]
-            tr.log({tag: tr.Histogram(v.numpy()) for tag, v in values.items()}, step=step)
+            # transformers' TrackioCallback logs without a step (Trackio numbers its log calls) and puts the
+            # optimizer step in "train/global_step"; the histograms follow the same convention, so every
+            # neurodetox value is plotted against the same train/global_step axis
+            tr.log({**{tag: tr.Histogram(v.numpy()) for tag, v in values.items()}, "train/global_step": step})
         return list(values)
 
     def write_selection(self, selection: dict) -> None:
@@ -113,10 +117,14 @@ class SeNDReporterCallback(TrainerCallback):
             for site, ix in neurons.items():
                 writers["tensorboard"].add_text(f"send/neurons/{site}", _index_text(ix, step, window), step)
             writers["tensorboard"].flush()
+        rows = [[step, window, site, i] for site, ix in neurons.items() for i in ix]
+        columns = ["step", "window", "site", "neuron"]
         if "wandb" in writers:
             wb = writers["wandb"]
-            rows = [[step, window, site, i] for site, ix in neurons.items() for i in ix]
-            wb.log({"send/neurons": wb.Table(columns=["step", "window", "site", "neuron"], data=rows)}, commit=False)
+            wb.log({"send/neurons": wb.Table(columns=columns, data=rows)}, commit=False)
+        if "trackio" in writers and hasattr(writers["trackio"], "Table"):
+            tr = writers["trackio"]
+            tr.log({"send/neurons": tr.Table(columns=columns, data=rows), "train/global_step": step})
 
     def write_stats(self, moments: dict, step: int) -> None:
         """Per-neuron mean and variance histograms of each site (``{site: RunningMoments}``)."""
