@@ -223,10 +223,27 @@ def evaluate(model, tok, edits, unrelated, texts, before, a) -> dict:
     return compare(before, after, edits, unrelated)
 
 
+def rome_settings(a):
+    """ROME's defaults with the benchmark's ``--rome FIELD=VALUE`` overrides (typed like the defaults)."""
+    from dataclasses import replace
+
+    from neurodetox.patching.rome import RomeSettings
+
+    base = RomeSettings()
+    over = {}
+    for item in a.rome:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(base, key):
+            raise SystemExit(f"--rome {item!r}: expected FIELD=VALUE with a RomeSettings field")
+        kind = type(getattr(base, key))
+        over[key] = value if kind is str else kind(value)
+    return replace(base, **over)
+
+
 def run_case(model, tok, source: str, n: int, a, original) -> dict:
     """One row group of the table: ``n`` wrong facts of ``source`` fixed in one patch by each method."""
     from neurodetox.patching.pools import reference_prompts
-    from neurodetox.patching.rome import RomeSettings, edit_rank_one
+    from neurodetox.patching.rome import edit_rank_one
 
     t = time.perf_counter()
     if source == "geonames":
@@ -259,7 +276,7 @@ def run_case(model, tok, source: str, n: int, a, original) -> dict:
 
     if "rome" in a.methods:
         t0 = time.perf_counter()
-        patch, report = edit_rank_one(model, tok, wrong, RomeSettings(), show_progress=True)
+        patch, report = edit_rank_one(model, tok, wrong, rome_settings(a), show_progress=True)
         seconds = time.perf_counter() - t0
         patch.apply(model)
         record("rome", model, seconds, {"repair": report.summary(), "parameters_changed": patch.num_values})
@@ -383,6 +400,13 @@ def main(argv=None) -> int:
         "--layers", default=MintSettings.layers, help=f"MINT: blocks searched (default {MintSettings.layers})."
     )
     p.add_argument("--protect", type=float, default=MintSettings.protect, help="MINT: reference protection λ.")
+    p.add_argument(
+        "--rome",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="RomeSettings override, repeatable (e.g. --rome covariance=model_text --rome lam=0.5).",
+    )
     p.add_argument("--threads", default="auto")
     p.add_argument("--json", help="Write the full results here (atomically, after every case).")
     a = p.parse_args(argv)
