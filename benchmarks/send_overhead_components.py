@@ -85,7 +85,7 @@ def measure(setup: str, window: int, rounds: int, steps: int) -> dict:
     block()  # warm-up
     t = {"off": [], "stats": [], "mask": [], "window_end": []}
     ratios = {"stats": [], "mask": []}
-    selection = send._select()
+    selection, _, _ = send._select()  # (chosen, massive, mean_abs)
     for r in range(rounds):
         got = {}
         # alternate the order (off, stats, mask / mask, stats, off) so a slow drift of the machine favours no arm
