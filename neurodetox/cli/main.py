@@ -50,15 +50,15 @@ def _quiet_third_party() -> None:
       (``TQDM_MININTERVAL``, kept if the user set it), and the sub-second "Loading weights" bar of
       ``transformers`` is switched off.
     """
+    if not sys.stderr.isatty():  # first: tqdm reads TQDM_* once, when imported (torch imports it)
+        os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL)
+        # read by huggingface_hub, and by transformers when it is first imported (its weight-loading bar)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL)
-        # read by huggingface_hub, and by transformers when it is first imported (its weight-loading bar)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def cmd_train(argv: Sequence[str]) -> int:
