@@ -224,20 +224,13 @@ def evaluate(model, tok, edits, unrelated, texts, before, a) -> dict:
 
 
 def rome_settings(a):
-    """ROME's defaults with the benchmark's ``--rome FIELD=VALUE`` overrides (typed like the defaults)."""
-    from dataclasses import replace
-
+    """ROME's defaults with the benchmark's ``--rome FIELD=VALUE`` overrides, parsed and checked like ``patch find``'s flags."""
+    from neurodetox.core.args import command_parser, parse_command
     from neurodetox.patching.rome import RomeSettings
 
-    base = RomeSettings()
-    over = {}
-    for item in a.rome:
-        key, sep, value = item.partition("=")
-        if not sep or not hasattr(base, key):
-            raise SystemExit(f"--rome {item!r}: expected FIELD=VALUE with a RomeSettings field")
-        kind = type(getattr(base, key))
-        over[key] = value if kind is str else kind(value)
-    return replace(base, **over)
+    argv = [x for item in a.rome for x in ("--" + item.partition("=")[0], item.partition("=")[2])]
+    (settings,) = parse_command(command_parser("--rome", "ROME settings", (RomeSettings,)), argv)
+    return settings
 
 
 def run_case(model, tok, source: str, n: int, a, original) -> dict:
