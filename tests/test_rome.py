@@ -240,3 +240,46 @@ def test_batched_value_optimisation_equals_one_edit_at_a_time():
         torch.testing.assert_close(K[:, j], k1[:, 0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(D[:, j], d1[:, 0], rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(L[j], l1[0], rtol=1e-3, atol=1e-5)
+
+
+def test_memit_spread_moves_the_hidden_state_by_the_optimised_value_and_reverts():
+    """MEMIT's spreading (arXiv 2210.07229): with exact constraints the last of the blocks closes the gap, so
+    after the update the hidden state edit_layer outputs at the subject's last token is its original value
+    plus the optimised shift δ, read independently with ``output_hidden_states``; each block's change is
+    rank one, the blocks share the residual, and revert is bit-exact."""
+    from neurodetox.patching.rome import edit_site, optimise_values, subject_last_index
+
+    tok = make_tokenizer()
+    model = make_model(layers=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = RomeSettings(edit_layer=3, spread_layers=3, rounds=1, covariance="identity")
+    e = encode_edit(tok, coerce_edits(EDITS[:1])[0])
+    _, D, _ = optimise_values(model, tok, [e], edit_site(model, 3), s, [""], False)
+    ids = torch.tensor([tok(e.prompt)["input_ids"]])
+    look = subject_last_index(tok, e.prompt, e.subject)
+    z0 = model(input_ids=ids, output_hidden_states=True).hidden_states[4][0, look]
+    patch, report = edit_rank_one(model, tok, EDITS[:1], s, show_progress=False, use_paraphrases=False)
+    assert [p.name for p in patch.params] == [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2, 3)]
+    assert patch.manifest["method"]["name"] == "MEMIT (blocks 3)"
+    patch.apply(model)
+    z1 = model(input_ids=ids, output_hidden_states=True).hidden_states[4][0, look]
+    torch.testing.assert_close(z1 - z0, D[:, 0], rtol=1e-3, atol=1e-4)
+    norms = []
+    for p in patch.params:
+        delta = (model.get_parameter(p.name).detach() - before[p.name]).double()
+        assert int(torch.linalg.matrix_rank(delta, atol=1e-6)) == 1, p.name
+        norms.append(float(delta.norm()))
+    assert min(norms) > 0.1 * max(norms), norms  # spread, not all in one block
+    assert report.edits[0].status in ("fixed", "skipped")
+    patch.revert(model)
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_spread_below_block_zero_is_refused():
+    with pytest.raises(UserError, match="spread_layers 3 reaches below block 0 from edit_layer 1; valid: 1 to 2"):
+        edit_rank_one(
+            make_model(), make_tokenizer(), EDITS, RomeSettings(edit_layer=1, spread_layers=3), show_progress=False
+        )
+    with pytest.raises(UserError, match="spread_layers"):
+        RomeSettings(spread_layers=0)

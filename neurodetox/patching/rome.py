@@ -118,6 +118,14 @@ class RomeSettings:
         edit_layer: the block whose FFN output projection is edited, an integer
             (negative counts from the end). Default 4 (of SmolLM2-135M's 30;
             EasyEdit edits block 5 of Llama-2-7B's 32).
+        spread_layers: MEMIT's spreading (arXiv 2210.07229, §4.3): the value is
+            optimised at ``edit_layer``'s output and the update is spread over the
+            FFN output projections of the ``spread_layers`` blocks ending there,
+            lowest first, each taking ``1/(blocks left)`` of the remaining
+            residual at ``edit_layer`` (recomputed after every block's update), in
+            its own key covariance. ``>= 1``; default 1 (ROME: ``edit_layer`` only).
+            MEMIT edits blocks 4–8 of Llama-2-7B's 32 (EasyEdit); every block must
+            exist (``edit_layer - spread_layers + 1 >= 0``).
         edit_mode: ``"batch"`` (default): every edit's value is optimised at once
             on the same weights and one update writes them all (MEMIT's
             batch, in one layer); ``"sequential"``: one edit after another,
@@ -151,6 +159,12 @@ class RomeSettings:
     """
 
     edit_layer: int = field(default=4, metadata=_help("rome: block whose FFN output projection is edited (default 4)."))
+    spread_layers: int = field(
+        default=1,
+        metadata=_help(
+            "MEMIT: spread the update over this many blocks ending at edit_layer, >= 1 (default 1: ROME's one block)."
+        ),
+    )
     edit_mode: Mode = field(
         default="batch", metadata=_help("'batch' (all edits in one update, default) or 'sequential' (one by one).")
     )
@@ -193,7 +207,7 @@ class RomeSettings:
             raise UserError(f"unknown edit_mode {self.edit_mode!r}; valid modes are {', '.join(MODES)}")
         if self.covariance not in COVARIANCES:
             raise UserError(f"unknown covariance {self.covariance!r}; valid: {', '.join(COVARIANCES)}")
-        for name in ("v_steps", "covariance_samples", "covariance_tokens", "rounds"):
+        for name in ("v_steps", "covariance_samples", "covariance_tokens", "rounds", "spread_layers"):
             check_int(name, getattr(self, name), minimum=1)
         check_int("context_templates", self.context_templates, minimum=0)
         check_int("covariance_seed", self.covariance_seed, minimum=None)
@@ -554,6 +568,48 @@ def optimise_values(
     return K.T.cpu(), delta.detach().T.cpu(), losses
 
 
+@torch.no_grad()
+def layer_keys(
+    model, tokenizer, edits: Sequence[Edit], key_site, z_site, prefixes: Sequence[str], use_paraphrases: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K [d_ff, n], Z [rows, d])``: the mean key over each edit's phrasings at ``key_site`` (an ``mlp``
+    site) and the hidden state ``z_site`` (a ``residual`` site) outputs at every phrasing's subject's last
+    token, in the order of :func:`_rows` without its KL rows (each phrasing behind each prefix)."""
+    from neurodetox.core.sites import register_site_hook
+
+    device = model_device(model)
+    rows = [r for r in _rows(tokenizer, edits, prefixes, use_paraphrases) if not r.kl]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = _pad(rows, pad)
+    look = torch.tensor([r.lookup for r in rows])
+    ar = torch.arange(len(rows))
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        def fn(act):
+            got[name] = act[ar.to(act.device), look.to(act.device)].detach().float().cpu()
+
+        return fn
+
+    handles = [register_site_hook(key_site, grab("k"), observer=True), register_site_hook(z_site, grab("z"))]
+    try:
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    edit_of = torch.tensor([r.edit for r in rows])
+    n = len(edits)
+    K = torch.zeros(n, got["k"].shape[1]).index_add(0, edit_of, got["k"])
+    K = K / torch.bincount(edit_of, minlength=n).clamp(min=1)[:, None].float()
+    return K.T, got["z"]
+
+
+def _per_edit_mean(x: torch.Tensor, edit_of: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of the rows ``x`` ``[rows, d]`` per edit (``edit_of`` ``[rows]``): ``[n, d]``."""
+    out = torch.zeros(n, x.shape[1]).index_add(0, edit_of, x)
+    return out / torch.bincount(edit_of, minlength=n).clamp(min=1)[:, None].float()
+
+
 # ----------------------------------------------------------------------------- the editor
 
 
@@ -568,6 +624,46 @@ def _failing(model, edits: Sequence[Edit], use_paraphrases: bool) -> list[bool]:
     for (n, _), f in zip(flat, flags):
         out[n] = out[n] or f
     return out
+
+
+def _write_update(
+    model, tokenizer, batch, K, R, s, layers, sites, z_site, touched, storage, covs, fixed_keys, prefixes,
+    use_paraphrases,
+) -> dict[int, torch.Tensor]:  # fmt: skip
+    """Write one round's update into the model; return each layer's keys of ``batch`` (``{layer: [d_ff, n]}``).
+
+    One block (ROME): ``ΔW`` maps the keys ``K`` (from :func:`optimise_values`) to their values plus ``R``.
+    Several (MEMIT): block by block, lowest first, the residual still missing at ``edit_layer``'s output
+    (``R`` minus how far the hidden state at the subject's last token has already moved, averaged over the
+    phrasings) divided by the number of blocks left, mapped from the block's current keys.
+    """
+    n = len(batch)
+    keys: dict[int, torch.Tensor] = {}
+    z0: Optional[torch.Tensor] = None
+    edit_of: Optional[torch.Tensor] = None
+    for j, layer in enumerate(layers):
+        if len(layers) == 1:
+            Kl, resid = K, R
+        else:
+            Kl, z = layer_keys(model, tokenizer, batch, sites[layer], z_site, prefixes, use_paraphrases)
+            if z0 is None:
+                z0 = z
+                rows = [r for r in _rows(tokenizer, batch, prefixes, use_paraphrases) if not r.kl]
+                edit_of = torch.tensor([r.edit for r in rows])
+            moved = _per_edit_mean(z - z0, edit_of, n).T  # [d, n]
+            resid = (R - moved) / (len(layers) - j)
+        keys[layer] = Kl
+        if fixed_keys[layer]:  # hold the fixed edits' keys where they are
+            Kf = torch.stack(fixed_keys[layer], dim=1)
+            Kl = torch.cat([Kl, Kf], dim=1)
+            resid = torch.cat([resid, torch.zeros(resid.shape[0], Kf.shape[1])], dim=1)
+        weight, axis, _, _ = touched[layer]
+        W = weight.detach().float().cpu()
+        W2 = W if axis == 1 else W.T  # [d, d_ff]
+        new = W2 + rank_update(W2, Kl, resid, covs[layer], s.lam)
+        with torch.no_grad():
+            weight.copy_((new if axis == 1 else new.T).to(storage[layer]).to(weight.device, weight.dtype))
+    return keys
 
 
 def edit_rank_one(
@@ -628,23 +724,37 @@ def edit_rank_one(
     was = model.training
     model.eval()
     site = edit_site(model, s.edit_layer)
-    weight, axis = value_vector_parameter(site)
+    first = site.layer - s.spread_layers + 1
+    if first < 0:
+        raise UserError(
+            f"spread_layers {s.spread_layers} reaches below block 0 from edit_layer {site.layer}; "
+            f"valid: 1 to {site.layer + 1}"
+        )
+    layers = list(range(first, site.layer + 1))
+    sites = {layer: edit_site(model, layer) for layer in layers}
+    z_site = resolve_sites(model, "residual", [site.layer])[0]
     names = {id(p): nm for nm, p in model.named_parameters()}
-    if id(weight) not in names:
-        raise UserError(f"the FFN output projection of layer {site.layer} is not a named parameter of the model")
-    name = names[id(weight)]
-    original = weight.detach().clone()
-    storage = storage_req or weight.dtype
+    touched: dict[int, tuple[nn.Parameter, int, str, torch.Tensor]] = {}
+    for layer, st in sites.items():
+        weight, axis = value_vector_parameter(st)
+        if id(weight) not in names:
+            raise UserError(f"the FFN output projection of layer {layer} is not a named parameter of the model")
+        touched[layer] = (weight, axis, names[id(weight)], weight.detach().clone())
+    storage = {layer: storage_req or w.dtype for layer, (w, _, _, _) in touched.items()}
     results = [EditResult(i, e, "skipped") for i, e in enumerate(edits)]
+    final: dict[int, torch.Tensor] = {}
     try:
         failing = _failing(model, edits, use_paraphrases)
         for r, f in zip(results, failing):
             if not f:
                 r.status, r.message = "nothing_to_fix", "the model already produces the target for every phrasing"
         todo = [i for i, f in enumerate(failing) if f]
-        C = key_covariance(model, tokenizer, site.layer, s) if (todo and s.covariance == "model_text") else None
+        covs: dict[int, Optional[torch.Tensor]] = {
+            layer: key_covariance(model, tokenizer, layer, s) if (todo and s.covariance == "model_text") else None
+            for layer in layers
+        }
         prefixes = _context_prefixes(model, tokenizer, s.context_templates) if todo else [""]
-        fixed_keys: list[torch.Tensor] = []
+        fixed_keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         groups = [[i] for i in todo] if s.edit_mode == "sequential" else [todo]
         for group in groups:
             pending = list(group)
@@ -652,20 +762,13 @@ def edit_rank_one(
                 if not pending:
                     break
                 t1 = time.perf_counter()
-                K, R, losses = optimise_values(
-                    model, tokenizer, [edits[i] for i in pending], site, s, prefixes, use_paraphrases
-                )
-                if fixed_keys:  # hold the fixed edits' keys where they are
-                    Kf = torch.stack(fixed_keys, dim=1)
-                    K = torch.cat([K, Kf], dim=1)
-                    R = torch.cat([R, torch.zeros(R.shape[0], Kf.shape[1])], dim=1)
-                W = weight.detach().float().cpu()
-                W2 = W if axis == 1 else W.T  # [d, d_ff]
-                dW = rank_update(W2, K, R, C, s.lam)
-                new = W2 + dW
-                with torch.no_grad():
-                    weight.copy_((new if axis == 1 else new.T).to(storage).to(weight.device, weight.dtype))
-                still = _failing(model, [edits[i] for i in pending], use_paraphrases)
+                batch = [edits[i] for i in pending]
+                K, R, losses = optimise_values(model, tokenizer, batch, site, s, prefixes, use_paraphrases)
+                round_keys = _write_update(
+                    model, tokenizer, batch, K, R, s, layers, sites, z_site, touched, storage, covs, fixed_keys,
+                    prefixes, use_paraphrases,
+                )  # fmt: skip
+                still = _failing(model, batch, use_paraphrases)
                 spent = time.perf_counter() - t1
                 nxt = []
                 for j, (i, f) in enumerate(zip(pending, still)):
@@ -676,7 +779,8 @@ def edit_rank_one(
                         nxt.append(i)
                     else:
                         results[i].status = "fixed"
-                        fixed_keys.append(K[:, j])
+                        for layer in layers:
+                            fixed_keys[layer].append(round_keys[layer][:, j])
                 if show_progress:
                     print(
                         f"rank-one edit: round {rnd + 1}, {len(pending) - len(nxt)}/{len(pending)} fixed "
@@ -689,35 +793,37 @@ def edit_rank_one(
         for r, f in zip(fixed, _failing(model, [r.edit for r in fixed], use_paraphrases)):
             if f:
                 r.status, r.message = "broken", "broken by a later update"
-        final = weight.detach().clone()
+        final = {layer: w.detach().clone() for layer, (w, _, _, _) in touched.items()}
     finally:
         with torch.no_grad():
-            weight.copy_(original)
+            for w, _, _, orig in touched.values():
+                w.copy_(orig)
         model.train(was)
     report = RepairReport(results, s, seconds=time.perf_counter() - t0)  # type: ignore[arg-type]
     params: list[ParamPatch] = []
-    orig_cols = original.float().cpu()
-    new_cols = final.float().cpu()
-    changed = (orig_cols != new_cols).any(dim=1 - axis).nonzero().flatten()
-    if changed.numel():
-        params.append(
-            ParamPatch(
-                name=name,
-                axis=axis,
-                indices=changed,
-                original=orig_cols.index_select(axis, changed),
-                new=new_cols.index_select(axis, changed),
-                layer=site.layer,
+    for layer, (_w, axis, name, orig) in touched.items():
+        orig_cols = orig.float().cpu()
+        new_cols = final[layer].float().cpu() if layer in final else orig_cols
+        changed = (orig_cols != new_cols).any(dim=1 - axis).nonzero().flatten()
+        if changed.numel():
+            params.append(
+                ParamPatch(
+                    name=name,
+                    axis=axis,
+                    indices=changed,
+                    original=orig_cols.index_select(axis, changed),
+                    new=new_cols.index_select(axis, changed),
+                    layer=layer,
+                )
             )
-        )
-    report.cast_error = max((p.cast_error(storage) for p in params), default=0.0)
+    report.cast_error = max((p.cast_error(storage[p.layer]) for p in params), default=0.0)
     patch = PatchSet(params, _manifest(model, report, base, s))
     patch.manifest["settings"].update(
         {"use_paraphrases": use_paraphrases, "storage_dtype": None if storage_req is None else str(storage_req)}
     )
     if params:
-        full = original.detach().cpu()
-        patch.set_hashes({name: full.to(storage_req) if storage_req is not None else full})
+        full = {name: orig.detach().cpu() for _, _, name, orig in touched.values()}
+        patch.set_hashes({k: v.to(storage_req) if storage_req is not None else v for k, v in full.items()})
     return patch, report
 
 
@@ -740,7 +846,13 @@ def _manifest(model: nn.Module, report: RepairReport, base: Optional[dict[str, A
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": {
-            "name": "ROME" if len(report.edits) == 1 or s.edit_mode == "sequential" else "ROME (MEMIT-style batch)",
+            "name": (
+                f"MEMIT (blocks {s.spread_layers})"
+                if s.spread_layers > 1
+                else "ROME"
+                if len(report.edits) == 1 or s.edit_mode == "sequential"
+                else "ROME (MEMIT-style batch)"
+            ),
             "paper": "Meng et al., Locating and Editing Factual Associations in GPT, arXiv 2202.05262; "
             "Mass-Editing Memory in a Transformer, arXiv 2210.07229",
         },
