@@ -269,7 +269,9 @@ def run_case(model, tok, source: str, n: int, a, original) -> dict:
 
     if "rome" in a.methods:
         t0 = time.perf_counter()
-        patch, report = edit_rank_one(model, tok, wrong, rome_settings(a), show_progress=True)
+        patch, report = edit_rank_one(
+            model, tok, wrong, rome_settings(a), show_progress=True, covariance_cache=a.covariance_cache
+        )
         seconds = time.perf_counter() - t0
         patch.apply(model)
         record("rome", model, seconds, {"repair": report.summary(), "parameters_changed": patch.num_values})
@@ -399,6 +401,10 @@ def main(argv=None) -> int:
         default=[],
         metavar="FIELD=VALUE",
         help="RomeSettings override, repeatable (e.g. --rome covariance=model_text --rome lam=0.5).",
+    )
+    p.add_argument(
+        "--covariance-cache",
+        help="ROME: folder that keeps the sampled key covariance between runs (default: sample it every case).",
     )
     p.add_argument("--threads", default="auto")
     p.add_argument("--json", help="Write the full results here (atomically, after every case).")

@@ -283,3 +283,75 @@ def test_spread_below_block_zero_is_refused():
         )
     with pytest.raises(UserError, match="spread_layers"):
         RomeSettings(spread_layers=0)
+
+
+def test_key_covariances_match_outer_products_and_are_kept_on_disk(tmp_path, monkeypatch):
+    """``C`` of each block is the mean outer product of its FFN keys over the sampled text (checked against
+    keys read with the project-independent ``output_hidden_states`` route: the block's MLP recomputed by hand
+    from its input), all blocks from one sampling; a second process (empty memory cache) reads the files
+    instead of sampling, and different weights get a new file."""
+    from neurodetox.patching import rome
+
+    tok = make_tokenizer()
+    model = make_model(layers=3)
+    s = RomeSettings(covariance="model_text", covariance_samples=4, covariance_tokens=8, covariance_ridge=1e-3)
+    calls = []
+    real = rome._sampled_texts
+    monkeypatch.setattr(rome, "_sampled_texts", lambda *a: calls.append(1) or real(*a))
+    rome._COV_CACHE.clear()
+    got = rome.key_covariances(model, tok, [0, 2], s, cache_dir=tmp_path / "cov")
+    assert len(calls) == 1 and len(list((tmp_path / "cov").glob("rome-covariance-*.safetensors"))) == 2
+    # brute force: the keys act(gate(x)) * up(x) from each block's post-attention norm output
+    texts = real(model, tok, s)
+    for layer in (0, 2):
+        block = model.model.layers[layer]
+        keys = []
+        with torch.no_grad():
+            for t in texts:
+                hs = model(input_ids=t[None], output_hidden_states=True).hidden_states[layer][0]
+                pos = torch.arange(hs.shape[0])[None]
+                cos_sin = model.model.rotary_emb(hs[None], pos)
+                attn = block.self_attn(
+                    block.input_layernorm(hs[None]), position_embeddings=cos_sin, attention_mask=None
+                )[0]
+                x = block.post_attention_layernorm(hs[None] + attn)[0]
+                keys.append(block.mlp.act_fn(block.mlp.gate_proj(x)) * block.mlp.up_proj(x))
+        k = torch.cat(keys).double()
+        want = k.T @ k / len(k)
+        want += 1e-3 * float(want.diagonal().mean()) * torch.eye(want.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(got[layer], want, rtol=1e-4, atol=1e-7)
+    rome._COV_CACHE.clear()
+    monkeypatch.setattr(rome, "_sampled_texts", lambda *a: pytest.fail("sampled again despite the cache"))
+    again = rome.key_covariances(model, tok, [2, 0], s, cache_dir=tmp_path / "cov")
+    assert all(torch.equal(again[i], got[i]) for i in (0, 2))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0
+    rome._COV_CACHE.clear()
+    monkeypatch.setattr(rome, "_sampled_texts", lambda *a: calls.append(1) or real(*a))
+    rome.key_covariances(model, tok, [2], s, cache_dir=tmp_path / "cov")
+    assert len(calls) == 2 and len(list((tmp_path / "cov").glob("rome-covariance-*.safetensors"))) == 3
+
+
+def test_cli_covariance_cache_is_written_in_the_named_folder_and_refused_where_unused(tmp_path, capsys):
+    from neurodetox.cli.patch import cmd_patch
+
+    tok = make_tokenizer()
+    folder = save_checkpoint(make_model(), tok, tmp_path / "base")
+    edits = _file(tmp_path, EDITS[1:])
+    common = ["--threads", "1", "--quiet", "find", "--model", str(folder), "--edits", edits]
+    rome = ["--method", "rome", "--edit_layer", "1", "--covariance_samples", "8", "--covariance_tokens", "16"]
+    rome += ["--spread_layers", "2"]
+    rc = cmd_patch(
+        common
+        + rome
+        + ["--covariance", "model_text", "--covariance_cache", str(tmp_path / "cov"), "--out", str(tmp_path / "p0")]
+    )
+    assert rc == 0 and cmd_patch(common + rome + ["--covariance", "model_text"]) == 2  # no --out
+    assert "patch find needs --output_dir DIR" in capsys.readouterr().err
+    assert sorted(p.name.split("-")[3] for p in (tmp_path / "cov").iterdir()) == ["layer0", "layer1"]
+    capsys.readouterr()
+    assert cmd_patch(common + rome + ["--covariance_cache", str(tmp_path / "c2"), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "--covariance_cache" in err and "only with --method rome --covariance model_text" in err, err
+    assert cmd_patch(common + ["--covariance_cache", str(tmp_path / "c2"), "--out", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "p").exists()

@@ -137,7 +137,15 @@ def cmd_find(a) -> int:
     from neurodetox.patching.patchfile import check_patch_destination
 
     check_prompts([e.get("prompt") for e in edits], what="edit prompt")  # a JSON list as prompt: one line
+    if not a.output_dir:
+        raise UserError("patch find needs --output_dir DIR (alias --out): the folder the patch is written to")
     check_patch_destination(a.output_dir, a.overwrite)  # before the repair, not after it
+    if a.covariance_cache and (a.method != "rome" or a.rome_settings.covariance != "model_text"):
+        raise UserError(
+            f"--covariance_cache {a.covariance_cache} is used only with --method rome --covariance model_text "
+            f"(got --method {a.method}"
+            + (f" --covariance {a.rome_settings.covariance})" if a.method == "rome" else ")")
+        )
     folder = _checkpoint_path(a.model_name_or_path)
     info = inspect_checkpoint(folder)
     settings = a.settings
@@ -163,6 +171,7 @@ def cmd_find(a) -> int:
             base={"name_or_path": a.model_name_or_path},
             use_paraphrases=settings.use_paraphrases,
             storage_dtype=settings.storage_dtype,
+            covariance_cache=a.covariance_cache,
         )
     else:
         patch, report = repair(
@@ -602,6 +611,7 @@ class FindArguments:
         edits: JSONL file, one ``{"prompt", "target", ["paraphrases", "aliases", "fact_id"]}`` per line.
         output_dir: the patch folder to write (``patch.safetensors`` + ``manifest.json``; alias ``--out``).
         overwrite: replace an existing patch there.
+        covariance_cache: rome: folder for the key covariance files (``None``: sample every run).
         reference: reference prompts, see :func:`neurodetox.patching.pools.reference_prompts`.
     """
 
@@ -631,6 +641,13 @@ class FindArguments:
         metadata={"help": "Patch folder to write (patch.safetensors + manifest.json).", "aliases": ["--out"]},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing patch in --output_dir."})
+    covariance_cache: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "rome with --covariance model_text: a folder that keeps the sampled key covariance between runs "
+            "(one file per block, named by the weights' SHA-256); default: sample it every run."
+        },
+    )
     reference: str = field(
         default="facts+default",
         metadata={

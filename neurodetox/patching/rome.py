@@ -45,10 +45,13 @@ columns with their originals (float32, so revert is bit-exact in any dtype).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union, get_args
 
 import torch
@@ -56,6 +59,7 @@ from torch import nn
 
 from neurodetox.core.checks import DTYPES, check_int, check_number, model_device, resolve_dtype
 from neurodetox.core.errors import UserError
+from neurodetox.core.io import atomic_save_safetensors
 from neurodetox.core.sites import base_model, resolve_sites, value_vector_parameter
 from neurodetox.patching.failures import Edit, coerce_edits, encode_edit, encode_pair, still_failing
 from neurodetox.patching.mint.reference import fingerprint
@@ -70,6 +74,8 @@ __all__ = [
     "edit_site",
     "optimise_values",
     "key_covariance",
+    "key_covariances",
+    "weights_sha256",
     "rank_update",
     "subject_last_index",
 ]
@@ -311,26 +317,20 @@ def _keys_hook(store: list):
     return hook
 
 
-@torch.no_grad()
-def key_covariance(model: nn.Module, tokenizer, layer: int, settings: RomeSettings) -> torch.Tensor:
-    """``C = E[k kᵀ] + ridge`` (``[d_ff, d_ff]`` float64) of the FFN keys of ``layer`` over the model's sampled text.
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 (hex) of every parameter's name, dtype, shape and bytes: the identity a covariance file is kept under."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            t = p.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
-    ``covariance_samples`` texts of ``covariance_tokens`` tokens are sampled
-    (temperature 1, seeded) from :data:`TEXT_STARTS`; every real token's key is
-    used. Cached per model weights, layer and settings.
-    """
-    site = edit_site(model, layer)
-    key = (
-        id(model),
-        fingerprint(model),
-        site.layer,
-        settings.covariance_samples,
-        settings.covariance_tokens,
-        settings.covariance_ridge,
-        settings.covariance_seed,
-    )
-    if key in _COV_CACHE:
-        return _COV_CACHE[key]
+
+def _sampled_texts(model: nn.Module, tokenizer, settings: RomeSettings) -> list[torch.Tensor]:
+    """``covariance_samples`` token sequences of ``covariance_tokens`` tokens sampled (temperature 1, seeded)
+    from the model after each of :data:`TEXT_STARTS` in turn; padding removed."""
     device = model_device(model)
     side = getattr(tokenizer, "padding_side", "right")
     starts = [TEXT_STARTS[i % len(TEXT_STARTS)] for i in range(settings.covariance_samples)]
@@ -354,21 +354,101 @@ def key_covariance(model: nn.Module, tokenizer, layer: int, settings: RomeSettin
                 texts += [row[row != pad] if pad is not None else row for row in out[:, enc["input_ids"].shape[1] :]]
     finally:
         tokenizer.padding_side = side
-    store: list[torch.Tensor] = []
-    handle = site.module.register_forward_hook(_keys_hook(store))
-    try:
-        for t in texts:
-            if t.numel():
-                model(input_ids=t[None].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    keys = torch.cat([s.reshape(-1, s.shape[-1]) for s in store]).double().cpu()
-    C = keys.T @ keys / max(len(keys), 1)
-    C += settings.covariance_ridge * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=torch.float64)
-    if len(_COV_CACHE) > 4:
-        _COV_CACHE.clear()
-    _COV_CACHE[key] = C
-    return C
+    return texts
+
+
+def _covariance_file(folder: Path, digest: str, layer: int, settings: RomeSettings) -> Path:
+    return folder / (
+        f"rome-covariance-{digest[:20]}-layer{layer}-{settings.covariance_samples}x{settings.covariance_tokens}"
+        f"-seed{settings.covariance_seed}.safetensors"
+    )
+
+
+@torch.no_grad()
+def key_covariances(
+    model: nn.Module,
+    tokenizer,
+    layers: Sequence[int],
+    settings: RomeSettings,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> dict[int, torch.Tensor]:
+    """``{layer: C}``: ``C = E[k kᵀ] + ridge`` (``[d_ff, d_ff]`` float64) of the FFN keys of each block over the
+    model's own sampled text.
+
+    ``covariance_samples`` texts of ``covariance_tokens`` tokens are sampled once (temperature 1,
+    seeded) from :data:`TEXT_STARTS`, and every real token's key of every block in ``layers`` is read
+    in the same forwards. The second moment (before the ridge) is kept in memory per model weights,
+    block and settings, and, when ``cache_dir`` is given, in ``cache_dir`` as one safetensors file per
+    block named by the SHA-256 of the weights (:func:`weights_sha256`), the block and the sampling
+    settings, written atomically; a later run on the same weights reads it instead of sampling.
+
+    Raises:
+        UserError: ``cache_dir`` cannot be written, or a block has no FFN output projection.
+    """
+    sites = {layer: edit_site(model, layer) for layer in layers}
+    common = (settings.covariance_samples, settings.covariance_tokens, settings.covariance_seed)
+    fp = fingerprint(model)
+    moments: dict[int, torch.Tensor] = {}
+    digest = None
+    folder = Path(cache_dir) if cache_dir is not None else None
+    for layer, site in sites.items():
+        key = (id(model), fp, site.layer, *common)
+        if key in _COV_CACHE:
+            moments[layer] = _COV_CACHE[key]
+        elif folder is not None:
+            digest = digest or weights_sha256(model)
+            path = _covariance_file(folder, digest, site.layer, settings)
+            if path.is_file():
+                from safetensors.torch import load_file
+
+                moments[layer] = _COV_CACHE[key] = load_file(str(path))["second_moment"]
+                logger.info("key covariance of block %d read from %s", site.layer, path)
+    missing = [layer for layer in sites if layer not in moments]
+    if missing:
+        device = model_device(model)
+        texts = _sampled_texts(model, tokenizer, settings)
+        sums = {layer: None for layer in missing}
+        count = 0
+
+        def adder(layer):
+            def hook(module, args):
+                k = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
+                sums[layer] = k.T @ k if sums[layer] is None else sums[layer] + k.T @ k
+
+            return hook
+
+        handles = [sites[layer].module.register_forward_pre_hook(adder(layer)) for layer in missing]
+        try:
+            for t in texts:
+                if t.numel():
+                    model(input_ids=t[None].to(device), use_cache=False)
+                    count += int(t.numel())
+        finally:
+            for h in handles:
+                h.remove()
+        if len(_COV_CACHE) > 16:
+            _COV_CACHE.clear()
+        for layer in missing:
+            moments[layer] = _COV_CACHE[(id(model), fp, sites[layer].layer, *common)] = sums[layer] / max(count, 1)
+            if folder is not None:
+                digest = digest or weights_sha256(model)
+                path = _covariance_file(folder, digest, sites[layer].layer, settings)
+                atomic_save_safetensors(
+                    path,
+                    {"second_moment": moments[layer]},
+                    {"layer": str(sites[layer].layer), "tokens": str(count), "weights_sha256": digest},
+                )
+    out = {}
+    for layer in layers:
+        C = moments[layer].clone()
+        C += settings.covariance_ridge * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=torch.float64)
+        out[layer] = C
+    return out
+
+
+def key_covariance(model: nn.Module, tokenizer, layer: int, settings: RomeSettings) -> torch.Tensor:
+    """``C`` of one block: :func:`key_covariances` for ``[layer]``."""
+    return key_covariances(model, tokenizer, [layer], settings)[layer]
 
 
 def _context_prefixes(model, tokenizer, n: int) -> list[str]:
@@ -676,6 +756,7 @@ def edit_rank_one(
     base: Optional[dict[str, Any]] = None,
     use_paraphrases: bool = True,
     storage_dtype: Optional[Union[str, torch.dtype]] = None,
+    covariance_cache: Optional[Union[str, os.PathLike]] = None,
 ) -> tuple[PatchSet, RepairReport]:
     """Edit ``edits`` into one FFN output projection by ROME/MEMIT rank-one updates; return the patch.
 
@@ -695,6 +776,8 @@ def edit_rank_one(
         storage_dtype: dtype the new weights are rounded to (a name of
             :data:`neurodetox.core.checks.DTYPES` or a torch dtype) or ``None`` (the weight's own),
             so what is verified is what will be written.
+        covariance_cache: a folder that keeps the key covariances (``covariance="model_text"``)
+            between runs (see :func:`key_covariances`); ``None`` (default) keeps them in memory only.
 
     Returns:
         ``(patch, report)``: a :class:`~neurodetox.patching.patchfile.PatchSet` (one tensor, the
@@ -749,10 +832,9 @@ def edit_rank_one(
             if not f:
                 r.status, r.message = "nothing_to_fix", "the model already produces the target for every phrasing"
         todo = [i for i, f in enumerate(failing) if f]
-        covs: dict[int, Optional[torch.Tensor]] = {
-            layer: key_covariance(model, tokenizer, layer, s) if (todo and s.covariance == "model_text") else None
-            for layer in layers
-        }
+        covs: dict[int, Optional[torch.Tensor]] = dict.fromkeys(layers)
+        if todo and s.covariance == "model_text":
+            covs.update(key_covariances(model, tokenizer, layers, s, covariance_cache))
         prefixes = _context_prefixes(model, tokenizer, s.context_templates) if todo else [""]
         fixed_keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         groups = [[i] for i in todo] if s.edit_mode == "sequential" else [todo]
