@@ -54,7 +54,7 @@ from neurodetox.data import load_facts
 from neurodetox.metrics.factual import is_correct
 from neurodetox.metrics.sampling import greedy_answers
 from neurodetox.patching import UPDATE_RULES, MintSettings, repair
-from neurodetox.patching.edit_metrics import compare, measure_model
+from neurodetox.patching.edit_metrics import answer_span, compare, measure_model
 from neurodetox.patching.failures import coerce_edits, encode_edit, find_failures, teacher_forced_argmax
 
 
@@ -103,10 +103,14 @@ def lora_fix(model, edits, rank: int, lr: float, max_steps: int, targets: list[s
 
 
 def mint_settings(a) -> MintSettings:
-    """MINT's defaults, with the benchmark's ``--update``, ``--layers`` and ``--protect``."""
-    s = MintSettings(update=a.update, layers=a.layers, protect=a.protect)
-    s.validate()
-    return s
+    """MINT's defaults, with the benchmark's ``--update``, ``--layers``, ``--protect`` and ``--mint FIELD=VALUE``
+    overrides, parsed and checked like ``patch find``'s flags."""
+    from neurodetox.core.args import command_parser, parse_command
+
+    argv = ["--update", a.update, "--layers", str(a.layers), "--protect", repr(a.protect)]
+    argv += [x for item in a.mint for x in ("--" + item.partition("=")[0], item.partition("=")[2])]
+    (settings,) = parse_command(command_parser("--mint", "MINT settings", (MintSettings,)), argv)
+    return settings
 
 
 def changed_values(model, original: dict[str, torch.Tensor]) -> int:
@@ -218,9 +222,16 @@ def wrong_facts(model, tok, facts: list[dict], n: int, max_new_tokens: int) -> t
     return wrong, seen
 
 
-def evaluate(model, tok, edits, unrelated, texts, before, a) -> dict:
+def evaluate(model, tok, edits, unrelated, texts, before, a, n_same: int) -> dict:
+    """:func:`compare`'s measures, plus unrelated answers unchanged split into the first ``n_same`` prompts
+    (other subjects of the edits' relation) and the rest (the other source's facts)."""
     after = measure_model(model, tok, edits, unrelated, texts, max_new_tokens=a.max_new_tokens)
-    return compare(before, after, edits, unrelated)
+    res = compare(before, after, edits, unrelated)
+    same = [answer_span(x) == answer_span(y) for x, y in zip(before["unrelated_answers"], after["unrelated_answers"])]
+    res["specificity_same_relation"] = sum(same[:n_same]) / max(1, len(same[:n_same]))
+    res["specificity_other_relations"] = sum(same[n_same:]) / max(1, len(same[n_same:]))
+    res["same_relation_prompts"] = len(same[:n_same])
+    return res
 
 
 def rome_settings(a):
@@ -253,7 +264,8 @@ def run_case(model, tok, source: str, n: int, a, original) -> dict:
     # unrelated prompts nobody tuned on: the same relation's other subjects (half) and the other source's facts
     same = [f for f in seen if f["fact_id"] not in used]
     rest = [f for f in facts if f["fact_id"] not in used and f["fact_id"] not in {x["fact_id"] for x in seen}]
-    pool = (same + rest)[: a.unrelated // 2] + others[: a.unrelated - a.unrelated // 2]
+    near = (same + rest)[: a.unrelated // 2]
+    pool = near + others[: a.unrelated - a.unrelated // 2]
     unrelated = [{"prompt": f["prompt"], "aliases": list(f["aliases"])} for f in pool]
     texts = [f["statement"] for f in builtin_facts()[-a.texts :]] if a.texts else []
     edits = [encode_edit(tok, e) for e in coerce_edits(wrong)]
@@ -261,9 +273,8 @@ def run_case(model, tok, source: str, n: int, a, original) -> dict:
     out: dict = {"source": source, "n": len(edits), "unrelated": len(unrelated), "methods": {}}
 
     def record(name, patch_or_model, seconds, extra):
-        res = evaluate(patch_or_model, tok, edits, unrelated, texts, before, a)
+        res = evaluate(patch_or_model, tok, edits, unrelated, texts, before, a, len(near))
         res.update({"seconds": seconds, "seconds_per_fix": seconds / len(edits), **extra})
-        res.pop("changed_unrelated", None)
         out["methods"][name] = res
         print(f"[{source} n={n}] {name}: {summary_line(res)}", file=sys.stderr, flush=True)
 
@@ -320,7 +331,8 @@ def summary_line(r: dict) -> str:
     return (
         f"free-gen success {100 * r['success_greedy']:.0f}%, all phrasings {100 * r['success_all_phrasings']:.0f}%, "
         f"unseen phrasings {100 * r['generalisation']:.0f}% (before {100 * r['generalisation_before']:.0f}%), "
-        f"unchanged {100 * r['specificity']:.1f}%, known kept {100 * r.get('known_facts_kept', float('nan')):.1f}%, "
+        f"unchanged {100 * r['specificity']:.1f}% (same relation "
+        f"{100 * r.get('specificity_same_relation', float('nan')):.0f}%), known kept {100 * r.get('known_facts_kept', float('nan')):.1f}%, "
         f"ppl drift {100 * r['perplexity_drift']:+.2f}%, {r['seconds_per_fix']:.2f} s/fix"
     )
 
@@ -334,6 +346,7 @@ HEADER = (
     "all repair phrasings",
     "unseen phrasings (before)",
     "unrelated unchanged",
+    "same relation / other",
     "known facts kept",
     "right→wrong / wrong→right",
     "ppl drift",
@@ -358,6 +371,8 @@ def table(cases: list[dict]) -> str:
                         f"{100 * r['success_all_phrasings']:.0f}%",
                         f"{100 * r['generalisation']:.0f}% ({100 * r['generalisation_before']:.0f}%)",
                         f"{100 * r['specificity']:.1f}% of {r['unrelated_prompts']}",
+                        f"{100 * r.get('specificity_same_relation', float('nan')):.0f}% / "
+                        f"{100 * r.get('specificity_other_relations', float('nan')):.0f}%",
                         f"{100 * r.get('known_facts_kept', float('nan')):.1f}% of {r.get('known_facts', '-')}",
                         f"{ch.get('right_to_wrong', '-')} / {ch.get('wrong_to_right', '-')}",
                         f"{100 * r['perplexity_drift']:+.2f}%",
@@ -405,6 +420,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--covariance-cache",
         help="ROME: folder that keeps the sampled key covariance between runs (default: sample it every case).",
+    )
+    p.add_argument(
+        "--mint",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="MintSettings override, repeatable (e.g. --mint use_paraphrases=false).",
     )
     p.add_argument("--threads", default="auto")
     p.add_argument("--json", help="Write the full results here (atomically, after every case).")
