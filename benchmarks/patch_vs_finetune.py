@@ -7,6 +7,9 @@ Methods (issue 18), each making ONE patch for all ``--n`` edits:
 * **mint**: :func:`neurodetox.patching.repair` (Gu et al., arXiv 2312.05356) with
   paraphrase-aware repair and reference prompts built from the model and the
   edits (``--reference edits+default``);
+* **bf16** (a reference row, not a method): every weight rounded to bfloat16,
+  a small change that carries no fact, to show how many unrelated answers move
+  under any change at all;
 * **lora**: for each edit in turn a fresh LoRA adapter (``peft``; rank 8 on
   every ``mlp.down_proj``) trained with Adam on ``prompt + target`` (loss on the
   target tokens) until every target token is the teacher-forced argmax or a
@@ -319,6 +322,14 @@ def run_case(model, tok, source: str, n: int, a, original) -> dict:
         )
         patch.revert(model)
         assert changed_values(model, original) == 0, "MINT revert was not bit-exact"
+    if "bf16" in a.methods:  # a reference, not a method: every weight rounded to bfloat16, a change with no fact in it
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.copy_(prm.to(torch.bfloat16).to(prm.dtype))
+        seconds = time.perf_counter() - t0
+        record("bf16 rounding (reference)", model, seconds, {"parameters_changed": changed_values(model, original)})
+        model.load_state_dict(original)
     if "lora" in a.methods:
         for prm in model.parameters():
             prm.requires_grad_(True)
@@ -407,7 +418,12 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m-instruct", help="Checkpoint (default smollm2-135m-instruct).")
     p.add_argument("--sources", default="geonames,facts", help="Comma list: geonames, facts (default both).")
     p.add_argument("--n", default="30", help="Comma list of edits per patch (default 30; e.g. 1,10,30,100).")
-    p.add_argument("--methods", default="rome,mint,lora", help="Comma list: rome, mint, lora (default all).")
+    p.add_argument(
+        "--methods",
+        default="rome,mint,lora",
+        help="Comma list: rome, mint, lora (default all); bf16 adds a reference row: every weight rounded to "
+        "bfloat16, a change that carries no fact (how many unrelated answers move at all).",
+    )
     p.add_argument("--unrelated", type=int, default=200, help="Specificity prompts (default 200).")
     p.add_argument("--texts", type=int, default=64, help="Fact statements for perplexity (default 64).")
     p.add_argument("--min-population", type=int, default=200_000, help="GeoNames cities at least this big.")
