@@ -46,7 +46,7 @@ EDITS = [
         "paraphrases": ["capital of spain"],
     },
 ]
-FAST = dict(edit_layer=1, covariance_samples=8, covariance_tokens=16)
+FAST = dict(edit_layer=1, spread_layers=1, lam=0.0, covariance_samples=8, covariance_tokens=16)
 
 
 def _null_space(k: np.ndarray) -> np.ndarray:
@@ -208,7 +208,7 @@ def test_cli_find_method_rome_apply_revert(tmp_path):
     before = folder_sha256(folder)
     edits = _file(tmp_path, EDITS[1:])
     common = ["--threads", "1", "--quiet", "find", "--model", str(folder), "--method", "rome", "--edit_layer", "1"]
-    common += ["--covariance_samples", "8", "--covariance_tokens", "16"]
+    common += ["--spread_layers", "1", "--lam", "0", "--covariance_samples", "8", "--covariance_tokens", "16"]
     rc = cmd_patch(
         common
         + ["--prompt", EDITS[0]["prompt"], "--target", EDITS[0]["target"], "--subject", "france"]
@@ -252,7 +252,7 @@ def test_memit_spread_moves_the_hidden_state_by_the_optimised_value_and_reverts(
     tok = make_tokenizer()
     model = make_model(layers=5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    s = RomeSettings(edit_layer=3, spread_layers=3, rounds=1, covariance="identity")
+    s = RomeSettings(edit_layer=3, spread_layers=3, rounds=1, covariance="identity", lam=0.0)
     e = encode_edit(tok, coerce_edits(EDITS[:1])[0])
     _, D, _ = optimise_values(model, tok, [e], edit_site(model, 3), s, [""], False)
     ids = torch.tensor([tok(e.prompt)["input_ids"]])
@@ -340,7 +340,7 @@ def test_cli_covariance_cache_is_written_in_the_named_folder_and_refused_where_u
     edits = _file(tmp_path, EDITS[1:])
     common = ["--threads", "1", "--quiet", "find", "--model", str(folder), "--edits", edits]
     rome = ["--method", "rome", "--edit_layer", "1", "--covariance_samples", "8", "--covariance_tokens", "16"]
-    rome += ["--spread_layers", "2"]
+    rome += ["--spread_layers", "2", "--lam", "0"]
     rc = cmd_patch(
         common
         + rome
@@ -350,7 +350,8 @@ def test_cli_covariance_cache_is_written_in_the_named_folder_and_refused_where_u
     assert "patch find needs --output_dir DIR" in capsys.readouterr().err
     assert sorted(p.name.split("-")[3] for p in (tmp_path / "cov").iterdir()) == ["layer0", "layer1"]
     capsys.readouterr()
-    assert cmd_patch(common + rome + ["--covariance_cache", str(tmp_path / "c2"), "--out", str(tmp_path / "p")]) == 2
+    ident = ["--covariance", "identity", "--covariance_cache", str(tmp_path / "c2"), "--out", str(tmp_path / "p")]
+    assert cmd_patch(common + rome + ident) == 2
     err = capsys.readouterr().err
     assert "--covariance_cache" in err and "only with --method rome --covariance model_text" in err, err
     assert cmd_patch(common + ["--covariance_cache", str(tmp_path / "c2"), "--out", str(tmp_path / "p")]) == 2

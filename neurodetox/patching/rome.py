@@ -28,10 +28,13 @@ token, the value ``W k`` its output (``[d]``). For each edit:
    ``ΔW = (v* − W k*) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*)``. ``λ > 0`` is MEMIT's
    least-squares form ``ΔW = R Kᵀ (λC + KKᵀ)⁻¹``.
 
-``C = I`` by default, as EasyEdit's Llama settings (``mom2_adjustment: false``);
-``covariance="model_text"`` estimates ``C`` from the model's own sampled text
-(no corpus download; the papers use 100,000 Wikipedia samples), with a ridge
-of ``covariance_ridge × mean diagonal``.
+By default (``covariance="model_text"``) ``C`` is estimated from the model's
+own sampled text (no corpus download; the papers use 100,000 Wikipedia
+samples), with a ridge of ``covariance_ridge × mean diagonal``;
+``covariance="identity"`` is EasyEdit's ROME setting for Llama
+(``mom2_adjustment: false``). The defaults are MEMIT's (``spread_layers=5``
+blocks ending at block 8, ``λ = 15000``), chosen on a dev set of GeoNames
+cities (``docs/results/patching.md``); ``spread_layers=1, lam=0`` is ROME.
 
 Edits whose phrasings are not all fixed by the update are optimised again on
 the updated weights (``rounds``), with the keys of the fixed edits held to
@@ -122,15 +125,17 @@ class RomeSettings:
 
     Attributes:
         edit_layer: the block whose FFN output projection is edited, an integer
-            (negative counts from the end). Default 4 (of SmolLM2-135M's 30;
-            EasyEdit edits block 5 of Llama-2-7B's 32).
+            (negative counts from the end); the value is optimised at its output.
+            Default 8 (of SmolLM2-135M's 30; EasyEdit's MEMIT ends at block 8 of
+            Llama-2-7B's 32 and Llama-3.2-1B's 16; its ROME edits block 5). A model
+            with fewer blocks needs another value.
         spread_layers: MEMIT's spreading (arXiv 2210.07229, §4.3): the value is
             optimised at ``edit_layer``'s output and the update is spread over the
             FFN output projections of the ``spread_layers`` blocks ending there,
             lowest first, each taking ``1/(blocks left)`` of the remaining
             residual at ``edit_layer`` (recomputed after every block's update), in
-            its own key covariance. ``>= 1``; default 1 (ROME: ``edit_layer`` only).
-            MEMIT edits blocks 4–8 of Llama-2-7B's 32 (EasyEdit); every block must
+            its own key covariance. ``>= 1``; default 5 (blocks 4–8, as EasyEdit's
+            MEMIT for Llama); 1 is ROME (``edit_layer`` only). Every block must
             exist (``edit_layer - spread_layers + 1 >= 0``).
         edit_mode: ``"batch"`` (default): every edit's value is optimised at once
             on the same weights and one update writes them all (MEMIT's
@@ -149,26 +154,28 @@ class RomeSettings:
             optimised (and its key averaged) behind, ``>= 0``. Default 0
             (ours; ROME uses 20, which costs 21× the forwards; the edits'
             paraphrases play their part here).
-        covariance: ``"identity"`` (default; ``C = I``, EasyEdit's Llama setting
-            ``mom2_adjustment: false``) or ``"model_text"`` (``C`` from the
-            model's own sampled text; sampling costs minutes on a loaded CPU).
-        covariance_samples: sampled texts for ``C``, ``>= 1``. Default 32.
-        covariance_tokens: tokens per sampled text, ``>= 1``. Default 32.
+        covariance: ``"model_text"`` (default; ``C`` from the model's own sampled
+            text, once per model: about 1.5 min on a 2-core CPU, then kept in memory or
+            with ``covariance_cache``) or ``"identity"`` (``C = I``, EasyEdit's ROME
+            setting for Llama, ``mom2_adjustment: false``).
+        covariance_samples: sampled texts for ``C``, ``>= 1``. Default 128.
+        covariance_tokens: tokens per sampled text, ``>= 1``. Default 64.
         covariance_ridge: ridge added to ``C``, relative to its mean diagonal, ``> 0``. Default 0.01.
-        lam: ``λ`` of :func:`rank_update`: 0 (default) exact constraints (ROME);
-            ``> 0`` MEMIT's least squares with ``λ C``.
-        rounds: update rounds for edits the previous update left unfixed, ``>= 1``. Default 3.
+        lam: ``λ`` of :func:`rank_update`, ``>= 0``: 0 exact constraints (ROME);
+            ``> 0`` MEMIT's least squares with ``λ C``. Default 15000 (EasyEdit's
+            ``mom2_update_weight`` for MEMIT; ``C`` is the mean second moment there too).
+        rounds: update rounds for edits the previous update left unfixed, ``>= 1``. Default 6.
         covariance_seed: seed of the sampled covariance text. Default 0.
 
     Raises:
         UserError: a field outside its valid values (at construction and in :meth:`validate`).
     """
 
-    edit_layer: int = field(default=4, metadata=_help("rome: block whose FFN output projection is edited (default 4)."))
+    edit_layer: int = field(default=8, metadata=_help("rome: block whose FFN output projection is edited (default 8)."))
     spread_layers: int = field(
-        default=1,
+        default=5,
         metadata=_help(
-            "MEMIT: spread the update over this many blocks ending at edit_layer, >= 1 (default 1: ROME's one block)."
+            "MEMIT: spread the update over this many blocks ending at edit_layer, >= 1 (default 5; 1 = ROME)."
         ),
     )
     edit_mode: Mode = field(
@@ -188,15 +195,15 @@ class RomeSettings:
         default=0, metadata=_help("Model-generated prefixes each phrasing is also optimised behind, >= 0 (0).")
     )
     covariance: Covariance = field(
-        default="identity", metadata=_help("Key covariance C: 'identity' (default) or 'model_text'.")
+        default="model_text", metadata=_help("Key covariance C: 'model_text' (default) or 'identity'.")
     )
-    covariance_samples: int = field(default=32, metadata=_help("Sampled texts for C, >= 1 (default 32)."))
-    covariance_tokens: int = field(default=32, metadata=_help("Tokens per sampled text for C, >= 1 (default 32)."))
+    covariance_samples: int = field(default=128, metadata=_help("Sampled texts for C, >= 1 (default 128)."))
+    covariance_tokens: int = field(default=64, metadata=_help("Tokens per sampled text for C, >= 1 (default 64)."))
     covariance_ridge: float = field(
         default=0.01, metadata=_help("Ridge added to C, relative to its mean diagonal, > 0 (default 0.01).")
     )
-    lam: float = field(default=0.0, metadata=_help("λ: 0 exact constraints (ROME, default); > 0 MEMIT least squares."))
-    rounds: int = field(default=3, metadata=_help("Update rounds for edits left unfixed, >= 1 (default 3)."))
+    lam: float = field(default=15000.0, metadata=_help("λ: 0 exact constraints (ROME); > 0 MEMIT (default 15000)."))
+    rounds: int = field(default=6, metadata=_help("Update rounds for edits left unfixed, >= 1 (default 6)."))
     covariance_seed: int = field(default=0, metadata=_help("Seed of the sampled covariance text (default 0)."))
 
     def __post_init__(self) -> None:
@@ -328,7 +335,9 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _sampled_texts(model: nn.Module, tokenizer, settings: RomeSettings) -> list[torch.Tensor]:
+def _sampled_texts(
+    model: nn.Module, tokenizer, settings: RomeSettings, show_progress: bool = False
+) -> list[torch.Tensor]:
     """``covariance_samples`` token sequences of ``covariance_tokens`` tokens sampled (temperature 1, seeded)
     from the model after each of :data:`TEXT_STARTS` in turn; padding removed."""
     device = model_device(model)
@@ -340,7 +349,10 @@ def _sampled_texts(model: nn.Module, tokenizer, settings: RomeSettings) -> list[
         tokenizer.padding_side = "left"
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(settings.covariance_seed)
-            for b in range(0, len(starts), 16):
+            from tqdm.auto import tqdm
+
+            batches = range(0, len(starts), 16)
+            for b in tqdm(batches, desc="key covariance: sampling text", unit="batch", disable=not show_progress):
                 enc = tokenizer(starts[b : b + 16], return_tensors="pt", padding=True).to(device)
                 out = model.generate(
                     **enc,
@@ -371,6 +383,7 @@ def key_covariances(
     layers: Sequence[int],
     settings: RomeSettings,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
+    show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """``{layer: C}``: ``C = E[k kᵀ] + ridge`` (``[d_ff, d_ff]`` float64) of the FFN keys of each block over the
     model's own sampled text.
@@ -381,6 +394,7 @@ def key_covariances(
     block and settings, and, when ``cache_dir`` is given, in ``cache_dir`` as one safetensors file per
     block named by the SHA-256 of the weights (:func:`weights_sha256`), the block and the sampling
     settings, written atomically; a later run on the same weights reads it instead of sampling.
+    ``show_progress`` shows a progress bar while sampling.
 
     Raises:
         UserError: ``cache_dir`` cannot be written, or a block has no FFN output projection.
@@ -406,7 +420,7 @@ def key_covariances(
     missing = [layer for layer in sites if layer not in moments]
     if missing:
         device = model_device(model)
-        texts = _sampled_texts(model, tokenizer, settings)
+        texts = _sampled_texts(model, tokenizer, settings, show_progress)
         sums = {layer: None for layer in missing}
         count = 0
 
@@ -834,7 +848,7 @@ def edit_rank_one(
         todo = [i for i, f in enumerate(failing) if f]
         covs: dict[int, Optional[torch.Tensor]] = dict.fromkeys(layers)
         if todo and s.covariance == "model_text":
-            covs.update(key_covariances(model, tokenizer, layers, s, covariance_cache))
+            covs.update(key_covariances(model, tokenizer, layers, s, covariance_cache, show_progress))
         prefixes = _context_prefixes(model, tokenizer, s.context_templates) if todo else [""]
         fixed_keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         groups = [[i] for i in todo] if s.edit_mode == "sequential" else [todo]
