@@ -290,7 +290,7 @@ def test_key_covariances_match_outer_products_and_are_kept_on_disk(tmp_path, mon
     keys read with the project-independent ``output_hidden_states`` route: the block's MLP recomputed by hand
     from its input), all blocks from one sampling; a second process (empty memory cache) reads the files
     instead of sampling, and different weights get a new file."""
-    from neurodetox.patching import rome
+    from neurodetox.patching import covariance as rome
 
     tok = make_tokenizer()
     model = make_model(layers=3)
