@@ -283,6 +283,8 @@ def test_spread_below_block_zero_is_refused():
         )
     with pytest.raises(UserError, match="spread_layers"):
         RomeSettings(spread_layers=0)
+    with pytest.raises(UserError, match=r"edit_layer 8 is out of range: the model has 4 blocks \(valid -4..3\)"):
+        edit_rank_one(make_model(), make_tokenizer(), EDITS, RomeSettings(), show_progress=False)
 
 
 def test_key_covariances_match_outer_products_and_are_kept_on_disk(tmp_path, monkeypatch):

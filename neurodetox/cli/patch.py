@@ -154,6 +154,10 @@ def cmd_find(a) -> int:
     from neurodetox.core.sites import resolve_sites, value_vector_parameter
 
     names = {id(p): n for n, p in model.named_parameters()}
+    if a.method == "rome":
+        from neurodetox.patching.rome import check_edit_layer
+
+        check_edit_layer(model, a.rome_settings)
     layers = [a.rome_settings.edit_layer] if a.method == "rome" else settings.layers
     touched_names = [names[id(value_vector_parameter(s)[0])] for s in resolve_sites(model, "mlp", layers)]
     dtype = checkpoint_dtype(info, touched_names[:1])

@@ -60,7 +60,7 @@ from torch import nn
 
 from neurodetox.core.checks import DTYPES, check_int, check_number, model_device, resolve_dtype
 from neurodetox.core.errors import UserError
-from neurodetox.core.sites import base_model, resolve_sites, value_vector_parameter
+from neurodetox.core.sites import base_model, num_layers, resolve_sites, value_vector_parameter
 from neurodetox.patching.covariance import TEXT_STARTS, edit_site, key_covariance, key_covariances, weights_sha256
 from neurodetox.patching.failures import Edit, coerce_edits, encode_edit, encode_pair, still_failing
 from neurodetox.patching.mint.results import EditResult, RepairReport
@@ -68,6 +68,7 @@ from neurodetox.patching.patchfile import ParamPatch, PatchSet
 
 __all__ = [
     "COVARIANCES",
+    "check_edit_layer",
     "MODES",
     "RomeSettings",
     "edit_rank_one",
@@ -532,6 +533,21 @@ def _failing(model, edits: Sequence[Edit], use_paraphrases: bool) -> list[bool]:
     return out
 
 
+def check_edit_layer(model: nn.Module, s: RomeSettings) -> None:
+    """Refuse an ``edit_layer`` the model does not have.
+
+    Raises:
+        UserError: naming the value, the valid range and the flags to give.
+    """
+    blocks = num_layers(model)
+    if not -blocks <= s.edit_layer < blocks:
+        raise UserError(
+            f"edit_layer {s.edit_layer} is out of range: the model has {blocks} blocks (valid {-blocks}..{blocks - 1}); "
+            f"the default ({RomeSettings.edit_layer}, with spread_layers {RomeSettings.spread_layers}) is MEMIT's "
+            "for models of 16 to 32 blocks, so give --edit_layer (and --spread_layers) for this one"
+        )
+
+
 def _write_update(
     model, tokenizer, batch, K, R, s, layers, sites, z_site, touched, storage, covs, fixed_keys, prefixes,
     use_paraphrases,
@@ -632,6 +648,7 @@ def edit_rank_one(
     t0 = time.perf_counter()
     was = model.training
     model.eval()
+    check_edit_layer(model, s)
     site = edit_site(model, s.edit_layer)
     first = site.layer - s.spread_layers + 1
     if first < 0:
