@@ -260,7 +260,7 @@ def test_memit_spread_moves_the_hidden_state_by_the_optimised_value_and_reverts(
     z0 = model(input_ids=ids, output_hidden_states=True).hidden_states[4][0, look]
     patch, report = edit_rank_one(model, tok, EDITS[:1], s, show_progress=False, use_paraphrases=False)
     assert [p.name for p in patch.params] == [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2, 3)]
-    assert patch.manifest["method"]["name"] == "MEMIT (blocks 3)"
+    assert patch.manifest["method"]["name"] == "MEMIT, 3 blocks"
     patch.apply(model)
     z1 = model(input_ids=ids, output_hidden_states=True).hidden_states[4][0, look]
     torch.testing.assert_close(z1 - z0, D[:, 0], rtol=1e-3, atol=1e-4)

@@ -193,7 +193,7 @@ def cmd_find(a) -> int:
     console.print(
         _edit_table(
             report,
-            "MINT repair" if a.method == "mint" else "rank-one edit (ROME)",
+            "MINT repair" if a.method == "mint" else f"rank-one edit ({patch.manifest['method']['name']})",
             caption=f"long cells cut to fit the terminal; full text: {a.output_dir} (manifest.json)",
         )
     )
@@ -208,8 +208,9 @@ def cmd_find(a) -> int:
     patch.manifest["base"]["name_or_path"] = a.model_name_or_path
     manifest = patch.save(a.output_dir, overwrite=a.overwrite)
     console.print(
-        f"fixed {s['fixed']}/{s['needing_fix']} edits with {len(patch.neurons)} neurons "
-        f"({patch.num_values} values) in {s['seconds']:.1f}s; cast error {s['cast_error']:.3g}; "
+        f"fixed {s['fixed']}/{s['needing_fix']} edits with {len(patch.neurons)} "
+        + ("neurons" if a.method == "mint" else f"value vectors in {len(patch.params)} blocks")
+        + f" ({patch.num_values} values) in {s['seconds']:.1f}s; cast error {s['cast_error']:.3g}; "
         f"patch: {manifest.parent if manifest.name == 'manifest.json' else manifest}"
     )
     return 0 if s["fixed"] == s["needing_fix"] else 1
@@ -424,9 +425,13 @@ def cmd_eval(a) -> int:
     res = evaluate_patch(
         model, tok, patch, None, unrelated, texts, max_new_tokens=a.max_new_tokens, show_progress=not a.quiet
     )
-    res["neurons_per_failure"] = patch.manifest.get("summary", {}).get("neurons_per_failure", [])
-    res["median_neurons_per_failure"] = patch.manifest.get("summary", {}).get("median_neurons_per_failure")
-    _console().print(_eval_table(res))
+    method = str(patch.manifest.get("method", {}).get("name", "MINT"))
+    if method.startswith("MINT"):
+        res["neurons_per_failure"] = patch.manifest.get("summary", {}).get("neurons_per_failure", [])
+        res["median_neurons_per_failure"] = patch.manifest.get("summary", {}).get("median_neurons_per_failure")
+    else:  # a rank-one edit has no neurons per fix
+        res.pop("neurons_per_fix", None)
+    _console().print(_eval_table(res, f"{method.split(' ')[0]} patch evaluation"))
     if a.json:
         atomic_write_json(a.json, res)
     return 0

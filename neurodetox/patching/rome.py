@@ -772,7 +772,7 @@ def _manifest(model: nn.Module, report: RepairReport, base: Optional[dict[str, A
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": {
             "name": (
-                f"MEMIT (blocks {s.spread_layers})"
+                f"MEMIT, {s.spread_layers} blocks"
                 if s.spread_layers > 1
                 else "ROME"
                 if len(report.edits) == 1 or s.edit_mode == "sequential"
