@@ -469,19 +469,17 @@ def optimise_values(
             p.requires_grad_(w)
     keys = state["keys"]  # [rows, d_ff], in the order of ``rows``
     rw_all = [i for i, r in enumerate(rows) if not r.kl]
-    edit_of = torch.tensor([rows[i].edit for i in rw_all], device=device)
-    K = torch.zeros(n, keys.shape[1], device=device).index_add(0, edit_of, keys[rw_all])
-    K = K / torch.bincount(edit_of, minlength=n).clamp(min=1)[:, None].float()
-    return K.T.cpu(), delta.detach().T.cpu(), losses
+    edit_of = torch.tensor([rows[i].edit for i in rw_all])
+    return _per_edit_mean(keys[rw_all].cpu(), edit_of, n).T, delta.detach().T.cpu(), losses
 
 
 @torch.no_grad()
 def layer_keys(
     model, tokenizer, edits: Sequence[Edit], key_site, z_site, prefixes: Sequence[str], use_paraphrases: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(K [d_ff, n], Z [rows, d])``: the mean key over each edit's phrasings at ``key_site`` (an ``mlp``
-    site) and the hidden state ``z_site`` (a ``residual`` site) outputs at every phrasing's subject's last
-    token, in the order of :func:`_rows` without its KL rows (each phrasing behind each prefix)."""
+    """``(K [d_ff, n], Z [d, n])``: the key at ``key_site`` (an ``mlp`` site) and the hidden state
+    ``z_site`` (a ``residual`` site) outputs, at the subject's last token, each averaged over the
+    edit's phrasings (each behind each prefix), as :func:`optimise_values` averages its keys."""
     from neurodetox.core.sites import register_site_hook
 
     device = model_device(model)
@@ -505,10 +503,7 @@ def layer_keys(
         for h in handles:
             h.remove()
     edit_of = torch.tensor([r.edit for r in rows])
-    n = len(edits)
-    K = torch.zeros(n, got["k"].shape[1]).index_add(0, edit_of, got["k"])
-    K = K / torch.bincount(edit_of, minlength=n).clamp(min=1)[:, None].float()
-    return K.T, got["z"]
+    return _per_edit_mean(got["k"], edit_of, len(edits)).T, _per_edit_mean(got["z"], edit_of, len(edits)).T
 
 
 def _per_edit_mean(x: torch.Tensor, edit_of: torch.Tensor, n: int) -> torch.Tensor:
@@ -559,21 +554,15 @@ def _write_update(
     (``R`` minus how far the hidden state at the subject's last token has already moved, averaged over the
     phrasings) divided by the number of blocks left, mapped from the block's current keys.
     """
-    n = len(batch)
     keys: dict[int, torch.Tensor] = {}
     z0: Optional[torch.Tensor] = None
-    edit_of: Optional[torch.Tensor] = None
     for j, layer in enumerate(layers):
         if len(layers) == 1:
             Kl, resid = K, R
         else:
             Kl, z = layer_keys(model, tokenizer, batch, sites[layer], z_site, prefixes, use_paraphrases)
-            if z0 is None:
-                z0 = z
-                rows = [r for r in _rows(tokenizer, batch, prefixes, use_paraphrases) if not r.kl]
-                edit_of = torch.tensor([r.edit for r in rows])
-            moved = _per_edit_mean(z - z0, edit_of, n).T  # [d, n]
-            resid = (R - moved) / (len(layers) - j)
+            z0 = z if z0 is None else z0
+            resid = (R - (z - z0)) / (len(layers) - j)  # what the hidden state still has to move
         keys[layer] = Kl
         if fixed_keys[layer]:  # hold the fixed edits' keys where they are
             Kf = torch.stack(fixed_keys[layer], dim=1)
